@@ -1,0 +1,13 @@
+"""minidalle: a pluggable mini DALL-E.
+
+Importing this package is cheap: no torch, no component code. Components are loaded
+through the registry (`minidalle.plugins.get_registry()`) when they are built.
+"""
+import pluggy
+
+__version__ = "0.1.0"
+
+#: Marker for plugin hook implementations: ``@minidalle.hookimpl``.
+hookimpl = pluggy.HookimplMarker("minidalle")
+
+__all__ = ["__version__", "hookimpl"]

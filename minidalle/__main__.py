@@ -1,0 +1,3 @@
+from minidalle.cli import main
+
+raise SystemExit(main())
