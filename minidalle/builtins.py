@@ -1,0 +1,66 @@
+"""Built-in components, registered through the same hooks as any third-party plugin.
+
+Factories and config classes are lazy ``"module:attr"`` strings so that listing components
+imports nothing heavy.
+"""
+from minidalle import hookimpl
+
+C = "minidalle.components"
+
+
+@hookimpl
+def minidalle_tokenizers(register):
+    register("yttm", f"{C}.tokenizer_yttm:build", config=f"{C}.tokenizer_yttm:YttmConfig",
+             summary="youtokentome BPE: load a model file or train one from captions",
+             requires=("youtokentome",))
+    register("clip", f"{C}.tokenizer_clip:build", config=f"{C}.tokenizer_clip:ClipConfig",
+             summary="CLIP simple byte-level BPE (bpe_simple_vocab_16e6.txt.gz)",
+             requires=("ftfy", "regex"))
+
+
+@hookimpl
+def minidalle_codecs(register):
+    register("vqgan", f"{C}.codec_vqgan:build", config=f"{C}.codec_vqgan:VqganConfig",
+             summary="taming-transformers VQGAN checkpoint (.ckpt + .yaml), frozen",
+             requires=("taming", "yaml"))
+
+
+@hookimpl
+def minidalle_attention(register):
+    for name, summary in (
+        ("full", "causal attention over all earlier positions"),
+        ("axial_row", "image tokens see all text and earlier tokens of their image row"),
+        ("axial_col", "image tokens see all text and earlier tokens of their image column"),
+        ("conv_like", "image tokens see all text and earlier tokens in a k x k window"),
+    ):
+        register(name, f"{C}.attention:{name}", config=f"{C}.attention:config_for_{name}",
+                 summary=summary)
+
+
+@hookimpl
+def minidalle_datasets(register):
+    register("coco", f"{C}.dataset_coco:build", config=f"{C}.dataset_coco:CocoConfig",
+             summary="MS COCO 2017 captions (annotations JSON + image folder)")
+    register("folder", f"{C}.dataset_folder:build", config=f"{C}.dataset_folder:FolderConfig",
+             summary="a folder of images, each with a .txt caption file beside it")
+    register("shapes", f"{C}.dataset_shapes:build", config=f"{C}.dataset_shapes:ShapesConfig",
+             summary="procedural coloured shapes with captions (offline, any size)")
+    register("codes", f"{C}.dataset_codes:build", config=f"{C}.dataset_codes:CodesConfig",
+             summary="a cache of (caption, image codes) written by `minidalle prepare codes`")
+
+
+@hookimpl
+def minidalle_backends(register):
+    register("cpu", f"{C}.backend_cpu:build", config=f"{C}.backend_cpu:CpuConfig",
+             summary="the reference: fp32 deterministic, bf16 autocast on request")
+    register("cuda", f"{C}.backend_cuda:build", config=f"{C}.backend_cuda:CudaConfig",
+             summary="NVIDIA GPU: fp32, bf16 autocast, fp16 with dynamic loss scaling",
+             check=f"{C}.backend_cuda:unavailable_reason")
+    register("ipu", f"{C}.backend_ipu:build", config="minidalle.ipu.plan:IpuConfig",
+             summary="Graphcore IPU through PopTorch (pipelined, replicated)",
+             requires=("poptorch",))
+
+
+@hookimpl
+def minidalle_rerankers(register):
+    pass  # none built in: a CLIP plugin registers one (see CONTRIBUTING.md)

@@ -1,0 +1,68 @@
+"""The ``minidalle`` command line.
+
+Each subcommand lives in ``minidalle/commands/<module>.py`` with ``add_parser(subparsers)``;
+those modules import nothing heavy at module level, so ``--help`` and ``list`` stay fast.
+A user error (:class:`MinidalleError`) prints one line and exits 2; ``--debug`` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from minidalle import __version__
+from minidalle.errors import MinidalleError
+
+# Module names under minidalle.commands, in the order `--help` lists them.
+COMMAND_MODULES = (
+    "list_cmd", "config_cmd", "run", "plan", "generate", "evaluate", "bench", "prepare",
+    "tokenizer_cmd", "train_codec", "new_plugin",
+)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG plus ``--set`` overrides: every command that takes a config uses this."""
+    parser.add_argument("config", help="TOML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set training.lr=1e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minidalle", description="Train and sample a mini DALL-E built from plugins.")
+    parser.add_argument("--version", action="version", version=f"minidalle {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"minidalle.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"minidalle.commands.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MinidalleError as exc:
+        if args.debug:
+            raise
+        print(f"minidalle: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("minidalle: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
