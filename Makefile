@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile $(wildcard plugins/*/pyproject.toml)
 	# taming-transformers: only its building blocks are used, not its pytorch-lightning models.
 	$(PIP) install -q --no-deps taming-transformers==0.0.1
 	$(PIP) install -q -e ".[clip,webdataset,test]"
-	for p in plugins/*/; do $(PIP) install -q --no-deps -e "$$p"; done
+	for p in $(wildcard plugins/*/pyproject.toml); do $(PIP) install -q --no-deps -e "$$(dirname $$p)"; done
 	touch $(STAMP)
 
 test: $(STAMP)
