@@ -48,7 +48,8 @@ class Component:
     provider: str = BUILTIN_PROVIDER
     version: str = ""
     # Optional callable returning a reason string when the component cannot run here
-    # (e.g. no GPU) even though its packages are installed; None when it can.
+    # (e.g. no GPU) even though its packages are installed; None when it can. It must be
+    # cheap and import nothing heavy: `minidalle list` runs it.
     check: Any = None
 
     def missing_requirements(self) -> list[str]:
