@@ -227,8 +227,10 @@ def _flatten_errors(exc: BaseException, path: str) -> list[str]:
     if isinstance(exc, KeyError) and exc.args:
         return [f"{path}: missing required key"]
     msg = str(exc)
-    if isinstance(exc, FieldError) and msg.startswith("["):
+    if isinstance(exc, FieldError) and msg.startswith("["):  # list item
         return [f"{path}{msg}"]
+    if isinstance(exc, FieldError) and not msg.startswith("expected"):  # from a validator
+        return [f"{path}.{msg}" if path else msg]
     return [f"{path}: {msg}"] if path else [msg]
 
 

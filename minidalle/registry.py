@@ -68,9 +68,17 @@ class Component:
             return resolve(self.check)()
         return None
 
+    def _resolve(self, ref):
+        try:
+            return resolve(ref)
+        except (ImportError, AttributeError) as exc:  # a broken plugin, not a user error
+            raise UnavailableComponentError(
+                f"{self.kind} {self.name!r} ({self.provider_label}): cannot load {ref!r}: {exc}"
+            ) from exc
+
     @property
     def config_class(self):
-        return resolve(self.config) if self.config is not None else None
+        return self._resolve(self.config) if self.config is not None else None
 
     def make_config(self, params: dict | None = None, *, where: str = ""):
         """Validate ``params`` against this component's config class."""
@@ -97,7 +105,7 @@ class Component:
             )
         if config is None or isinstance(config, dict):
             config = self.make_config(config)
-        factory = resolve(self.factory)
+        factory = self._resolve(self.factory)
         return factory(config, **kwargs) if self.config is not None else factory(**kwargs)
 
     @property
