@@ -19,6 +19,7 @@ How the trainer uses a backend, in order::
     ...trainer loads checkpoint state into model and optimizer when resuming...
     runner = backend.prepare(model, optimizer, cfg.training)  # wrap / compile
     runner.load_state_dict(extra)                             # when resuming (e.g. a GradScaler)
+    secs = runner.compile(first_batch)                        # IPU: "Compiled model in X secs"
     for batch in batches:                                     # dicts of CPU tensors, see below
         result = runner.train_step(batch)                     # -> StepResult(loss, ...)
         scheduler.step(); runner.lr_changed()                 # LR schedule lives in the trainer
@@ -100,6 +101,11 @@ class Runner:
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
         """Mean loss of ``batch`` (any size) without updating anything (validation)."""
         raise NotImplementedError
+
+    def compile(self, batch: dict[str, torch.Tensor]) -> float | None:
+        """Compile ahead of the first step (IPU); return the seconds it took, or None
+        when there is nothing to compile. The trainer then logs ``Compiled model in X secs``."""
+        return None
 
     def lr_changed(self) -> None:
         """The trainer changed ``optimizer.param_groups[*]['lr']`` (IPU: setOptimizer)."""
