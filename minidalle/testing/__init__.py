@@ -1,0 +1,1 @@
+"""Conformance checks that plugin authors run on their components (one module per kind)."""
