@@ -110,6 +110,8 @@ class TrainingConfig:
     keep_checkpoints: int = attrs.field(default=3, validator=positive)
     log_every: int = attrs.field(default=1, validator=positive)
     val_fraction: float = attrs.field(default=0.0, validator=non_negative)
+    # Validation loss every N steps; None: at the end of each epoch (only with val_fraction > 0).
+    val_every: Union[int, None] = attrs.field(default=None, validator=positive)
     tensorboard: bool = False
     wandb: bool = False
 
