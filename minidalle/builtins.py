@@ -58,7 +58,8 @@ def minidalle_backends(register):
              check=f"{C}.backend_cuda:unavailable_reason")
     register("ipu", f"{C}.backend_ipu:build", config="minidalle.ipu.plan:IpuConfig",
              summary="Graphcore IPU through PopTorch (pipelined, replicated)",
-             requires=("poptorch",))
+             # not `requires`: the check's reason names the Poplar SDK and --backend cpu
+             check="minidalle.ipu:unavailable_reason")
 
 
 @hookimpl
