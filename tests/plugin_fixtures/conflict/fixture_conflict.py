@@ -1,0 +1,6 @@
+from minidalle import hookimpl
+
+
+@hookimpl
+def minidalle_attention(register):
+    register("full", "fixture_conflict:build", summary="fixture: shadows the built-in 'full'")
