@@ -55,7 +55,7 @@ def minidalle_backends(register):
              summary="the reference: fp32 deterministic, bf16 autocast on request")
     register("cuda", f"{C}.backend_cuda:build", config=f"{C}.backend_cuda:CudaConfig",
              summary="NVIDIA GPU: fp32, bf16 autocast, fp16 with dynamic loss scaling",
-             check=f"{C}.backend_cuda:unavailable_reason")
+             check=f"{C}.cuda_probe:unavailable_reason")
     register("ipu", f"{C}.backend_ipu:build", config="minidalle.ipu.plan:IpuConfig",
              summary="Graphcore IPU through PopTorch (pipelined, replicated)",
              # not `requires`: the check's reason names the Poplar SDK and --backend cpu
