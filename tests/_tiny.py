@@ -1,0 +1,110 @@
+"""Tiny in-memory components for the trainer/checkpoint/run tests (no files, no codec).
+
+``tiny_chars``: a character tokenizer (vocab 64). ``tiny_codes``: ``size`` captions, each
+with image codes derived from the caption (so the model can learn them), and the
+``num_tokens`` / ``fmap_size`` attributes a codes dataset records.
+"""
+from __future__ import annotations
+
+import attrs
+import torch
+
+from minidalle import hookimpl
+
+VOCAB = 64
+
+
+class TinyTokenizer:
+    vocab_size = VOCAB
+
+    def encode(self, texts, context_length, truncate=True):
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [ord(c) % (VOCAB - 1) + 1 for c in t]
+            if len(ids) > context_length and not truncate:
+                raise ValueError(f"caption {i} has {len(ids)} tokens, more than {context_length}")
+            ids = ids[:context_length]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids):
+        return "".join(chr(int(i) + 31) for i in ids if int(i) != 0)
+
+
+@attrs.define
+class TinyCodesConfig:
+    size: int = 16
+    fmap_size: int = 4
+    num_tokens: int = 32
+
+
+class TinyCodes(torch.utils.data.Dataset):
+    WORDS = ["red", "green", "blue", "cat", "dog", "big", "small", "a"]
+
+    def __init__(self, config: TinyCodesConfig, seed: int):
+        self.num_tokens, self.fmap_size = config.num_tokens, config.fmap_size
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(config.size):
+            words = [self.WORDS[j] for j in torch.randint(0, len(self.WORDS), (3,), generator=g)]
+            base = sum(len(w) for w in words)
+            codes = (torch.arange(config.fmap_size**2) * base + i % 3) % config.num_tokens
+            self.items.append((" ".join(words), codes.long()))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        caption, codes = self.items[i]
+        return {"caption": caption, "codes": codes}
+
+    def captions(self):
+        return (c for c, _ in self.items)
+
+
+def build_tokenizer():
+    return TinyTokenizer()
+
+
+def build_dataset(config, *, image_size, split="train", seed=0):
+    return TinyCodes(config, seed)
+
+
+class Plugin:
+    @staticmethod
+    @hookimpl
+    def minidalle_tokenizers(register):
+        register("tiny_chars", build_tokenizer, summary="test tokenizer")
+
+    @staticmethod
+    @hookimpl
+    def minidalle_datasets(register):
+        register("tiny_codes", build_dataset, config=TinyCodesConfig, summary="test dataset")
+
+
+def registry():
+    from minidalle.plugins import load_registry
+
+    return load_registry(autoload="none", extra_plugins=[Plugin])
+
+
+def use_tiny_registry():
+    """Make the process-wide registry include the tiny components (for the CLI)."""
+    import minidalle.plugins as plugins
+
+    plugins._registry = registry()
+    return plugins._registry
+
+
+def tiny_config(out_dir, *overrides, base="configs/unit_test.toml"):
+    """The unit_test recipe with the tiny tokenizer and dataset, writing to ``out_dir``."""
+    from pathlib import Path
+
+    from minidalle.config import config_from_dict, load_raw
+
+    root = Path(__file__).resolve().parents[1]
+    data, _ = load_raw(root / base, [f"run.out_dir={out_dir}", "training.dataloader_workers=0",
+                                     "model.text_seq_len=16", *overrides])
+    data.setdefault("tokenizer", {"name": "tiny_chars"})
+    data.setdefault("dataset", {"name": "tiny_codes"})
+    return config_from_dict(data, source=str(root / base), registry=registry())
