@@ -1,0 +1,199 @@
+"""The DALL-E network of the mini DALL-E recipe.
+
+Sequence layout (input positions): ``<bos>`` (id 0), ``text_seq_len`` text ids (padding
+position p replaced by its own id ``text_vocab + p``), then the image codes. Training
+drops the last input token, so the model sees at most ``text_seq_len + image_len``
+positions. Token ids along the sequence ("sequence ids") are text-table ids for the first
+``text_len = text_seq_len + 1`` positions and image codes (``0..num_image_tokens-1``)
+after.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minidalle.model.transformer import Transformer
+
+
+class AxialPositionalEmbedding(nn.Module):
+    """Image position embedding: a row vector plus a column vector per grid cell."""
+
+    def __init__(self, dim: int, fmap_size: int):
+        super().__init__()
+        self.row = nn.Parameter(torch.randn(fmap_size, dim))
+        self.col = nn.Parameter(torch.randn(fmap_size, dim))
+
+    def forward(self) -> torch.Tensor:
+        """``[fmap_size**2, dim]`` in raster order."""
+        return (self.row[:, None, :] + self.col[None, :, :]).flatten(0, 1)
+
+
+class KVCache:
+    """Per-layer attention state for incremental decoding; ``offset`` = positions seen."""
+
+    def __init__(self, depth: int):
+        self.offset = 0
+        self.layers: list[dict] = [{} for _ in range(depth)]
+
+
+class DALLE(nn.Module):
+    def __init__(self, *, dim: int, transformer: Transformer, text_vocab: int, text_seq_len: int,
+                 num_image_tokens: int, fmap_size: int, loss_img_weight: float = 7.0,
+                 byteio: bool = False, codec: nn.Module | None = None):
+        super().__init__()
+        self.dim = dim
+        self.text_vocab = text_vocab
+        self.text_seq_len = text_seq_len
+        self.num_text_tokens = text_vocab + text_seq_len  # text table rows (unique pads)
+        self.num_image_tokens = num_image_tokens
+        self.total_tokens = self.num_text_tokens + num_image_tokens
+        self.fmap_size = fmap_size
+        self.image_seq_len = fmap_size**2
+        self.text_len = text_seq_len + 1  # with <bos>
+        self.max_positions = self.text_len + self.image_seq_len - 1
+        self.loss_img_weight = loss_img_weight
+        self.byteio = byteio
+
+        self.text_emb = nn.Embedding(self.num_text_tokens, dim)
+        self.text_pos_emb = nn.Embedding(self.text_len, dim)
+        self.image_emb = nn.Embedding(num_image_tokens, dim)
+        self.image_pos_emb = AxialPositionalEmbedding(dim, fmap_size)
+        self.transformer = transformer
+        self.norm_out = nn.LayerNorm(dim)
+        self.to_logits = nn.Linear(dim, self.total_tokens)
+
+        # Text positions (< text_seq_len) predict text ids, later ones image ids.
+        seq = torch.arange(self.max_positions)[:, None]
+        vocab = torch.arange(self.total_tokens)[None, :]
+        is_text_pos = seq < text_seq_len
+        is_text_id = vocab < self.num_text_tokens
+        self.register_buffer("logits_mask", is_text_pos != is_text_id, persistent=False)
+        self.set_codec(codec)
+
+    # ------------------------------------------------------------------ codec
+
+    @property
+    def codec(self):
+        return self._codec[0]
+
+    def set_codec(self, codec: nn.Module | None) -> None:
+        """Attach a frozen image codec. It is not a submodule (not in ``state_dict`` or
+        ``parameters()``), but device moves of the model move it too."""
+        if codec is not None:
+            codec.eval()
+            for p in codec.parameters():
+                p.requires_grad_(False)
+        self._codec = (codec,)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        codec = self.codec
+        if codec is not None:
+            # Follow device moves only: the codec keeps its own dtype (fp32).
+            probe = fn(torch.zeros(1))
+            codec.to(probe.device)
+        return out
+
+    @property
+    def supports_cache(self) -> bool:
+        return all(getattr(layer.attn, "supports_cache", False) for layer in self.transformer.layers)
+
+    # ------------------------------------------------------------------ sequence
+
+    def prepare_text(self, text: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` tokenizer ids (0 = padding, T <= text_seq_len) -> ``[B, 1+T]``
+        sequence ids: unique padding ids and ``<bos>``."""
+        t = text.shape[1]
+        if t > self.text_seq_len:
+            raise ValueError(f"text has {t} tokens; the model takes at most {self.text_seq_len}")
+        pad_ids = torch.arange(t, device=text.device) + self.text_vocab
+        text = torch.where(text == 0, pad_ids, text)
+        return F.pad(text, (1, 0), value=0)
+
+    def image_codes(self, image: torch.Tensor) -> torch.Tensor:
+        """Codes ``[B, image_len]`` from codes, float images in [0, 1] or uint8 images."""
+        if not image.is_floating_point() and image.dim() == 2:
+            return image.long()
+        if self.codec is None:
+            raise ValueError("the model got images but has no codec; pass image codes or set_codec()")
+        if image.dtype == torch.uint8:
+            image = image.float() / 255.0  # byteio: uint8 on the wire, scaled here
+        with torch.no_grad():
+            return self.codec.encode(image.float()).long()
+
+    def embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Embed sequence ids ``[B, n]`` sitting at positions ``offset..offset+n-1``."""
+        n = tokens.shape[1]
+        if offset + n > self.max_positions:
+            raise ValueError(f"sequence of {offset + n} positions; the model takes {self.max_positions}")
+        split = max(0, min(n, self.text_len - offset))  # how many of them are text
+        parts = []
+        if split:
+            pos = torch.arange(offset, offset + split, device=tokens.device)
+            parts.append(self.text_emb(tokens[:, :split]) + self.text_pos_emb(pos))
+        if split < n:
+            start = offset + split - self.text_len
+            pos = self.image_pos_emb()[start : start + n - split]
+            parts.append(self.image_emb(tokens[:, split:]) + pos)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def hidden(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
+        """Transformer output (before the final norm) for sequence ids ``tokens``; with a
+        cache they continue the cached positions and the cache advances."""
+        offset = cache.offset if cache is not None else 0
+        x = self.embed(tokens, offset)
+        x = self.transformer(x, offset=offset, caches=None if cache is None else cache.layers)
+        if cache is not None:
+            cache.offset += tokens.shape[1]
+        return x
+
+    def new_cache(self) -> KVCache:
+        if not self.supports_cache:
+            warnings.warn("an attention layer does not support the key/value cache")
+        return KVCache(len(self.transformer.layers))
+
+    def logits(self, h: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Masked logits over all ``total_tokens`` for hidden states at ``offset..``."""
+        logits = self.to_logits(self.norm_out(h))
+        mask = self.logits_mask[offset : offset + h.shape[1]]
+        return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the image codes only (what sampling an image needs)."""
+        w, b = self.to_logits.weight, self.to_logits.bias
+        return F.linear(self.norm_out(h), w[self.num_text_tokens :], b[self.num_text_tokens :])
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the text table (ids >= text_vocab are padding)."""
+        w, b = self.to_logits.weight, self.to_logits.bias
+        return F.linear(self.norm_out(h), w[: self.num_text_tokens], b[: self.num_text_tokens])
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor | None = None, return_loss: bool = False):
+        """``text`` ``[B, text_seq_len]`` ids (0 = padding); ``image`` codes ``[B, image_len]``
+        or images (float in [0, 1], or uint8). Returns the loss, or the masked logits."""
+        seq = self.prepare_text(text)
+        codes = None
+        if image is not None:
+            codes = self.image_codes(image)
+            seq = torch.cat([seq, codes], dim=1)
+        if return_loss:
+            if codes is None:
+                raise ValueError("return_loss needs an image")
+            if text.shape[1] != self.text_seq_len:
+                raise ValueError(f"text must have {self.text_seq_len} tokens, got {text.shape[1]}")
+        if seq.shape[1] > self.max_positions:
+            seq = seq[:, : self.max_positions]  # the last image token is never an input
+        logits = self.logits(self.hidden(seq))
+        if not return_loss:
+            return logits
+        t = self.text_seq_len
+        labels_text = seq[:, 1 : t + 1]
+        labels_image = codes + self.num_text_tokens
+        loss_text = F.cross_entropy(logits[:, :t].flatten(0, 1), labels_text.flatten())
+        loss_img = F.cross_entropy(logits[:, t:].flatten(0, 1), labels_image.flatten())
+        return (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)
