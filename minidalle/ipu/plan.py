@@ -288,14 +288,16 @@ def build_plan(
     blocks: list[Block] = []
     if codec_on_device:
         blocks.append(Block("codec", "codec", 0))
-    blocks.append(Block("image_emb", "embeddings", ipu.embedding_ipu))
+    # The model embeds text first (text_emb, text_pos_emb), then the image; a block
+    # starts at the first module called and runs until the next block starts.
+    blocks.append(Block("text_emb", "embeddings", ipu.embedding_ipu))
     first = 0
     for i, n in enumerate(layers):
         if n:
             blocks.append(Block(f"transformer.layers.{first}", f"transformer_{first}", i))
         first += n
     if ipu.output_ipu is not None:
-        blocks.append(Block("to_logits", "output", ipu.output_ipu))
+        blocks.append(Block("norm_out", "output", ipu.output_ipu))  # then to_logits
     used = {b.ipu for b in blocks} | {output_ipu}
     for i in range(n_ipus):
         if i not in used:
@@ -425,7 +427,8 @@ def build_plan(
         stage = Stage(
             ipu=i, parts=tuple(parts[i]), layers=layer_ids[i],
             trainable_params=trainable[i], frozen_params=frozen[i],
-            weight_bytes=(trainable[i] + frozen[i]) * w_bytes,
+            # the model keeps its frozen codec in fp32
+            weight_bytes=trainable[i] * w_bytes + frozen[i] * 4,
             optimizer_bytes=int(trainable[i] * (accum_bytes + moment_bytes)),
         )
         stages.append(stage)
