@@ -1,0 +1,125 @@
+"""Stages of ``minidalle run``: ``cfg.run.stages`` executed in order, each writing into
+``run.out_dir``.
+
+A stage is a ``run(ctx)`` function plus an ``is_complete(ctx)`` check of its outputs (and
+optionally ``clean(ctx)``, which removes them before a forced rerun). ``run_stages``:
+
+- skips a stage whose outputs are complete, unless an earlier stage ran in this invocation
+  (its inputs may have changed) or ``--from`` names it or an earlier stage;
+- ``--from STAGE`` reruns that stage and every later one (their outputs are cleaned first,
+  except with ``--resume``, which lets a stage continue from what it left);
+- stops at the first stage that fails (the error says which).
+
+Adding a stage is one function and one registration line::
+
+    def run_codec(ctx): ...              # write into ctx.out_dir
+    register_stage("codec", run_codec, is_complete=lambda ctx: (ctx.out_dir / "codec.safetensors").exists())
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from minidalle.errors import ConfigError
+
+
+@dataclass
+class StageContext:
+    cfg: Any  # minidalle.config.Config
+    out_dir: Path
+    resume: bool = False
+    registry: Any = None
+    log: Callable[[str], None] = print
+    options: dict[str, Any] = field(default_factory=dict)  # command-line extras, by name
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], Any]
+    is_complete: Callable[[StageContext], bool]
+    clean: Callable[[StageContext], None] | None = None
+    summary: str = ""
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register_stage(name: str, run, *, is_complete, clean=None, summary: str = "") -> None:
+    if name in STAGES:
+        raise ValueError(f"stage {name!r} is registered twice")
+    STAGES[name] = Stage(name, run, is_complete, clean, summary)
+
+
+def check_stages(cfg, from_stage: str | None = None) -> list[Stage]:
+    stages = []
+    for i, name in enumerate(cfg.run.stages):
+        if name not in STAGES:
+            raise ConfigError(f"{cfg.source}: run.stages[{i}]: unknown stage {name!r} "
+                              f"(known: {', '.join(STAGES)})")
+        stages.append(STAGES[name])
+    if from_stage is not None and from_stage not in cfg.run.stages:
+        raise ConfigError(f"--from {from_stage}: not one of this config's run.stages "
+                          f"({', '.join(cfg.run.stages)})")
+    return stages
+
+
+def run_stages(cfg, *, from_stage: str | None = None, resume: bool = False, registry=None,
+               log: Callable[[str], None] = print, options: dict | None = None) -> list[str]:
+    """Run ``cfg.run.stages``; returns the names of the stages that ran."""
+    stages = check_stages(cfg, from_stage)
+    ctx = StageContext(cfg=cfg, out_dir=Path(cfg.run.out_dir), resume=resume, registry=registry,
+                       log=log, options=dict(options or {}))
+    ran: list[str] = []
+    forced = False
+    for stage in stages:
+        forced = forced or stage.name == from_stage
+        if not forced and not ran and stage.is_complete(ctx):
+            log(f"stage {stage.name}: complete, skipped (--from {stage.name} reruns it)")
+            continue
+        if (forced or ran) and stage.clean is not None and not resume:
+            stage.clean(ctx)
+        log(f"stage {stage.name}: running")
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        stage.run(ctx)
+        ran.append(stage.name)
+    return ran
+
+
+# --------------------------------------------------------------------------- transformer
+
+
+def _transformer_run(ctx: StageContext) -> None:
+    from minidalle.trainer import train
+
+    train(ctx.cfg, resume=ctx.resume, registry=ctx.registry)
+
+
+def _transformer_complete(ctx: StageContext) -> bool:
+    """Complete when the newest checkpoint is the final one of a finished run."""
+    import json
+
+    from minidalle.checkpoint import META_FILE, list_checkpoints
+
+    found = list_checkpoints(ctx.out_dir / "checkpoints")
+    if not found:
+        return False
+    try:
+        meta = json.loads((found[-1] / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # the trainer reports the corrupt checkpoint when it tries to resume
+    return bool(meta.get("info", {}).get("final"))
+
+
+def _transformer_clean(ctx: StageContext) -> None:
+    from minidalle.trainer import METRICS_FILE
+
+    for path in (ctx.out_dir / "checkpoints", ctx.out_dir / "tensorboard"):
+        shutil.rmtree(path, ignore_errors=True)
+    (ctx.out_dir / METRICS_FILE).unlink(missing_ok=True)
+
+
+register_stage("transformer", _transformer_run, is_complete=_transformer_complete,
+               clean=_transformer_clean, summary="train the DALL-E transformer (checkpoints, metrics.jsonl)")
