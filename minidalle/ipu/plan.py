@@ -228,6 +228,15 @@ def default_layers_per_ipu(depth: int, ipus: int) -> list[int]:
     return [0] + [depth // rest + (1 if i < depth % rest else 0) for i in range(rest)]
 
 
+def padded_text_vocab(text_vocab: int, text_seq_len: int, num_image_tokens: int,
+                      factor: int) -> Union[int, None]:
+    """The smallest text vocabulary >= ``text_vocab`` whose text table and logits ``factor``
+    divides (unused ids are harmless), or None when the image vocabulary rules it out."""
+    if num_image_tokens % factor:
+        return None
+    return text_vocab + (-(text_vocab + text_seq_len)) % factor
+
+
 def _power_of_two_ceil(n: int) -> int:
     p = 1
     while p < n:
@@ -330,15 +339,13 @@ def build_plan(
     text_rows = text_vocab + model.text_seq_len
     logits_dim = text_rows + num_image_tokens
     factor = ipu.embedding_serialization_factor
-    if factor > 1:
-        if text_rows % factor:
-            _fail(src, "backend.embedding_serialization_factor",
-                  f"{factor} does not divide the {text_rows} rows of the text embedding "
-                  f"(text vocabulary {text_vocab} + text_seq_len {model.text_seq_len})")
-        if logits_dim % factor:
-            _fail(src, "backend.embedding_serialization_factor",
-                  f"{factor} does not divide the {logits_dim} output logits "
-                  f"({text_rows} text + {num_image_tokens} image tokens)")
+    if factor > 1 and (text_rows % factor or logits_dim % factor):
+        what = (f"the {text_rows} rows of the text embedding (text vocabulary {text_vocab} + "
+                f"text_seq_len {model.text_seq_len})" if text_rows % factor else
+                f"the {logits_dim} output logits ({text_rows} text + {num_image_tokens} image tokens)")
+        padded = padded_text_vocab(text_vocab, model.text_seq_len, num_image_tokens, factor)
+        hint = (f"; pad the vocabulary with model.text_vocab = {padded}" if padded else "")
+        _fail(src, "backend.embedding_serialization_factor", f"{factor} does not divide {what}{hint}")
         checks.append(f"embedding_serialization_factor {factor} divides the text embedding "
                       f"({text_rows}) and the logits ({logits_dim})")
 
