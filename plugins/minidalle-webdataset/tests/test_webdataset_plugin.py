@@ -168,9 +168,11 @@ def test_works_in_dataloader_workers(shards):
 def test_dataset_conformance_kit(shards):
     kit = pytest.importorskip("minidalle.testing.dataset",
                               reason="needs minidalle.testing.dataset (the conformance kit)")
-    kit.check_dataset("webdataset", {"shards": str(shards / "shard-{000..002}.tar")},
-                      registry=load_registry(autoload="none",
-                                             extra_plugins=(minidalle_webdataset,)))
+    registry = load_registry(autoload="none", extra_plugins=(minidalle_webdataset,))
+    params = {"shards": str(shards / "shard-{000..002}.tar")}  # includes the corrupt members
+    kit.check_dataset(
+        lambda seed: registry.build("dataset", "webdataset", params, image_size=16, seed=seed),
+        image_size=16)
 
 
 def test_registered_through_the_entry_point(shards, tmp_path):
