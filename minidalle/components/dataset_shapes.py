@@ -1,0 +1,264 @@
+"""``shapes``: procedural captioned images of one coloured shape, offline and seeded.
+
+Item ``i`` of a split is drawn from ``(seed, split, i)`` alone: a shape, a colour, a
+position on a 3x3 grid and a size, rendered crisply (solid background, solid shape, no
+anti-aliasing) at any image size, with a caption such as
+``"a small red circle at the top left"`` and the attributes
+``{"shape", "colour", "position", "size"}``.
+
+``exclude`` withholds colour+shape combinations (``"red circle"``) from the ``train`` and
+``val`` splits; the ``heldout`` split (or ``only_excluded = true`` for every split) yields
+only those combinations, to measure how well a model composes attributes it never saw
+together. :func:`analyse` recovers the attributes from a rendered (or generated) image.
+"""
+from __future__ import annotations
+
+import itertools
+
+import attrs
+import numpy as np
+import torch
+
+from minidalle.config import FieldError, positive
+from minidalle.errors import ConfigError, DataError
+
+PALETTE = {  # well separated in RGB so that blurry reconstructions still classify
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (40, 70, 230),
+    "yellow": (240, 220, 30),
+    "purple": (150, 40, 200),
+    "cyan": (30, 210, 220),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+# name -> (row, column) on the 3x3 grid, and how captions say it
+POSITIONS = {
+    "top left": ((0, 0), "at the top left"),
+    "top": ((0, 1), "at the top"),
+    "top right": ((0, 2), "at the top right"),
+    "left": ((1, 0), "on the left"),
+    "center": ((1, 1), "in the center"),
+    "right": ((1, 2), "on the right"),
+    "bottom left": ((2, 0), "at the bottom left"),
+    "bottom": ((2, 1), "at the bottom"),
+    "bottom right": ((2, 2), "at the bottom right"),
+}
+SIZES = {"small": 0.45, "large": 0.85}  # shape extent as a fraction of a grid cell
+SPLITS = ("train", "val", "heldout")
+
+
+def _subset_of(universe):
+    def check(instance, attribute, value):
+        if not value:
+            raise FieldError(f"{attribute.name}: expected a non-empty list")
+        for i, v in enumerate(value):
+            if v not in universe:
+                raise FieldError(f"{attribute.name}[{i}]: expected one of "
+                                 f"{', '.join(map(repr, universe))}, got {v!r}")
+        if len(set(value)) != len(value):
+            raise FieldError(f"{attribute.name}: duplicate entries")
+    return check
+
+
+@attrs.define
+class ShapesConfig:
+    num_samples: int = attrs.field(default=10000, validator=positive)  # train split
+    num_eval_samples: int = attrs.field(default=500, validator=positive)  # val and heldout
+    # "diamond" is also available, but at small sizes under ~128 px it looks like a circle
+    shapes: list[str] = attrs.field(factory=lambda: ["circle", "square", "triangle"],
+                                    validator=_subset_of(SHAPES))
+    colours: list[str] = attrs.field(factory=lambda: ["red", "green", "blue", "yellow", "purple"],
+                                     validator=_subset_of(tuple(PALETTE)))
+    positions: list[str] = attrs.field(factory=lambda: list(POSITIONS),
+                                       validator=_subset_of(tuple(POSITIONS)))
+    sizes: list[str] = attrs.field(factory=lambda: ["small", "large"],
+                                   validator=_subset_of(tuple(SIZES)))
+    # colour+shape combinations withheld from train/val, e.g. ["red circle", "blue square"]
+    exclude: list[str] = attrs.field(factory=list)
+    only_excluded: bool = False  # every split yields only the excluded combinations
+    # random shift of the shape inside its grid cell, as a fraction of the cell
+    jitter: float = attrs.field(default=0.0)
+    background: list[int] = attrs.field(factory=lambda: [0, 0, 0])
+    max_items: int | None = attrs.field(default=None, validator=positive)
+
+    @jitter.validator
+    def _jitter(self, attribute, value):
+        if not 0.0 <= value <= 0.25:
+            raise FieldError(f"jitter: expected a number in [0, 0.25], got {value!r}")
+
+    @background.validator
+    def _background(self, attribute, value):
+        if len(value) != 3 or not all(0 <= v <= 255 for v in value):
+            raise FieldError(f"background: expected [r, g, b] with values 0..255, got {value!r}")
+
+    @exclude.validator
+    def _exclude(self, attribute, value):
+        for i, combo in enumerate(value):
+            parts = combo.split()
+            if len(parts) != 2 or parts[0] not in self.colours or parts[1] not in self.shapes:
+                raise FieldError(f"exclude[{i}]: expected \"<colour> <shape>\" from colours "
+                                 f"and shapes, got {combo!r}")
+
+
+def caption_for(attributes: dict) -> str:
+    phrase = POSITIONS[attributes["position"]][1]
+    return f"a {attributes['size']} {attributes['colour']} {attributes['shape']} {phrase}"
+
+
+def render(attributes: dict, image_size: int, *, background=(0, 0, 0),
+           offset=(0.0, 0.0)) -> torch.Tensor:
+    """Draw one shape: ``uint8 [3, S, S]``. ``offset`` shifts it by fractions of a cell."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (image_size, image_size), tuple(background))
+    draw = ImageDraw.Draw(img)
+    cell = image_size / 3
+    (row, col), _ = POSITIONS[attributes["position"]]
+    cx = (col + 0.5 + offset[0]) * cell
+    cy = (row + 0.5 + offset[1]) * cell
+    r = SIZES[attributes["size"]] * cell / 2
+    colour = PALETTE[attributes["colour"]]
+    box = [cx - r, cy - r, cx + r - 1, cy + r - 1]
+    shape = attributes["shape"]
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":  # apex up
+        draw.polygon([(cx, cy - r), (cx + r - 1, cy + r - 1), (cx - r, cy + r - 1)], fill=colour)
+    else:  # diamond
+        draw.polygon([(cx, cy - r), (cx + r - 1, cy), (cx, cy + r - 1), (cx - r, cy)], fill=colour)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    def __init__(self, config: ShapesConfig, image_size: int, split: str, seed: int) -> None:
+        if split not in SPLITS:
+            raise DataError(f"shapes: unknown split {split!r} (known: {', '.join(SPLITS)})")
+        self.config, self.image_size, self.split, self.seed = config, image_size, split, seed
+        excluded = {tuple(c.split()) for c in config.exclude}
+        pairs = [(c, s) for c in config.colours for s in config.shapes]
+        if split == "heldout" or config.only_excluded:
+            pairs = [p for p in pairs if p in excluded]
+            if not pairs:
+                raise ConfigError("dataset.exclude: the heldout split needs at least one "
+                                  "excluded combination")
+        else:
+            pairs = [p for p in pairs if p not in excluded]
+            if not pairs:
+                raise ConfigError("dataset.exclude: every colour+shape combination is excluded")
+        # every allowed (colour, shape, position, size), in a fixed order
+        self.combos = [(c, s, p, z) for (c, s), p, z in
+                       itertools.product(pairs, config.positions, config.sizes)]
+        n = config.num_samples if split == "train" else config.num_eval_samples
+        self.length = min(n, config.max_items) if config.max_items else n
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _rng(self, index: int) -> np.random.Generator:
+        split_id = SPLITS.index(self.split)
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, split_id, index])
+
+    def attributes(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        rng = self._rng(index)
+        colour, shape, position, size = self.combos[int(rng.integers(len(self.combos)))]
+        return {"shape": shape, "colour": colour, "position": position, "size": size}
+
+    def __getitem__(self, index: int) -> dict:
+        attributes = self.attributes(index)
+        offset = (0.0, 0.0)
+        if self.config.jitter:
+            j = self.config.jitter
+            offset = tuple(float(v) for v in self._rng(index).uniform(-j, j, size=3)[1:])
+        image = render(attributes, self.image_size, background=self.config.background, offset=offset)
+        return {"caption": caption_for(attributes), "image": image, "attributes": attributes}
+
+    def item_captions(self, index: int) -> list[str]:
+        return [caption_for(self.attributes(index))]
+
+    def captions(self):
+        for i in range(self.length):
+            yield caption_for(self.attributes(i))
+
+
+def build(config: ShapesConfig, *, image_size: int, split: str = "train", seed: int = 0):
+    return ShapesDataset(config, image_size, split, seed)
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse(image, *, colours=None, shapes=None, background=(0, 0, 0)) -> dict | None:
+    """Recover ``{"shape", "colour", "position", "size"}`` from an image of one shape.
+
+    ``image``: ``uint8`` or float-in-[0, 1] ``[3, H, W]`` tensor/array, or a PIL image.
+    Every pixel is classified to the nearest of ``colours`` (default: all palette colours)
+    or the ``background``; ``shapes`` limits the candidate shapes (default: all); the most frequent colour is the shape's, its pixels give the
+    position (centroid on the 3x3 grid), the size (extent relative to a cell) and the shape
+    (how much of its bounding box it fills, and where its widest row is). Returns None
+    when no shape is found.
+    """
+    arr = _as_hwc_float(image)
+    h, w, _ = arr.shape
+    names = list(colours or PALETTE)
+    refs = np.array([background] + [PALETTE[n] for n in names], dtype=np.float32)
+    dist = ((arr[:, :, None, :] - refs[None, None]) ** 2).sum(-1)
+    label = dist.argmin(-1)
+    counts = np.bincount(label.ravel(), minlength=len(refs))[1:]
+    if counts.max() < max(2, h * w // 2000):
+        return None
+    colour_idx = int(counts.argmax())
+    mask = label == colour_idx + 1
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    row, col = min(int(cy / h * 3), 2), min(int(cx / w * 3), 2)
+    position = next(n for n, ((r, c), _) in POSITIONS.items() if (r, c) == (row, col))
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    extent = max(y1 - y0 + 1, x1 - x0 + 1) / (min(h, w) / 3)
+    size = "small" if extent < (SIZES["small"] + SIZES["large"]) / 2 else "large"
+    box = mask[y0:y1 + 1, x0:x1 + 1]
+    # the shape whose template, drawn in the same bounding box, overlaps the mask best
+    shape = max(shapes or SHAPES, key=lambda name: _iou(box, _template(name, *box.shape)))
+    return {"shape": shape, "colour": names[colour_idx], "position": position, "size": size}
+
+
+def _template(shape: str, h: int, w: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(img)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    if shape == "circle":
+        draw.ellipse([0, 0, w - 1, h - 1], fill=1)
+    elif shape == "square":
+        draw.rectangle([0, 0, w - 1, h - 1], fill=1)
+    elif shape == "triangle":
+        draw.polygon([(cx, 0), (w - 1, h - 1), (0, h - 1)], fill=1)
+    else:
+        draw.polygon([(cx, 0), (w - 1, cy), (cx, h - 1), (0, cy)], fill=1)
+    return np.asarray(img, dtype=bool)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def _as_hwc_float(image) -> np.ndarray:
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        image = image.float() * 255.0 if image.is_floating_point() else image.float()
+        return image.permute(1, 2, 0).numpy()
+    arr = np.asarray(image)
+    if arr.dtype.kind == "f":
+        arr = arr * 255.0
+    if arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(1, 2, 0)
+    return arr.astype(np.float32)
