@@ -50,12 +50,9 @@ def train_tokenizer(cfg, *, vocab_size: int, out, split: str = "train", registry
     if cfg.dataset is None:
         raise ConfigError(f"{cfg.source or 'config'}: dataset: tokenizer training needs a [dataset] section")
     # Captions do not depend on the image size; use the codec's when the config states it.
-    # (a codes cache checks the size against its own, so it gets None: "don't check")
     image_size = getattr(cfg.codec.params, "image_size", None) if cfg.codec else None
-    if cfg.dataset.name != "codes":
-        image_size = image_size or 256
     dataset = registry.get("dataset", cfg.dataset.name).build(
-        cfg.dataset.params, image_size=image_size, split=split, seed=cfg.run.seed)
+        cfg.dataset.params, image_size=image_size or 256, split=split, seed=cfg.run.seed)
     count = 0
 
     def counted():

@@ -11,6 +11,7 @@ safetensors, everything else from JSON.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Union
 
@@ -20,6 +21,8 @@ import torch
 from minidalle.config import positive
 from minidalle.data import item_rng
 from minidalle.errors import DataError
+
+log = logging.getLogger("minidalle.data")
 
 FORMAT = "minidalle-codes"
 VERSION = 1
@@ -62,9 +65,10 @@ class CodesDataset(torch.utils.data.Dataset):
         self.num_tokens = int(meta["num_tokens"])
         self.image_size = int(meta["image_size"])
         if image_size and image_size != self.image_size:
-            raise DataError(f"{self.folder}: codes were made for {self.image_size}px images by "
-                            f"codec {meta.get('codec', {}).get('name')!r}, but this run uses "
-                            f"{image_size}px; rerun `minidalle prepare codes` with this config")
+            # A warning, not an error: callers without a codec pass a default size.
+            log.warning("%s: codes were made for %dpx images by codec %r, but %dpx was asked "
+                        "for; rerun `minidalle prepare codes` if the codec changed", self.folder,
+                        self.image_size, meta.get("codec", {}).get("name"), image_size)
         n = len(meta["captions"])
         self.length = min(n, config.max_items) if config.max_items else n
         self.caption_lists = meta["captions"][: self.length]

@@ -111,17 +111,21 @@ def train(captions: Iterable[str], vocab_size: int, out, *, coverage: float = 1.
 
 
 class _quiet_stdout:
-    """Silence file descriptor 1 (C-level prints) for the duration of a block."""
+    """Silence file descriptors 1 and 2 (C++ prints) for the duration of a block; errors
+    still arrive as Python exceptions."""
 
     def __enter__(self):
         import sys
 
         sys.stdout.flush()
-        self._saved = os.dup(1)
+        sys.stderr.flush()
         self._null = os.open(os.devnull, os.O_WRONLY)
+        self._saved = [os.dup(1), os.dup(2)]
         os.dup2(self._null, 1)
+        os.dup2(self._null, 2)
 
     def __exit__(self, *exc):
-        os.dup2(self._saved, 1)
-        os.close(self._saved)
+        for fd, saved in zip((1, 2), self._saved):
+            os.dup2(saved, fd)
+            os.close(saved)
         os.close(self._null)
