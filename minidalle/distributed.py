@@ -32,6 +32,11 @@ import os
 from datetime import timedelta
 from typing import Iterable, Sequence
 
+import attrs
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
 from minidalle.errors import ConfigError, MinidalleError
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -77,8 +82,6 @@ class DataParallel:
 
     # ------------------------------------------------------------------ setup
     def _init_process_group(self) -> None:
-        import torch.distributed as dist
-
         if not dist.is_available():
             raise DistributedError("this torch build has no torch.distributed")
         if dist.is_initialized():  # e.g. a second backend built in the same process
@@ -110,8 +113,6 @@ class DataParallel:
     def local_training(self, training):
         """The training config one process runs: the process count replaces the replication
         factor, so the per-process replication factor is 1."""
-        import attrs
-
         if not self.active:
             return training
         if training.replication_factor not in (1, self.world_size):
@@ -123,64 +124,38 @@ class DataParallel:
 
     # ------------------------------------------------------------------ data
     def shard(self, dataset_len: int, *, shuffle: bool, seed: int, epoch: int) -> list[int]:
-        """This process's indices for ``epoch``: ``DistributedSampler`` with ``drop_last``
-        (every process gets the same count, so all run the same number of steps).
-
-        Process r gets positions r, r + N, r + 2N, ... of the epoch's order, so the i-th
-        micro-batches of all processes together hold the samples one process with an N
-        times larger micro-batch would see (the same order for every process count).
-        """
-        import torch
-        from torch.utils.data import DistributedSampler
-
-        sampler = DistributedSampler(range(dataset_len), num_replicas=self.world_size,
-                                     rank=self.rank, shuffle=shuffle, seed=seed, drop_last=True)
+        """This process's positions in the epoch (see :class:`ShardSampler`)."""
+        sampler = ShardSampler(dataset_len, num_replicas=self.world_size, rank=self.rank,
+                               shuffle=shuffle, seed=seed)
         sampler.set_epoch(epoch)
-        with torch.random.fork_rng(devices=[]):  # leave the global RNG alone
-            return list(sampler)
+        return list(sampler)
 
     # ------------------------------------------------------------------ collectives
     def _tensor(self, values: Sequence[float]):
-        import torch
-
-        device = self.device if self.dist_backend == "nccl" else "cpu"
-        return torch.tensor(list(values), dtype=torch.float64 if device == "cpu" else torch.float32,
-                            device=device)
+        device = self.device if self.dist_backend == "nccl" else "cpu"  # NCCL: GPU tensors only
+        return torch.tensor(list(values), dtype=torch.float64, device=device)
 
     def reduce_mean(self, value: float) -> float:
         if not self.active:
             return value
-        import torch.distributed as dist
-
         t = self._tensor([value])
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t[0]) / self.world_size
 
-    def reduce_sum(self, values: Sequence[float]) -> list[float]:
-        if not self.active:
-            return list(values)
-        import torch.distributed as dist
-
-        t = self._tensor(values)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return [float(v) for v in t]
-
     def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            if self.dist_backend == "nccl" and self.device is not None:
-                dist.barrier(device_ids=[self.device.index])
-            else:
-                dist.barrier()
-
-    def broadcast_module(self, module) -> None:
-        """Copy rank 0's parameters and buffers to every process."""
         if not self.active:
             return
-        import torch.distributed as dist
+        if self.dist_backend == "nccl" and self.device is not None:
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
 
-        tensors = [t.data for t in (*module.parameters(), *module.buffers())]
+    def broadcast_module(self, module) -> None:
+        """Copy rank 0's trainable parameters to every process (a frozen codec inside the
+        model is loaded from the same file everywhere and left alone)."""
+        if not self.active:
+            return
+        tensors = [p.data for p in module.parameters() if p.requires_grad]
         for bucket in _buckets(tensors):
             flat = _flatten(bucket)
             dist.broadcast(flat, src=0)
@@ -188,6 +163,35 @@ class DataParallel:
 
     def all_reduce_gradients(self, params: Iterable) -> None:
         all_reduce_gradients(params, self.world_size)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ShardSampler(DistributedSampler):
+    """``DistributedSampler`` (``drop_last``, process r takes positions r, r + N, ...) over
+    the trainer's epoch order (``minidalle.trainer.epoch_order``) instead of its own
+    permutation; ``set_epoch`` reshuffles.
+
+    Using the single-process order means the i-th micro-batches of N processes together
+    hold exactly the samples one process with an N times larger micro-batch would see, and
+    after k steps the job has consumed the first ``k x samples_per_step x N`` positions of
+    the epoch whatever N is, which is what lets a run resume with another process count.
+    ``drop_last`` gives every process the same number of samples, so all run the same
+    number of steps (a process left with an extra step would wait forever in a collective).
+    """
+
+    def __init__(self, dataset_len: int, *, num_replicas: int, rank: int, shuffle: bool = True,
+                 seed: int = 0) -> None:
+        super().__init__(range(dataset_len), num_replicas=num_replicas, rank=rank,
+                         shuffle=shuffle, seed=seed, drop_last=True)
+
+    def __iter__(self):
+        from minidalle.trainer import epoch_order
+
+        n = len(self.dataset)
+        order = epoch_order(range(n), self.seed, self.epoch) if self.shuffle else list(range(n))
+        return iter(order[self.rank:self.total_size:self.num_replicas])
 
 
 # --------------------------------------------------------------------------- gradients
@@ -216,8 +220,6 @@ def _buckets(tensors: list) -> list[list]:
 
 
 def _flatten(tensors: list):
-    import torch
-
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
@@ -237,9 +239,6 @@ def all_reduce_gradients(params: Iterable, world_size: int) -> None:
     """
     if world_size <= 1:
         return
-    import torch
-    import torch.distributed as dist
-
     params = [p for p in params if p.requires_grad]
     for p in params:
         if p.grad is None:
@@ -309,8 +308,6 @@ class DataParallelBackend:
 
 
 def _destroy() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()

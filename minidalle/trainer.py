@@ -132,13 +132,17 @@ class Trainer:
         t = self.t
         self.sps = self.backend.samples_per_step(t)
         self.train_idx, self.val_idx = split_indices(len(self.dataset), t.val_fraction, self.cfg.run.seed)
-        self.steps_per_epoch = len(self.train_idx) // self.sps
+        # With several processes each reads its own 1/world_size of the data (the backend's
+        # sampler); self.sps is per process.
+        world = self.backend.world_size
+        self.steps_per_epoch = len(self.train_idx) // world // self.sps
         if self.steps_per_epoch == 0:
+            procs = f" x {world} processes" if world > 1 else ""
             raise DataError(
                 f"the dataset has {len(self.train_idx)} training samples, fewer than one step's "
-                f"{self.sps} (batch_size {t.batch_size} x gradient_accumulation "
+                f"{self.sps * world} (batch_size {t.batch_size} x gradient_accumulation "
                 f"{t.gradient_accumulation} x replication_factor {t.replication_factor} x "
-                f"device_iterations {t.device_iterations})")
+                f"device_iterations {t.device_iterations}{procs})")
         self.total_steps = t.epochs * self.steps_per_epoch
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
@@ -175,8 +179,15 @@ class Trainer:
         self.step = ck.step
         self.epoch = int(ck.meta.get("epoch", 0))
         self.batches_in_epoch = int(info.get("batches_in_epoch", 0))
+        if "samples_in_epoch" in info:
+            # The job's position in the epoch order, valid for any process count (see
+            # minidalle.distributed.ShardSampler); a step of this job may be a different
+            # size, so round down (re-reading at most one step's worth of samples).
+            done = int(info["samples_in_epoch"])
+            self.batches_in_epoch = done // (self.sps * self.backend.world_size)
         self.resumed_from = ck.step
-        self._truncate_metrics(self.step)
+        if self.backend.is_main:
+            self._truncate_metrics(self.step)
         return ts.get("runner", {})
 
     def _truncate_metrics(self, step: int) -> None:
@@ -205,6 +216,8 @@ class Trainer:
             "runner": runner.state_dict(),
         }
         info = {"batches_in_epoch": self.batches_in_epoch, "steps_per_epoch": self.steps_per_epoch,
+                "samples_in_epoch": self.batches_in_epoch * self.sps * self.backend.world_size,
+                "world_size": self.backend.world_size,
                 "total_steps": self.total_steps, "samples_per_step": self.sps,
                 "backend": self.backend.describe(), "final": final}
         return save_checkpoint(self.ckpt_dir, step=self.step, epoch=self.epoch,
@@ -236,7 +249,9 @@ class Trainer:
         log = _Log(main, self.show_progress, self.total_steps, self.step)
         self._open_trackers(log)
         log.line(f"Training on {backend.describe()}: {len(self.train_idx)} samples, "
-                 f"{self.sps} per step, {self.steps_per_epoch} steps per epoch, "
+                 f"{self.sps * backend.world_size} per step"
+                 + (f" ({self.sps} per process)" if backend.world_size > 1 else "")
+                 + f", {self.steps_per_epoch} steps per epoch, "
                  f"{self.total_steps} steps"
                  + (f" (resumed at step {self.step})" if self.resumed_from is not None else ""))
         metrics = open(self.metrics_path, "a", encoding="utf-8") if main else None

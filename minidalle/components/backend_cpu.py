@@ -4,6 +4,9 @@ fp32 is deterministic: same config, seed and data give bit-identical weights (Py
 kernels are deterministic for a fixed thread count; ``threads`` pins it). ``precision =
 "bf16"`` runs the forward pass under ``torch.autocast("cpu", bfloat16)``; weights, gradients
 and optimizer state stay fp32.
+
+Under torchrun (``minidalle run --nproc N``) each process joins a gloo process group and
+gradients are averaged over processes (``minidalle/distributed.py``).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 
 from minidalle.backend import Backend, TorchRunner
 from minidalle.config import one_of, positive
+from minidalle.distributed import DataParallel, DataParallelBackend, make_runner
 
 
 @attrs.define
@@ -22,9 +26,12 @@ class CpuConfig:
     precision: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16"))
     # torch intra-op threads; None keeps PyTorch's default (one per core).
     threads: Union[int, None] = attrs.field(default=None, validator=positive)
+    # Seconds a process waits in the rendezvous or in a collective before failing
+    # (several processes only).
+    dist_timeout_s: float = attrs.field(default=300.0, validator=positive)
 
 
-class CpuBackend(Backend):
+class CpuBackend(DataParallelBackend, Backend):
     name = "cpu"
 
     def __init__(self, config: CpuConfig | None = None) -> None:
@@ -34,13 +41,15 @@ class CpuBackend(Backend):
         # Deterministic algorithms where PyTorch has a choice (warn rather than fail on ops
         # that have no deterministic variant).
         torch.use_deterministic_algorithms(True, warn_only=True)
+        self.dp = DataParallel("gloo", timeout_s=self.config.dist_timeout_s)
 
     @property
     def precision(self) -> str:
         return self.config.precision
 
     def describe(self) -> str:
-        return f"cpu {self.config.precision}, {torch.get_num_threads()} threads"
+        dp = f", {self.dp.describe()}" if self.dp.active else ""
+        return f"cpu {self.config.precision}, {torch.get_num_threads()} threads{dp}"
 
     def autocast(self):
         if self.config.precision == "bf16":
@@ -48,7 +57,7 @@ class CpuBackend(Backend):
         return contextlib.nullcontext()
 
     def prepare(self, model, optimizer, training) -> TorchRunner:
-        return TorchRunner(self, model, optimizer, training)
+        return make_runner(TorchRunner, self, model, optimizer, training)
 
 
 def build(config: CpuConfig | None = None) -> CpuBackend:
