@@ -179,3 +179,16 @@ def test_clip_vocab_missing_or_bundled(tmp_path, monkeypatch):
     tok = tokenizer_clip.build(tokenizer_clip.ClipConfig())
     assert tok.bpe_path == pkg / tokenizer_clip.VOCAB_FILE
     assert "fake_open_clip" not in sys.modules
+
+
+def test_clip_real_vocabulary_ids():
+    pytest.importorskip("ftfy", reason="needs ftfy")
+    from minidalle.components.tokenizer_clip import ClipTokenizer, find_bundled_vocab
+
+    path = find_bundled_vocab()
+    if path is None:
+        pytest.skip("needs bpe_simple_vocab_16e6.txt.gz from an installed open_clip_torch")
+    tok = ClipTokenizer(path)
+    assert tok.vocab_size == 49408 + 1
+    # CLIP's published ids for "a photo of a cat", shifted by one for padding
+    assert (tok.encode(["a photo of a cat"], 6)[0] - 1).tolist() == [320, 1125, 539, 320, 2368, -1]
