@@ -129,6 +129,19 @@ def test_shapes_analyser_accuracy():
     img = torch.nn.functional.avg_pool2d(img[None], 3, 1, 1)[0] + 0.03 * torch.randn(img.shape)
     assert analyse(img.clamp(0, 1)) == item["attributes"]
     assert analyse(torch.zeros(3, 32, 32, dtype=torch.uint8)) is None
+    # stray pixels of the shape's colour elsewhere do not move, grow or reshape it
+    from minidalle.components.dataset_shapes import PALETTE
+
+    ds = _shapes(num_samples=100, image_size=64, seed=4)
+    g = torch.Generator().manual_seed(0)
+    right = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        img = item["image"].clone()
+        for y, x in torch.randint(0, 64, (6, 2), generator=g).tolist():
+            img[:, y, x] = torch.tensor(PALETTE[item["attributes"]["colour"]])
+        right += analyse(img, colours=ds.config.colours, shapes=ds.config.shapes) == item["attributes"]
+    assert right >= 98, right
 
 
 # --------------------------------------------------------------------------- folder

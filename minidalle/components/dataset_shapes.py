@@ -200,7 +200,8 @@ def analyse(image, *, colours=None, shapes=None, background=(0, 0, 0)) -> dict |
     Every pixel is classified to the nearest of ``colours`` (default: all palette colours)
     or the ``background``; ``shapes`` limits the candidate shapes (default: all); the most frequent colour is the shape's, its pixels give the
     position (centroid on the 3x3 grid), the size (extent relative to a cell) and the shape
-    (how much of its bounding box it fills, and where its widest row is). Returns None
+    (the template that best overlaps it in its bounding box), all measured on the largest
+    4-connected blob of that colour, so stray pixels do not count. Returns None
     when no shape is found.
     """
     arr = _as_hwc_float(image)
@@ -213,7 +214,7 @@ def analyse(image, *, colours=None, shapes=None, background=(0, 0, 0)) -> dict |
     if counts.max() < max(2, h * w // 2000):
         return None
     colour_idx = int(counts.argmax())
-    mask = label == colour_idx + 1
+    mask = _largest_component(label == colour_idx + 1)  # stray pixels elsewhere are ignored
     ys, xs = np.nonzero(mask)
     cy, cx = ys.mean(), xs.mean()
     row, col = min(int(cy / h * 3), 2), min(int(cx / w * 3), 2)
@@ -225,6 +226,34 @@ def analyse(image, *, colours=None, shapes=None, background=(0, 0, 0)) -> dict |
     # the shape whose template, drawn in the same bounding box, overlaps the mask best
     shape = max(shapes or SHAPES, key=lambda name: _iou(box, _template(name, *box.shape)))
     return {"shape": shape, "colour": names[colour_idx], "position": position, "size": size}
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (breadth-first search)."""
+    from collections import deque
+
+    h, w = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    best: list = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        region, queue = [], deque([(int(y0), int(x0))])
+        while queue:
+            y, x = queue.popleft()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask, dtype=bool)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
 
 
 def _template(shape: str, h: int, w: int) -> np.ndarray:
