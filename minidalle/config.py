@@ -383,7 +383,7 @@ def config_from_dict(data: dict, source: str = "<config>", origins: dict | None 
                          ("generate", GenerateConfig)):
             kwargs[key] = structure_section(data.get(key, {}), cls, key)
         for kind in COMPONENT_SECTIONS:
-            table = data.get(kind)
+            table = data.get(kind, {"name": "cpu"} if kind == "backend" else None)
             if table is None:
                 continue
             if not isinstance(table, dict):
