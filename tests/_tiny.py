@@ -100,11 +100,12 @@ def tiny_config(out_dir, *overrides, base="configs/unit_test.toml"):
     """The unit_test recipe with the tiny tokenizer and dataset, writing to ``out_dir``."""
     from pathlib import Path
 
-    from minidalle.config import config_from_dict, load_raw
+    from minidalle.config import apply_overrides, config_from_dict, load_raw
 
     root = Path(__file__).resolve().parents[1]
-    data, _ = load_raw(root / base, [f"run.out_dir={out_dir}", "training.dataloader_workers=0",
-                                     "model.text_seq_len=16", *overrides])
+    data, origins = load_raw(root / base)
     data.setdefault("tokenizer", {"name": "tiny_chars"})
     data.setdefault("dataset", {"name": "tiny_codes"})
+    data = apply_overrides(data, [f"run.out_dir={out_dir}", "training.dataloader_workers=0",
+                                  "model.text_seq_len=16", *overrides], origins)
     return config_from_dict(data, source=str(root / base), registry=registry())
