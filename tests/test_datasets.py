@@ -378,3 +378,49 @@ def test_codes_cache_errors(tmp_path, caplog):
     (tmp_path / "cache" / "train.json").write_text('{"format": "other"}')
     with pytest.raises(DataError, match="not a minidalle codes cache"):
         build(cfg, image_size=S)
+
+
+# --------------------------------------------------------------------------- the kit itself
+
+
+def _item_caption(i):
+    return f"item {i}"
+
+
+def _other_caption(i):
+    return "other"
+
+
+class _Listed(torch.utils.data.Dataset):
+    def __init__(self, seed=0, dtype=torch.uint8, size=S, drift=False, caption_of=_item_caption):
+        self.seed, self.dtype, self.size, self.drift = seed, dtype, size, drift
+        self.caption_of = caption_of
+        self.reads = 0
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if not 0 <= i < 4:
+            raise IndexError(i)
+        self.reads += 1
+        fill = (i * 10 + self.seed + (self.reads if self.drift else 0)) % 256
+        return {"caption": self.caption_of(i),
+                "image": torch.full((3, self.size, self.size), fill).to(self.dtype)}
+
+    def captions(self):
+        return (f"item {i}" for i in range(4))
+
+
+def test_kit_passes_a_correct_dataset_and_catches_broken_ones():
+    import minidalle.testing as kit
+
+    assert kit.check_dataset is check_dataset  # lazy re-export
+    check_dataset(lambda seed: _Listed(seed), image_size=S)
+    for make, message in ((lambda seed: _Listed(seed, dtype=torch.float32), "uint8"),
+                          (lambda seed: _Listed(seed, size=S + 1), "shape"),
+                          (lambda seed: _Listed(seed, drift=True), "differ"),
+                          (lambda seed: _Listed(seed, caption_of=_other_caption), "not among captions"),
+                          (lambda seed: _Listed(seed, caption_of=lambda i: f"item {i}"), "must pickle")):
+        with pytest.raises(AssertionError, match=message):
+            check_dataset(make, image_size=S)

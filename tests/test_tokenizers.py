@@ -192,3 +192,55 @@ def test_clip_real_vocabulary_ids():
     assert tok.vocab_size == 49408 + 1
     # CLIP's published ids for "a photo of a cat", shifted by one for padding
     assert (tok.encode(["a photo of a cat"], 6)[0] - 1).tolist() == [320, 1125, 539, 320, 2368, -1]
+
+
+# --------------------------------------------------------------------------- the kit itself
+
+
+class _CharTokenizer:
+    """A correct character tokenizer (ids = code point + 1, capped), to break on purpose."""
+
+    vocab_size = 1000
+
+    def ids(self, text):
+        return [min(ord(c), 998) + 1 for c in text]
+
+    def encode(self, texts, context_length, truncate=True):
+        from minidalle.data import to_fixed_length
+
+        return to_fixed_length([self.ids(t) for t in texts], texts, context_length, truncate)
+
+    def decode(self, ids):
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        return "".join(chr(i - 1) for i in ids if i > 0)
+
+
+class _NoTruncationError(_CharTokenizer):
+    def encode(self, texts, context_length, truncate=True):
+        return super().encode(texts, context_length, True)
+
+
+class _Int32(_CharTokenizer):
+    def encode(self, texts, context_length, truncate=True):
+        return super().encode(texts, context_length, truncate).int()
+
+
+class _PadsAtFront(_CharTokenizer):
+    def encode(self, texts, context_length, truncate=True):
+        return super().encode(texts, context_length, truncate).flip(1)
+
+
+class _LosesCase(_CharTokenizer):
+    def decode(self, ids):
+        return super().decode(ids)[:-1]
+
+
+def test_kit_passes_a_correct_tokenizer_and_catches_broken_ones():
+    import minidalle.testing as kit
+
+    assert kit.check_tokenizer is check_tokenizer  # lazy re-export
+    check_tokenizer(_CharTokenizer(), texts=CAPTIONS[:3], context_length=64)
+    for broken, message in ((_NoTruncationError, "must raise"), (_Int32, "int64"),
+                            (_PadsAtFront, "padding"), (_LosesCase, "round-trip")):
+        with pytest.raises(AssertionError, match=message):
+            check_tokenizer(broken(), texts=CAPTIONS[:3], context_length=64)

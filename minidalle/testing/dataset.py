@@ -75,7 +75,11 @@ def check_dataset(make: Callable[[int], object], *, image_size: int | None, max_
     again = _items(make(seed), max_items)
     for i, (a, b) in enumerate(zip(items, again)):
         assert _same(a, b), f"item {i}: two builds with seed {seed} differ"
-    copy = pickle.loads(pickle.dumps(ds))
+    try:
+        copy = pickle.loads(pickle.dumps(ds))
+    except Exception as exc:
+        raise AssertionError(f"the dataset must pickle (data-loader workers get a pickled copy): "
+                             f"{type(exc).__name__}: {exc}") from None
     for i, a in enumerate(items):
         assert _same(a, copy[i]), f"item {i}: a pickled copy (as data-loader workers get) differs"
 
