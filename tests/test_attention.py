@@ -1,0 +1,124 @@
+"""Attention patterns against brute-force definitions, and the conformance checks."""
+import pytest
+import torch
+from torch import nn
+
+from minidalle.model.attention_api import AttentionModule, AttentionPattern, AttentionSpec, pattern_mask
+from minidalle.plugins import get_registry
+from minidalle.testing.attention import build_for_test, check_attention, make_spec
+
+
+# The recipe's definitions, one (query i, key j) pair at a time.
+def _rc(p, text_len, f):
+    k = p - text_len
+    return k // f, k % f
+
+
+def ref_full(i, j, t, f):
+    return j <= i
+
+
+def ref_axial(axis):
+    def ref(i, j, t, f):
+        if j > i:
+            return False
+        if i < t or j < t:  # text query, or a text key
+            return True
+        return _rc(i, t, f)[axis] == _rc(j, t, f)[axis]
+
+    return ref
+
+
+def ref_conv(kernel, dilation):
+    def ref(i, j, t, f):
+        if j > i:
+            return False
+        if i < t or j < t:
+            return True
+        (ri, ci), (rj, cj) = _rc(i, t, f), _rc(j, t, f)
+        reach = (kernel // 2) * dilation
+        return (abs(ri - rj) <= reach and abs(ci - cj) <= reach
+                and (ri - rj) % dilation == 0 and (ci - cj) % dilation == 0)
+
+    return ref
+
+
+BUILTINS = [
+    ("full", None, ref_full),
+    ("axial_row", None, ref_axial(0)),
+    ("axial_col", None, ref_axial(1)),
+    ("conv_like", None, ref_conv(5, 1)),
+    ("conv_like", {"kernel_size": 3, "dilation": 2}, ref_conv(3, 2)),
+]
+
+
+@pytest.mark.parametrize("name,config,ref", BUILTINS, ids=lambda v: str(v) if not callable(v) else "")
+def test_builtin_conformance(name, config, ref):
+    check_attention(name, config, reference=ref)
+
+
+def test_recipe_geometry_axial_row():
+    """The recipe's example: image input k at row k // 16 sees all 81 text positions."""
+    spec = make_spec(text_len=81, fmap_size=16)
+    mask = build_for_test("axial_row", spec=spec).mask
+    q = 81 + 16 * 3 + 5  # image input 53: row 3, column 5
+    assert mask[q, :81].all()
+    assert mask[q, 81 + 48 : 81 + 54].all() and not mask[q, 81 + 54 :].any()
+    assert not mask[q, 81 : 81 + 48].any()
+    assert mask[40, :41].all() and not mask[40, 41:].any()
+
+
+def test_every_registered_attention_is_causal():
+    registry = get_registry()
+    for name in registry.names("attention"):
+        from minidalle.testing.attention import check_causal
+
+        check_causal(build_for_test(name, registry=registry))
+
+
+def test_pattern_validation():
+    class NotCausal(AttentionPattern):
+        def mask(self, t, f):
+            return torch.ones(t + f * f, t + f * f, dtype=torch.bool)
+
+    with pytest.raises(ValueError, match="not causal"):
+        pattern_mask(NotCausal(), 3, 2)
+    with pytest.raises(ValueError, match="shape"):
+        pattern_mask(lambda t, f: torch.ones(2, 2, dtype=torch.bool), 3, 2)
+
+
+def test_pattern_only_plugin_gets_cache_for_free():
+    """A function-only pattern (sliding window over image tokens) passes every check."""
+
+    def sliding(t, f):
+        n = t + f * f
+        i = torch.arange(n)
+        causal = i[:, None] >= i[None, :]
+        near = (i[:, None] - i[None, :]) < 3
+        return causal & ((i[None, :] < t) | near)
+
+    check_attention(lambda config, spec: sliding)
+
+
+class _NoCache(AttentionModule):
+    supports_cache = False
+
+    def __init__(self, spec: AttentionSpec):
+        super().__init__(spec)
+        self.proj = nn.Linear(spec.dim, spec.dim)
+
+    def forward(self, x, *, offset=0, cache=None):
+        return self.proj(x).cumsum(dim=1)  # causal: a running sum
+
+
+def test_module_plugin_without_cache():
+    check_attention(_NoCache)
+
+
+def test_broken_module_is_caught():
+    class Peeks(_NoCache):
+        def forward(self, x, *, offset=0, cache=None):
+            return self.proj(x).flip(1).cumsum(1).flip(1)  # sees the future
+
+    with pytest.raises(AssertionError, match="not causal"):
+        check_attention(Peeks)
