@@ -88,6 +88,26 @@ class IpuConfig:
     # Random data generated on the device: measures compute without host I/O.
     synthetic_data: bool = False
 
+    def __attrs_post_init__(self):
+        # Checks between these keys alone, so `config show`/`run` name the file at load
+        # time; the ones that need [model] or [training] are in build_plan.
+        n = self.ipus_per_replica
+        if self.layers_per_ipu is not None and len(self.layers_per_ipu) > n:
+            raise FieldError(f"layers_per_ipu: {len(self.layers_per_ipu)} entries "
+                             f"{self.layers_per_ipu} but backend.ipus_per_replica is {n}")
+        for key in ("embedding_ipu", "output_ipu"):
+            value = getattr(self, key)
+            if value is not None and value >= n:
+                raise FieldError(f"{key}: IPU {value} does not exist: "
+                                 f"backend.ipus_per_replica is {n}")
+        mp = self.matmul_proportion
+        if isinstance(mp, list) and len(mp) not in (1, n):
+            raise FieldError(f"matmul_proportion: {len(mp)} values but backend.ipus_per_replica "
+                             f"is {n} (give one value, or one per IPU)")
+        if self.compile_only and self.ipu_model:
+            raise FieldError("compile_only: offline compilation cannot be combined with "
+                             "backend.ipu_model")
+
 
 # --------------------------------------------------------------------------- the plan
 
@@ -253,13 +273,16 @@ def build_plan(
     dataset_size: Union[int, None] = None,
     codec_params: int = 0,
     codec_on_device: Union[bool, None] = None,
+    counts: Union[dict, None] = None,
 ) -> IpuPlan:
     """The plan for ``cfg`` (a :class:`~minidalle.config.Config` whose backend is ``ipu``;
     any other backend is planned with the IPU defaults).
 
     ``codec_params`` is the frozen codec's parameter count when it runs on IPU 0
     (``codec_on_device``: default, when a codec is configured and the dataset is not
-    pre-computed codes). Raises ConfigError (or DataError for ``dataset_size``).
+    pre-computed codes). ``counts``: parameters per part as :func:`parameter_counts` gives
+    them (``layers`` may list each layer's count), e.g. measured on the built model.
+    Raises ConfigError (or DataError for ``dataset_size``).
     """
     src = cfg.source or "<config>"
     ipu = cfg.backend.params if isinstance(cfg.backend.params, IpuConfig) else IpuConfig()
@@ -273,20 +296,11 @@ def build_plan(
         layers = default_layers_per_ipu(model.depth, n_ipus)
     else:
         layers = list(ipu.layers_per_ipu)
-        if len(layers) > n_ipus:
-            _fail(src, "backend.layers_per_ipu",
-                  f"{len(layers)} entries {layers} but backend.ipus_per_replica is {n_ipus}")
         if sum(layers) != model.depth:
             _fail(src, "backend.layers_per_ipu",
                   f"{layers} places {sum(layers)} layers but model.depth is {model.depth}")
         layers += [0] * (n_ipus - len(layers))
     checks.append(f"layers_per_ipu {layers} sums to model.depth {model.depth}")
-    if ipu.embedding_ipu >= n_ipus:
-        _fail(src, "backend.embedding_ipu",
-              f"IPU {ipu.embedding_ipu} does not exist: backend.ipus_per_replica is {n_ipus}")
-    if ipu.output_ipu is not None and ipu.output_ipu >= n_ipus:
-        _fail(src, "backend.output_ipu",
-              f"IPU {ipu.output_ipu} does not exist: backend.ipus_per_replica is {n_ipus}")
     last_layer_ipu = max(i for i, n in enumerate(layers) if n > 0)
     output_ipu = ipu.output_ipu if ipu.output_ipu is not None else last_layer_ipu
 
@@ -352,12 +366,7 @@ def build_plan(
     # --- memory proportion
     mp = ipu.matmul_proportion
     if isinstance(mp, list):
-        if len(mp) == 1:
-            mp = mp * n_ipus
-        elif len(mp) != n_ipus:
-            _fail(src, "backend.matmul_proportion",
-                  f"{len(mp)} values but backend.ipus_per_replica is {n_ipus} "
-                  "(give one value, or one per IPU)")
+        mp = mp * n_ipus if len(mp) == 1 else mp  # length checked by IpuConfig
     else:
         mp = [mp] * n_ipus
     proportion = {f"IPU{i}": float(v) for i, v in enumerate(mp)}
@@ -380,9 +389,6 @@ def build_plan(
     if total > 64:
         warnings.append(f"{total} IPUs is more than one IPU-POD64: launch with PopRun "
                         "across hosts (see README)")
-    if ipu.compile_only and ipu.ipu_model:
-        _fail(src, "backend.compile_only",
-              "offline compilation cannot be combined with backend.ipu_model")
 
     # --- precision and optimizer state
     if ipu.fp16 and tr.loss_scaling == 1 and not ipu.automatic_loss_scaling:
@@ -399,8 +405,10 @@ def build_plan(
                   f"{rebatched} is larger than one step's {samples_per_step} samples")
 
     # --- memory estimate
-    counts = parameter_counts(model, text_vocab=text_vocab, num_image_tokens=num_image_tokens,
-                              fmap_size=fmap_size)
+    if counts is None:
+        counts = parameter_counts(model, text_vocab=text_vocab,
+                                  num_image_tokens=num_image_tokens, fmap_size=fmap_size)
+    layer_params = list(counts.get("layers") or [counts["layer"]] * model.depth)
     w_bytes = 2 if ipu.fp16 else 4
     accum_bytes = (2 if ipu.fp16 else 4) if tr.gradient_accumulation > 1 else 0
     moment_bytes = (2 if ipu.half_first_order_momentum else 4) + 4  # Adam m and v
@@ -425,7 +433,7 @@ def build_plan(
         layer_ids[i] = tuple(range(first, first + n))
         if n:
             parts[i].append(f"layers {first}-{first + n - 1}" if n > 1 else f"layer {first}")
-            trainable[i] += n * counts["layer"]
+            trainable[i] += sum(layer_params[first:first + n])
         first += n
     parts[output_ipu].append("output")
     trainable[output_ipu] += counts["to_logits"]

@@ -155,7 +155,11 @@ def annotate_pipeline(model: nn.Module, plan, ops=None) -> list:
             if codec is not None and not isinstance(codec, _BlockedCodec):
                 model.set_codec(_BlockedCodec(codec, block.name, block.ipu, ops))
             continue
-        ops.begin_block(model.get_submodule(block.module), block.name, block.ipu)
+        module = model.get_submodule(block.module)
+        started = ops.begin_block(module, block.name, block.ipu)
+        if started is not None and started is not module:  # a wrapper (older PopTorch)
+            parent, _, name = block.module.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, started)
     if plan.recompute_checkpoints:
         for layer in model.transformer.layers:
             handles.append(layer.register_forward_hook(_layer_checkpoint(ops)))

@@ -3,6 +3,7 @@
 * :mod:`minidalle.testing.tokenizer`: ``check_tokenizer(tok, texts=..., context_length=...)``
 * :mod:`minidalle.testing.dataset`: ``check_dataset(make, image_size=...)``
 * :mod:`minidalle.testing.codec`: ``check_codec(codec)``
+* :mod:`minidalle.testing.backend`: ``check_backend(make_backend)`` (against ``cpu``)
 
 The check functions are also importable from here (``from minidalle.testing import
 check_tokenizer``); their modules load on first use, so importing this package is cheap.
@@ -14,6 +15,7 @@ _LAZY = {
     "check_dataset": "dataset",
     "check_item": "dataset",
     "check_codec": "codec",
+    "check_backend": "backend",
 }
 
 __all__ = sorted(_LAZY)
