@@ -63,7 +63,8 @@ def test_prepare_codes(tmp_path, registry, capsys):
 
     cfg = _config(tmp_path)
     assert main(["prepare", "codes", str(cfg), "--batch-size", "7", "--split", "train",
-                 "--split", "val", "--no-progress", "--set", "dataset.num_samples=15"]) == 0
+                 "--split", "val", "--no-progress", "--set", "dataset.num_samples=15",
+                 "--set", "training.dataloader_workers=2"]) == 0  # encoded in worker processes
     out = capsys.readouterr().out
     assert "train: 15 items, 4x4 codes of 8" in out and "val: 6 items" in out
     cache = tmp_path / "out" / "codes"
