@@ -170,7 +170,7 @@ class ClipTokenizer:
             ids = ids.tolist()
         tokens = [self.decoder[int(i) - 1] for i in ids if 0 < int(i) < self.vocab_size]
         tokens = [t for t in tokens if t not in SPECIAL]
-        # "</w>" ends a word; the byte symbols never include a plain space, so split on it
+        # "</w>" ends a word (as in CLIP, a literal "</w>" typed in a caption reads as one too)
         out = bytearray()
         for word in "".join(tokens).split("</w>"):
             out += bytes(self.byte_decoder[c] for c in word) + b" "
