@@ -162,7 +162,7 @@ class VggPerceptual(torch.nn.Module):
 
     def __init__(self, path: str):
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
         from minidalle.errors import CheckpointError
 
@@ -172,7 +172,7 @@ class VggPerceptual(torch.nn.Module):
             raise ConfigError(f"{SECTION}.vgg_weights: {path}: file not found") from None
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot read VGG16 weights: {exc}") from None
-        feats = vgg16().features[: self.LAYERS[-1] + 1]
+        feats = make_layers(cfgs["D"][:9])  # VGG16 features[:16]: conv1_1 .. relu3_3
         own = {k: v for k, v in sd.items() if k.startswith("features.")}
         own = {k[len("features."):]: v for k, v in own.items()
                if int(k.split(".")[1]) <= self.LAYERS[-1]}
