@@ -1,0 +1,141 @@
+"""Cached sampling: logits equal uncached forward passes, seeds, priming, filters, texts."""
+import pytest
+import torch
+
+from minidalle.config import Config, ModelConfig
+from minidalle.model import build_model
+from minidalle.model.attention_api import AttentionModule
+from minidalle.sampling import (
+    generate_image_codes,
+    generate_text_ids,
+    sample_logits,
+    top_k_filter,
+    top_p_filter,
+)
+
+TEXT_VOCAB, TEXT_LEN, IMG_TOKENS, FMAP = 12, 5, 7, 3
+
+
+def tiny(attn_types, dtype=torch.float32, registry=None, **attention):
+    cfg = Config(model=ModelConfig(dim=32, depth=len(attn_types), heads=2, dim_head=8,
+                                   text_seq_len=TEXT_LEN, attn_types=list(attn_types)),
+                 attention=attention)
+    torch.manual_seed(0)
+    m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=IMG_TOKENS, fmap_size=FMAP,
+                    registry=registry)
+    for layer in m.transformer.layers:  # LayerScale 0.1 hides mistakes: make layers count
+        layer.scale_attn.data.fill_(1.0)
+        layer.scale_ff.data.fill_(1.0)
+    return m.to(dtype).eval()
+
+
+TEXT = torch.tensor([[3, 5, 7, 0, 0], [1, 2, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("attn", ["full", "axial_row", "axial_col", "conv_like"])
+def test_cached_logits_equal_uncached_forward(attn):
+    m = tiny([attn, "full", attn])
+    steps = {}
+    codes = generate_image_codes(m, TEXT, seed=1, on_logits=lambda s, lg: steps.__setitem__(s, lg))
+    assert codes.shape == (2, FMAP * FMAP) and sorted(steps) == list(range(FMAP * FMAP))
+    ntext = TEXT_VOCAB + TEXT_LEN
+    with torch.no_grad():
+        for step, cached in steps.items():
+            full = m(TEXT, codes[:, :step])[:, -1, ntext:]  # plain forward over the prefix
+            torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_and_uncached_sample_the_same():
+    m = tiny(["axial_row", "conv_like"], dtype=torch.float64)
+    a = generate_image_codes(m, TEXT, seed=3, use_cache=True)
+    b = generate_image_codes(m, TEXT, seed=3, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_same_seed_same_images():
+    m = tiny(["axial_col"])
+    a = generate_image_codes(m, TEXT, seed=7, filter_thres=0.0)
+    b = generate_image_codes(m, TEXT, seed=7, filter_thres=0.0)
+    c = generate_image_codes(m, TEXT, seed=8, filter_thres=0.0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_priming_keeps_the_first_codes():
+    m = tiny(["full"])
+    prime = torch.tensor([[6, 5, 4, 3], [0, 1, 2, 3]])
+    codes = generate_image_codes(m, TEXT, seed=0, prime_codes=prime)
+    assert codes.shape == (2, FMAP * FMAP) and torch.equal(codes[:, :4], prime)
+
+
+def test_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0]])
+    kept = torch.isfinite(top_k_filter(logits, 0.5))
+    assert kept.tolist() == [[True] * 4 + [False] * 4]
+    assert torch.isfinite(top_k_filter(logits, 0.99)).sum() == 1  # at least one
+    probs = logits.softmax(-1)  # 0.64, 0.23, 0.09, ...
+    kept = torch.isfinite(top_p_filter(logits, 0.8))
+    assert kept.tolist() == [[True, True, False, False, False, False, False, False]]
+    assert probs[0, :1].sum() < 0.8 <= probs[0, :2].sum()
+    # top-p alone (no top-k): only the two likely ids come out
+    g = torch.Generator().manual_seed(0)
+    out = {sample_logits(logits, filter_thres=0, top_p=0.8, generator=g).item() for _ in range(200)}
+    assert out == {0, 1}
+    # a near-zero temperature is greedy
+    assert sample_logits(logits.repeat(5, 1), temperature=1e-4, generator=g).tolist() == [0] * 5
+
+
+def test_generate_text_ids_cached_equals_uncached():
+    m = tiny(["full", "axial_row"], dtype=torch.float64)
+    prefix = torch.tensor([[3, 5], [1, 2]])
+    a = generate_text_ids(m, prefix, seed=4, filter_thres=0.0)
+    b = generate_text_ids(m, prefix, seed=4, filter_thres=0.0, use_cache=False)
+    assert torch.equal(a, b) and a.shape == (2, TEXT_LEN)
+    assert torch.equal(a[:, :2], prefix)
+    assert (a < TEXT_VOCAB).all()  # padding ids come back as 0
+    # once a caption pads, the rest is padding
+    for row in a.tolist():
+        if 0 in row:
+            assert all(t == 0 for t in row[row.index(0):])
+
+
+class _NoCacheAttention(AttentionModule):
+    supports_cache = False
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.proj = torch.nn.Linear(spec.dim, spec.dim)
+
+    def forward(self, x, *, offset=0, cache=None):
+        assert cache is None
+        return self.proj(x).cumsum(1) / torch.arange(1, x.shape[1] + 1)[:, None]
+
+
+class _Plugin:
+    from minidalle import hookimpl
+
+    @staticmethod
+    @hookimpl
+    def minidalle_attention(register):
+        register("running_mean", lambda spec: _NoCacheAttention(spec), summary="test")
+
+
+def test_module_without_cache_falls_back_with_a_warning():
+    from minidalle.plugins import load_registry
+
+    registry = load_registry(autoload="none", extra_plugins=[_Plugin])
+    m = tiny(["full", "running_mean"], registry=registry, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="does not support the key/value cache"):
+        a = generate_image_codes(m, TEXT, seed=2)
+    b = generate_image_codes(m, TEXT, seed=2, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_bf16_logits_close_to_fp32():
+    m = tiny(["axial_row", "full"])
+    mb = tiny(["axial_row", "full"], dtype=torch.bfloat16)
+    codes = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.no_grad():
+        a = m(TEXT, codes)[:, -1, TEXT_VOCAB + TEXT_LEN:].softmax(-1)
+        b = mb(TEXT, codes)[:, -1, TEXT_VOCAB + TEXT_LEN:].float().softmax(-1)
+    assert (a - b).abs().max() < 0.02
