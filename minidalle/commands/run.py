@@ -16,12 +16,17 @@ def add_parser(sub) -> None:
                    help="continue training from the newest complete checkpoint in run.out_dir")
     p.add_argument("--from", dest="from_stage", metavar="STAGE",
                    help="rerun this stage and every later one, even if complete")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train data parallel in N local processes started by torchrun's launcher "
+                        "(cpu: gloo; cuda: one GPU per process, NCCL). Across hosts run "
+                        "`torchrun ... -m minidalle run CONFIG` instead")
     p.set_defaults(func=run)
 
 
-def load_run_config(path, overrides=(), backend: str | None = None, registry=None):
-    """The config with ``--set`` overrides and an optional ``--backend`` override applied."""
-    from minidalle.config import config_from_dict, load_raw
+def load_run_config(path, overrides=(), backend: str | None = None, registry=None, after=()):
+    """The config with ``--set`` overrides and an optional ``--backend`` override applied
+    (``after``: more ``KEY=VALUE`` overrides applied after the backend swap)."""
+    from minidalle.config import apply_overrides, config_from_dict, load_raw
 
     data, origins = load_raw(path, overrides)
     if backend is not None:
@@ -31,12 +36,41 @@ def load_run_config(path, overrides=(), backend: str | None = None, registry=Non
         data["backend"]["name"] = backend
         origins["backend"] = "--backend"
         origins["backend.name"] = "--backend"
+    data = apply_overrides(data, after, origins)
     return config_from_dict(data, str(path), origins, registry)
 
 
+def _child_argv(args) -> list[str]:
+    """This command line without ``--nproc``: what each launched process runs."""
+    argv = ["--debug"] if getattr(args, "debug", False) else []
+    argv += ["run", args.config]
+    for item in args.overrides:
+        argv += ["--set", item]
+    if args.backend:
+        argv += ["--backend", args.backend]
+    if args.resume:
+        argv.append("--resume")
+    if args.from_stage:
+        argv += ["--from", args.from_stage]
+    return argv
+
+
 def run(args) -> int:
+    import os
+
+    from minidalle.errors import ConfigError
     from minidalle.stages import run_stages
 
     cfg = load_run_config(args.config, args.overrides, args.backend)
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc: expected a positive number of processes, got {args.nproc}")
+        if "LOCAL_RANK" in os.environ:  # already one of torchrun's processes
+            raise ConfigError("--nproc: this process was started by torchrun, which already set "
+                              "the process count; leave --nproc out")
+        if args.nproc > 1:
+            from minidalle.distributed import launch
+
+            return launch(args.nproc, _child_argv(args))
     run_stages(cfg, from_stage=args.from_stage, resume=args.resume)
     return 0

@@ -1,0 +1,271 @@
+"""``minidalle bench CONFIG``: time training steps on synthetic token data.
+
+Prints samples/sec, this machine's measured matmul peak (fp32 and bf16), the model FLOPs
+utilisation (MFU) against the peak of the precision used, and peak memory.
+
+FLOPs per sample (stated in benchmarks/RESULTS.md too)::
+
+    6 x P_matmul x T  +  12 x d_attn x sum over layers of A_l
+
+``P_matmul``: weights of every ``nn.Linear`` (q/k/v, output, feed-forward, logits; not the
+embedding tables, which are lookups); ``T``: training sequence length (text_seq_len + 1 +
+fmap**2 - 1 = 336 in the recipe); ``d_attn = heads x dim_head``; ``A_l``: the (query, key)
+pairs layer ``l``'s mask allows over the T positions (causal, so at most T(T+1)/2; a layer
+without a mask counts T(T+1)/2). Per allowed pair the forward pass costs 2 x d_attn for
+QK^T and 2 x d_attn for AV; backward twice that. Sparse layers are credited only with the
+pairs they need, so an implementation that computes dense masked attention gets no credit
+for the wasted work.
+"""
+from __future__ import annotations
+
+# Recipe defaults when the config has no tokenizer/codec to ask (see [bench] below).
+DEFAULTS = {"text_vocab": 8192, "num_image_tokens": 1024, "fmap_size": 16}
+
+
+def add_parser(sub) -> None:
+    from minidalle.cli import add_config_arguments
+
+    p = sub.add_parser(
+        "bench", help="time training steps on synthetic data; samples/sec, MFU, peak memory",
+        description="Time training steps of CONFIG's model on synthetic token data after "
+                    "warm-up (one micro-batch per step: gradient accumulation 1), then print "
+                    "samples/sec, the measured matmul peak, the model FLOPs utilisation and "
+                    "peak memory. Vocabulary sizes come from [bench] text_vocab / "
+                    "num_image_tokens / fmap_size, else model.text_vocab, else the recipe's "
+                    "8192 / 1024 / 16.")
+    add_config_arguments(p)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--batch-size", type=int, help="micro-batch (default: training.batch_size)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="override the backend's precision")
+    p.add_argument("--backend", metavar="NAME", default="cpu",
+                   help="backend to time (default cpu; the config's [backend] params are kept "
+                        "when it names the same one)")
+    p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
+    p.add_argument("--generate", action="store_true",
+                   help="also time sampling (minidalle.generate_bench)")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def matmul_flops(model) -> tuple[int, int]:
+    """(weights in nn.Linear layers, all parameters)."""
+    import torch
+
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return linear, sum(p.numel() for p in model.parameters())
+
+
+def attention_pairs(model, seq_len: int) -> list[int]:
+    """Allowed (query, key) pairs per layer over ``seq_len`` positions."""
+    pairs = []
+    causal = seq_len * (seq_len + 1) // 2
+    for layer in getattr(model.transformer, "layers", []):
+        mask = getattr(layer.attn, "mask", None)
+        if mask is not None and getattr(mask, "dim", lambda: 0)() == 2 and not getattr(layer.attn, "is_full", False):
+            pairs.append(int(mask[:seq_len, :seq_len].sum()))
+        else:
+            pairs.append(causal)
+    return pairs
+
+
+def flops_per_sample(model, cfg) -> dict:
+    m = cfg.model
+    seq_len = m.text_seq_len + model.image_seq_len  # <bos> + text + image - the last token
+    p_matmul, p_total = matmul_flops(model)
+    pairs = attention_pairs(model, seq_len)
+    d_attn = m.heads * m.dim_head
+    dense = 6 * p_matmul * seq_len
+    attn = 12 * d_attn * sum(pairs)
+    return {"params_matmul": p_matmul, "params_total": p_total, "seq_len": seq_len,
+            "attention_pairs": sum(pairs), "flops_matmul": dense, "flops_attention": attn,
+            "flops_per_sample": dense + attn}
+
+
+def matmul_peak(dtype_name: str, sizes=(2048, 3072), reps: int = 3) -> tuple[float, int]:
+    """Best measured FLOP/s of a square torch.mm over ``sizes`` (FLOP/s, size)."""
+    import time
+
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    best, best_n = 0.0, 0
+    for n in sizes:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        torch.mm(a, b)  # warm-up
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            rate = 2 * n**3 / (time.perf_counter() - t)
+            if rate > best:
+                best, best_n = rate, n
+    return best, best_n
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux), so the peak is the benchmark's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------- command
+
+
+def _bench_geometry(cfg) -> dict:
+    from minidalle.errors import ConfigError
+
+    table = cfg.extra.get("bench", {})
+    out = {}
+    for key, default in DEFAULTS.items():
+        value = table.get(key, cfg.model.text_vocab if key == "text_vocab" and cfg.model.text_vocab else default)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{cfg.source}: bench.{key}: expected a positive integer, got {value!r}")
+        out[key] = value
+    return out
+
+
+def bench_training(cfg, *, steps: int, warmup: int, registry=None) -> dict:
+    """Time ``steps`` training steps (after ``warmup``) of cfg's model on its backend."""
+    import time
+
+    import torch
+
+    from minidalle.pipeline import build_model
+    from minidalle.plugins import get_registry
+    from minidalle.trainer import seed_everything
+
+    registry = registry or get_registry()
+    geo = _bench_geometry(cfg)
+    backend = registry.build("backend", cfg.backend.name, cfg.backend.params)
+    seed_everything(cfg.run.seed)
+    backend.seed(cfg.run.seed)
+    model = build_model(cfg, text_vocab=geo["text_vocab"], num_image_tokens=geo["num_image_tokens"],
+                        fmap_size=geo["fmap_size"], registry=registry)
+    flops = flops_per_sample(model, cfg)
+    t = cfg.training
+    is_cuda = backend.device.type == "cuda"
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats(backend.device)
+    rss_reset = _reset_peak_rss()
+    model = backend.setup_model(model)
+    runner = backend.prepare(model, backend.build_optimizer(model, t), t)
+    n = backend.samples_per_step(t)
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        text = torch.randint(1, geo["text_vocab"], (n, cfg.model.text_seq_len), generator=g)
+        text[:, -cfg.model.text_seq_len // 4:] = 0  # some padding, as real captions have
+        image = torch.randint(0, geo["num_image_tokens"], (n, geo["fmap_size"] ** 2), generator=g)
+        return {"text": text, "image": image}
+
+    batches = [batch() for _ in range(2)]
+    compile_s = runner.compile(batches[0])
+    losses = []
+    for i in range(warmup):
+        losses.append(runner.train_step(batches[i % 2]).loss)
+    if is_cuda:
+        torch.cuda.synchronize(backend.device)
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        losses.append(runner.train_step(batches[i % 2]).loss)
+        if is_cuda:
+            torch.cuda.synchronize(backend.device)
+        times.append(time.perf_counter() - start)
+    runner.close()
+    total = sum(times)
+    result = {
+        "backend": backend.describe(), "samples_per_step": n, "steps": steps, "warmup": warmup,
+        "step_seconds_mean": total / max(steps, 1), "step_seconds_min": min(times) if times else None,
+        "samples_per_sec": n * steps / total if total else None,
+        "loss_last": losses[-1] if losses else None, "compile_seconds": compile_s,
+        "peak_rss_bytes": peak_rss_bytes(), "peak_rss_is_benchmark_only": rss_reset, **flops,
+    }
+    if is_cuda:
+        result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(backend.device)
+    return result
+
+
+def run(args) -> int:
+    import json
+    import os
+
+    from minidalle.commands.run import load_run_config
+    from minidalle.errors import ConfigError
+
+    after = ["training.gradient_accumulation=1", "training.device_iterations=1",
+             "training.replication_factor=1"]
+    if args.batch_size is not None:
+        after.append(f"training.batch_size={args.batch_size}")
+    if args.precision is not None:
+        after.append(f"backend.precision={args.precision}")
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError("--steps must be >= 1 and --warmup >= 0")
+    cfg = load_run_config(args.config, args.overrides, args.backend, after=after)
+    precision = getattr(cfg.backend.params, "precision", "fp32")
+    print(f"Bench: {args.config}, backend {cfg.backend.name} {precision}, batch "
+          f"{cfg.training.batch_size}, {args.warmup} warm-up + {args.steps} timed steps", flush=True)
+
+    r = bench_training(cfg, steps=args.steps, warmup=args.warmup)
+    gib = 1024**3
+    print(f"Model: {r['params_total'] / 1e6:.1f}M parameters, {r['params_matmul'] / 1e6:.1f}M in matmuls, "
+          f"sequence {r['seq_len']}, {r['flops_per_sample'] / 1e9:.1f} GFLOP per sample "
+          f"(6 x P_matmul x T = {r['flops_matmul'] / 1e9:.1f} + attention {r['flops_attention'] / 1e9:.1f})")
+    print(f"Device: {r['backend']}")
+    if r["compile_seconds"] is not None:
+        print(f"Compiled model in {r['compile_seconds']:.1f} secs")
+    print(f"Step: {r['step_seconds_mean']:.3f} s mean, {r['step_seconds_min']:.3f} s best")
+    print(f"Throughput: {r['samples_per_sec']:.3f} samples/sec")
+    print(f"Loss: {r['loss_last']:.6f} ")
+    achieved = r["samples_per_sec"] * r["flops_per_sample"]
+    print(f"Model FLOP/s: {achieved / 1e9:.1f} GFLOP/s")
+    if not args.no_peak and cfg.backend.name == "cpu":
+        import torch
+
+        for name in ("fp32", "bf16"):
+            peak, size = matmul_peak(name)
+            r[f"matmul_peak_{name}"] = peak
+            print(f"Matmul peak {name}: {peak / 1e9:.1f} GFLOP/s (torch.mm {size}x{size}, "
+                  f"{torch.get_num_threads()} threads)")
+        r["mfu"] = achieved / r[f"matmul_peak_{precision}"]
+        print(f"MFU: {100 * r['mfu']:.1f}% of the measured {precision} matmul peak")
+    peak_line = f"Peak memory: {r['peak_rss_bytes'] / gib:.2f} GiB RSS"
+    if not r["peak_rss_is_benchmark_only"]:
+        peak_line += " (process lifetime)"
+    if "cuda_max_allocated_bytes" in r:
+        peak_line += f", {r['cuda_max_allocated_bytes'] / gib:.2f} GiB CUDA max allocated"
+    print(peak_line, flush=True)
+    if args.generate:
+        from minidalle.registry import resolve
+
+        gen = resolve("minidalle.generate_bench:run_generate_bench")(cfg, args)
+        if isinstance(gen, dict):
+            r["generate"] = gen
+    if args.json_out:
+        tmp = f"{args.json_out}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"config": str(args.config), "precision": precision,
+                       "batch_size": cfg.training.batch_size, **r}, f, indent=1, default=str)
+        os.replace(tmp, args.json_out)
+    return 0
