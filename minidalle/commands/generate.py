@@ -1,0 +1,195 @@
+"""``minidalle generate``: draw images for prompts from a trained checkpoint."""
+from __future__ import annotations
+
+import sys
+
+from minidalle.errors import CheckpointError, ConfigError, DataError, MinidalleError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="draw images for text prompts from a checkpoint",
+        description="Load a checkpoint made by `minidalle run` (its config names the tokenizer "
+                    "and codec), draw images for each prompt with the key/value cache, and "
+                    "write one PNG per image plus a labelled grid.png. Defaults come from the "
+                    "checkpoint's [generate] section.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a run dir, its checkpoints/ dir (newest step) or a step dir")
+    p.add_argument("--text", action="append", default=[], metavar="PROMPT",
+                   help="a prompt (repeatable; default: generate.prompts of the config)")
+    p.add_argument("--num-images", type=int, metavar="N", help="images per prompt")
+    p.add_argument("--out", default="samples", metavar="DIR", help="output folder (default samples/)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--filter-thres", type=float, metavar="F",
+                   help="top-k: keep the top (1 - F) share of the image codes")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling threshold")
+    p.add_argument("--temperature", type=float, metavar="T")
+    p.add_argument("--prime-image", metavar="PATH",
+                   help="keep the first codes of this image and sample the rest")
+    p.add_argument("--prime-fraction", type=float, metavar="F",
+                   help="share of the image codes kept from --prime-image (default 0.4375)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="images drawn together")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="weights for sampling")
+    p.add_argument("--no-cache", action="store_true", help="recompute every step (slow; for checks)")
+    p.add_argument("--rerank", metavar="NAME",
+                   help="sort each prompt's images by this reranker's score (best first)")
+    p.set_defaults(func=run)
+
+
+def _settings(args, g):
+    """Command-line values over the checkpoint's [generate] section, validated."""
+    out = {
+        "num_images": args.num_images if args.num_images is not None else g.num_images,
+        "filter_thres": args.filter_thres if args.filter_thres is not None else g.filter_thres,
+        "top_p": args.top_p if args.top_p is not None else g.top_p,
+        "temperature": args.temperature if args.temperature is not None else g.temperature,
+        "prime_fraction": args.prime_fraction if args.prime_fraction is not None else g.prime_fraction,
+        "batch_size": args.batch_size if args.batch_size is not None else g.batch_size,
+        "precision": args.precision or g.precision,
+        "use_cache": g.use_cache and not args.no_cache,
+    }
+    checks = [("num-images", out["num_images"] >= 1), ("batch-size", out["batch_size"] >= 1),
+              ("filter-thres", 0 <= out["filter_thres"] < 1), ("temperature", out["temperature"] > 0),
+              ("top-p", out["top_p"] is None or 0 < out["top_p"] <= 1),
+              ("prime-fraction", 0 <= out["prime_fraction"] <= 1)]
+    for name, ok in checks:
+        if not ok:
+            raise ConfigError(f"--{name}: out of range: {out[name.replace('-', '_')]}")
+    return out
+
+
+def load_generator(checkpoint, registry=None):
+    """(cfg, tokenizer, codec, model) from a checkpoint directory, model in eval mode."""
+    from minidalle.checkpoint import load_checkpoint
+    from minidalle.pipeline import build_codec, build_tokenizer
+    from minidalle.model import build_model
+
+    ck = load_checkpoint(checkpoint, registry=registry)
+    cfg = ck.config
+    if cfg.codec is None:
+        raise ConfigError(f"{ck.path}: the checkpoint's config has no [codec]: cannot turn image "
+                          "codes into pictures")
+    tokenizer = build_tokenizer(cfg, registry)
+    codec = build_codec(cfg, registry)
+    model = build_model(cfg, text_vocab=cfg.model.text_vocab or tokenizer.vocab_size,
+                        num_image_tokens=codec.num_tokens, fmap_size=codec.fmap_size,
+                        registry=registry)
+    try:
+        model.load_state_dict(ck.state_dict, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{ck.path}: weights do not fit the model of its config: "
+                              f"{' '.join(s.strip() for s in first[:2])[:300]}") from None
+    return cfg, tokenizer, codec, model.eval()
+
+
+def _encode_prompts(tokenizer, prompts, text_seq_len):
+    text = tokenizer.encode(prompts, text_seq_len, truncate=True)
+    lengths = (tokenizer.encode(prompts, 4 * text_seq_len + 64, truncate=True) != 0).sum(1)
+    for prompt, n in zip(prompts, lengths.tolist()):
+        if n > text_seq_len:
+            print(f"minidalle: warning: prompt {prompt[:40]!r}... has {n} tokens: truncated to "
+                  f"the model's {text_seq_len}", file=sys.stderr)
+    return text
+
+
+def _prime_codes(path, codec, fraction, image_seq_len):
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{path}: cannot read the prime image: {exc}") from None
+    size = codec.image_size
+    # centre crop to a square, then resize to the codec's size
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    im = im.resize((size, size), Image.BICUBIC)
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    x = x.permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        codes = codec.encode(x)
+    return codes[:, : int(fraction * image_seq_len)]
+
+
+def generate(args, registry=None) -> list:
+    """Run the command; returns the written paths (grid last)."""
+    import torch
+    from tqdm import tqdm
+
+    from minidalle import images as img_io
+    from minidalle.sampling import generate_image_codes
+
+    prompts = [t.strip() for t in args.text]
+    for i, t in enumerate(prompts):
+        if not t:
+            raise ConfigError(f"--text #{i + 1}: empty prompt")
+    cfg, tokenizer, codec, model = load_generator(args.checkpoint, registry)
+    prompts = prompts or [p.strip() for p in cfg.generate.prompts if p.strip()]
+    if not prompts:
+        raise ConfigError("no prompt: give --text \"...\" (or generate.prompts in the config)")
+    s = _settings(args, cfg.generate)
+    reranker = _reranker(args.rerank, cfg, registry)
+
+    if s["precision"] == "bf16":
+        model.to(torch.bfloat16)
+    text = _encode_prompts(tokenizer, prompts, cfg.model.text_seq_len)
+    prime = None
+    if args.prime_image:
+        prime = _prime_codes(args.prime_image, codec, s["prime_fraction"], model.image_seq_len)
+
+    n = s["num_images"]
+    text = text.repeat_interleave(n, dim=0)
+    generator = torch.Generator().manual_seed(args.seed)
+    todo = model.image_seq_len - (prime.shape[1] if prime is not None else 0)
+    bar = tqdm(total=len(text) * todo, desc="sampling", unit="tok", file=sys.stderr,
+               disable=None, leave=False)
+    images = []
+    for i in range(0, len(text), s["batch_size"]):
+        chunk = text[i : i + s["batch_size"]]
+        codes = generate_image_codes(
+            model, chunk, filter_thres=s["filter_thres"], top_p=s["top_p"],
+            temperature=s["temperature"], generator=generator, use_cache=s["use_cache"],
+            prime_codes=None if prime is None else prime.expand(len(chunk), -1),
+            progress=lambda k, m=len(chunk): bar.update(k * m))
+        with torch.no_grad():
+            images.append(codec.decode(codes).float().clamp(0, 1))
+    bar.close()
+    images = torch.cat(images).view(len(prompts), n, *images[0].shape[1:])
+
+    if reranker is not None:
+        for p, prompt in enumerate(prompts):
+            with torch.no_grad():
+                scores = torch.as_tensor(reranker.score([prompt] * n, images[p])).flatten()
+            images[p] = images[p][scores.argsort(descending=True)]
+
+    out_dir = args.out
+    paths = []
+    for p, prompt in enumerate(prompts):
+        paths += img_io.save_images(images[p], out_dir, f"{p:02d}-{img_io.slug(prompt)}")
+    paths.append(img_io.save_grid(list(images), prompts, f"{out_dir}/grid.png"))
+    return paths
+
+
+def _reranker(name, cfg, registry):
+    from minidalle.plugins import get_registry
+
+    if name is None and cfg.reranker is None:
+        return None
+    registry = registry or get_registry()
+    if name is None or (cfg.reranker is not None and cfg.reranker.name == name):
+        return registry.build("reranker", cfg.reranker.name, cfg.reranker.params)
+    return registry.build("reranker", name)
+
+
+def run(args) -> int:
+    try:
+        paths = generate(args)
+    except FileNotFoundError as exc:
+        raise MinidalleError(f"{exc.filename}: {exc.strerror}") from None
+    for path in paths:
+        print(path)
+    return 0

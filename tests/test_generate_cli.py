@@ -1,0 +1,169 @@
+"""`minidalle generate` end to end on a tiny checkpoint (tiny tokenizer, codec, reranker)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from minidalle import cli, hookimpl
+from minidalle.checkpoint import save_checkpoint
+from minidalle.config import config_from_dict, config_to_dict
+
+from _tiny import TinyTokenizer
+
+FMAP, NUM_TOKENS = 4, 8
+
+
+class GreyCodec(nn.Module):
+    """Each code is the grey level of a 2x2 patch: decode then encode gives the codes back."""
+
+    image_size, num_tokens, fmap_size = 2 * FMAP, NUM_TOKENS, FMAP
+
+    def encode(self, images):
+        patches = F.avg_pool2d(images.mean(1, keepdim=True), 2).flatten(1)
+        return (patches * (self.num_tokens - 1)).round().long()
+
+    def decode(self, codes):
+        g = (codes.float() / (self.num_tokens - 1)).view(-1, 1, FMAP, FMAP)
+        return F.interpolate(g, scale_factor=2).expand(-1, 3, -1, -1)
+
+
+class Brightness:
+    def score(self, texts, images):
+        assert len(texts) == len(images)
+        return images.mean(dim=(1, 2, 3))
+
+
+class Plugin:
+    @staticmethod
+    @hookimpl
+    def minidalle_tokenizers(register):
+        register("tiny_chars", TinyTokenizer, summary="test tokenizer")
+
+    @staticmethod
+    @hookimpl
+    def minidalle_codecs(register):
+        register("grey", GreyCodec, summary="test codec")
+
+    @staticmethod
+    @hookimpl
+    def minidalle_rerankers(register):
+        register("brightness", Brightness, summary="test reranker")
+
+
+@pytest.fixture
+def registry():
+    import minidalle.plugins as plugins
+    from minidalle.plugins import load_registry
+
+    plugins._registry = load_registry(autoload="none", extra_plugins=[Plugin])
+    return plugins._registry
+
+
+def _checkpoint(tmp_path, registry, codec=True):
+    from minidalle.model import build_model
+
+    table = {"model": {"dim": 32, "depth": 2, "heads": 2, "dim_head": 8, "text_seq_len": 12,
+                       "attn_types": ["axial_row", "full"]},
+             "tokenizer": {"name": "tiny_chars"}, "generate": {"num_images": 2}}
+    if codec:
+        table["codec"] = {"name": "grey"}
+    cfg = config_from_dict(table, registry=registry)
+    torch.manual_seed(0)
+    model = build_model(cfg, text_vocab=64, num_image_tokens=NUM_TOKENS, fmap_size=FMAP, registry=registry)
+    for layer in model.transformer.layers:
+        layer.scale_attn.data.fill_(1.0)
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints", step=3, model_state=model.state_dict(), config=config_to_dict(cfg))
+    return run
+
+
+def _main(capsys, *argv):
+    rc = cli.main(["generate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _read(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_generate_writes_pngs_and_grid(tmp_path, registry, capsys):
+    run = _checkpoint(tmp_path, registry)
+    out = tmp_path / "out"
+    rc, stdout, err = _main(capsys, "--checkpoint", run, "--text", "red cat", "--text", "blue dog",
+                            "--out", out, "--seed", "5")
+    assert rc == 0, err
+    paths = [Path(p) for p in stdout.split()]
+    assert len(paths) == 2 * 2 + 1 and paths[-1] == out / "grid.png"
+    assert all(p.exists() for p in paths)
+    assert _read(paths[0]).shape == (2 * FMAP, 2 * FMAP, 3)
+    assert paths[0].name.startswith("00-red-cat") and paths[2].name.startswith("01-blue-dog")
+    grid = _read(paths[-1])
+    assert grid.shape[0] > 2 * 2 * FMAP and grid.shape[1] >= 2 * 2 * FMAP
+    # same seed, same images
+    out2 = tmp_path / "out2"
+    rc, stdout2, _ = _main(capsys, "--checkpoint", run, "--text", "red cat", "--text", "blue dog",
+                           "--out", out2, "--seed", "5")
+    for a, b in zip(paths[:-1], stdout2.split()[:-1]):
+        assert np.array_equal(_read(a), _read(b))
+
+
+def test_rerank_sorts_each_prompt(tmp_path, registry, capsys):
+    run = _checkpoint(tmp_path, registry)
+    rc, stdout, err = _main(capsys, "--checkpoint", run, "--text", "red cat", "--num-images", "4",
+                            "--rerank", "brightness", "--out", tmp_path / "o", "--temperature", "3")
+    assert rc == 0, err
+    means = [_read(p).mean() for p in stdout.split()[:-1]]
+    assert means == sorted(means, reverse=True) and len(set(means)) > 1
+
+
+def test_prime_image_keeps_its_first_codes(tmp_path, registry, capsys):
+    run = _checkpoint(tmp_path, registry)
+    codec = GreyCodec()
+    prime_codes = torch.arange(16).remainder(NUM_TOKENS)[None]
+    prime = tmp_path / "prime.png"
+    from minidalle.images import save_png
+
+    save_png(codec.decode(prime_codes)[0], prime)
+    rc, stdout, err = _main(capsys, "--checkpoint", run, "--text", "red cat", "--prime-image", prime,
+                            "--out", tmp_path / "o")
+    assert rc == 0, err
+    keep = int(0.4375 * 16)
+    for p in stdout.split()[:-1]:
+        img = torch.from_numpy(_read(p).copy()).permute(2, 0, 1)[None].float() / 255
+        assert torch.equal(codec.encode(img)[0, :keep], prime_codes[0, :keep])
+
+
+def test_long_prompt_is_truncated_with_a_warning(tmp_path, registry, capsys):
+    run = _checkpoint(tmp_path, registry)
+    rc, stdout, err = _main(capsys, "--checkpoint", run, "--text", "a very long caption " * 3,
+                            "--num-images", "1", "--out", tmp_path / "o")
+    assert rc == 0 and "truncated" in err
+
+
+@pytest.mark.parametrize("case", ["empty", "missing", "corrupt", "no_codec", "unknown_reranker"])
+def test_user_errors_exit_2_with_one_line(tmp_path, registry, capsys, case):
+    run = _checkpoint(tmp_path, registry, codec=case != "no_codec")
+    text = "red cat"
+    extra = []
+    if case == "empty":
+        text = "  "
+    elif case == "missing":
+        run = tmp_path / "nope"
+    elif case == "corrupt":
+        weights = next((run / "checkpoints").glob("step-*/model.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif case == "unknown_reranker":
+        extra = ["--rerank", "clip"]
+    rc, stdout, err = _main(capsys, "--checkpoint", run, "--text", text, "--out", tmp_path / "o", *extra)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minidalle: error:"), err
+    expected = {"empty": "empty prompt", "missing": "nope", "corrupt": "corrupt",
+                "no_codec": "no [codec]", "unknown_reranker": "reranker"}[case]
+    assert expected in lines[0]
+    assert not (tmp_path / "o").exists()
