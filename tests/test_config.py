@@ -138,14 +138,19 @@ def test_parse_override_reads_toml_values():
         parse_override("novalue")
 
 
-def test_unavailable_component_is_still_configurable_but_named(tmp_path):
-    # ipu needs poptorch: listing/configuring works, building says why not.
+def test_unavailable_component_is_listed_with_its_reason():
+    # ipu needs poptorch (the Poplar SDK): it stays registered, and building it says why not.
+    from minidalle.errors import UnavailableComponentError
     from minidalle.plugins import get_registry
+    from minidalle.registry import module_missing
 
-    comp = get_registry().get("backend", "ipu")
-    if not comp.missing_requirements():
+    if not module_missing("poptorch"):
         pytest.skip("poptorch is installed here; the unavailable path needs it absent")
-    assert "poptorch" in comp.unavailable_reason()
+    comp = get_registry().get("backend", "ipu")
+    reason = comp.unavailable_reason(deep=True)
+    assert reason and "Poplar SDK" in reason
+    with pytest.raises(UnavailableComponentError, match="Poplar SDK"):
+        comp.build({})
 
 
 def run_cli(*args, **kw):
