@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
                    help="backend to time (default cpu; the config's [backend] params are kept "
                         "when it names the same one)")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
+    p.add_argument("--peak-sizes", default="2048,3072", metavar="N,N",
+                   help="square torch.mm sizes tried for the peak; the best counts (default 2048,3072)")
     p.add_argument("--generate", action="store_true",
                    help="also time sampling (minidalle.generate_bench)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the figures as JSON")
@@ -222,6 +224,11 @@ def run(args) -> int:
         after.append(f"backend.precision={args.precision}")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be >= 1 and --warmup >= 0")
+    try:
+        sizes = tuple(int(s) for s in args.peak_sizes.split(","))
+        assert sizes and min(sizes) > 0
+    except (ValueError, AssertionError):
+        raise ConfigError(f"--peak-sizes: expected positive integers like 2048,3072, got {args.peak_sizes!r}") from None
     cfg = load_run_config(args.config, args.overrides, args.backend, after=after)
     precision = getattr(cfg.backend.params, "precision", "fp32")
     print(f"Bench: {args.config}, backend {cfg.backend.name} {precision}, batch "
@@ -244,7 +251,7 @@ def run(args) -> int:
         import torch
 
         for name in ("fp32", "bf16"):
-            peak, size = matmul_peak(name)
+            peak, size = matmul_peak(name, sizes)
             r[f"matmul_peak_{name}"] = peak
             print(f"Matmul peak {name}: {peak / 1e9:.1f} GFLOP/s (torch.mm {size}x{size}, "
                   f"{torch.get_num_threads()} threads)")
