@@ -28,6 +28,7 @@ process takes the whole job down instead of leaving the others waiting.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from datetime import timedelta
 from typing import Iterable, Sequence
@@ -139,16 +140,18 @@ class DataParallel:
         if not self.active:
             return value
         t = self._tensor([value])
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with collective("averaging a logged value"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t[0]) / self.world_size
 
     def barrier(self) -> None:
         if not self.active:
             return
-        if self.dist_backend == "nccl" and self.device is not None:
-            dist.barrier(device_ids=[self.device.index])
-        else:
-            dist.barrier()
+        with collective("waiting for the other processes"):
+            if self.dist_backend == "nccl" and self.device is not None:
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
 
     def broadcast_module(self, module) -> None:
         """Copy rank 0's trainable parameters to every process (a frozen codec inside the
@@ -158,11 +161,23 @@ class DataParallel:
         tensors = [p.data for p in module.parameters() if p.requires_grad]
         for bucket in _buckets(tensors):
             flat = _flatten(bucket)
-            dist.broadcast(flat, src=0)
+            with collective("copying rank 0's weights"):
+                dist.broadcast(flat, src=0)
             _unflatten_into(flat, bucket)
 
     def all_reduce_gradients(self, params: Iterable) -> None:
         all_reduce_gradients(params, self.world_size)
+
+
+@contextlib.contextmanager
+def collective(what: str):
+    """Turn a failed collective (a peer died, or exceeded the timeout) into one clear line."""
+    try:
+        yield
+    except RuntimeError as exc:  # DistBackendError, gloo "Connection reset", NCCL timeouts
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DistributedError(f"{what}: another process of the job failed or timed out "
+                               f"({first[:200]})") from exc
 
 
 # --------------------------------------------------------------------------- data
@@ -245,7 +260,8 @@ def all_reduce_gradients(params: Iterable, world_size: int) -> None:
             p.grad = torch.zeros_like(p)
     for bucket in _buckets([p.grad for p in params]):
         flat = _flatten(bucket)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        with collective("averaging gradients"):
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(world_size)
         _unflatten_into(flat, bucket)
 
@@ -328,9 +344,11 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # torchrun would set 1 thread per process (with a warning); share the cores instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = get_args_parser().parse_args([
         "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
-        "--monitor-interval=0.5", "--module", "minidalle", *argv])
+        "--monitor-interval=0.5", "--shutdown-timeout=10", "--module", "minidalle", *argv])
     try:
         run(args)
     except ChildFailedError as exc:
