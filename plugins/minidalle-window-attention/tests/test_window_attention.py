@@ -32,20 +32,28 @@ def spec(text_len=3, fmap_size=4):
                          fmap_size=fmap_size)
 
 
+def reference(size):
+    """The definition, one (query i, key j) pair at a time."""
+
+    def allowed(i, j, text_len, fmap_size):
+        if j > i:
+            return False
+        if i < text_len or j < text_len:
+            return True  # text sees earlier text; image sees all text
+        return (i - text_len) - (j - text_len) < size
+
+    return allowed
+
+
 @pytest.mark.parametrize("size", [1, 3, 4, 7, 100])
 def test_mask_matches_brute_force(size):
     text_len, fmap = 3, 4
     mask = pattern_mask(build(WindowConfig(size=size), spec=spec(text_len, fmap)), text_len, fmap)
     n = text_len + fmap * fmap
+    want = reference(size)
     for i in range(n):
         for j in range(n):
-            if j > i:
-                expected = False
-            elif i < text_len or j < text_len:
-                expected = True  # text sees earlier text; image sees all text
-            else:
-                expected = (i - text_len) - (j - text_len) < size
-            assert bool(mask[i, j]) == expected, (size, i, j)
+            assert bool(mask[i, j]) == want(i, j, text_len, fmap), (size, i, j)
 
 
 def test_window_covering_the_image_is_full_causal():
@@ -66,10 +74,13 @@ def test_config_is_validated_with_its_own_class(registry):
         component.make_config({"size": "big"}, where="attention.window")
 
 
-def test_conformance_kit(registry):
-    kit = pytest.importorskip("minidalle.testing.attention",
-                              reason="needs minidalle.testing.attention (the conformance kit)")
-    kit.check_attention("window", {"size": 3}, registry=registry)
+@pytest.mark.parametrize("size", [1, 3])
+def test_conformance_kit(registry, size):
+    """minidalle's attention checks: shapes, causality, mask and output vs brute force,
+    cache vs no cache, gradients."""
+    from minidalle.testing.attention import check_attention
+
+    check_attention("window", {"size": size}, reference=reference(size), registry=registry)
 
 
 def tiny_model(registry, attn_types=("window", "full"), size=3):
