@@ -242,6 +242,22 @@ def test_every_kind_has_a_hook_and_builtins():
         assert getattr(hookspecs, hookspecs.HOOKS[kind]).__doc__
 
 
+def test_minidalle_testing_has_a_check_per_kind():
+    """The conformance kit entry point: one check per kind, importable from
+    `minidalle.testing`, without importing torch until a check is used."""
+    code = (
+        "import sys, minidalle.testing as t\n"
+        "assert 'torch' not in sys.modules, 'importing minidalle.testing imported torch'\n"
+        "names = [n for n in ('check_tokenizer', 'check_codec', 'check_attention',"
+        " 'check_dataset', 'check_backend') if callable(getattr(t, n))]\n"
+        "print(','.join(names))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "check_tokenizer,check_codec,check_attention,check_dataset,check_backend"
+
+
 # --------------------------------------------------------------------------- laziness
 
 

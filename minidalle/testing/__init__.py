@@ -4,6 +4,9 @@
 * :mod:`minidalle.testing.dataset`: ``check_dataset(make, image_size=...)``
 * :mod:`minidalle.testing.codec`: ``check_codec(codec)``
 * :mod:`minidalle.testing.backend`: ``check_backend(make_backend)`` (against ``cpu``)
+* :mod:`minidalle.testing.attention`: ``check_attention(name_or_factory, config, reference=...)``
+
+CONTRIBUTING.md shows each in a plugin's test; ``minidalle new-plugin`` writes such a test.
 
 The check functions are also importable from here (``from minidalle.testing import
 check_tokenizer``); their modules load on first use, so importing this package is cheap.
@@ -16,6 +19,7 @@ _LAZY = {
     "check_item": "dataset",
     "check_codec": "codec",
     "check_backend": "backend",
+    "check_attention": "attention",
 }
 
 __all__ = sorted(_LAZY)
