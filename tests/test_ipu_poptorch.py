@@ -288,3 +288,18 @@ def test_fake_is_gone_after_the_test():
         from minidalle.plugins import get_registry
 
         assert get_registry().get("backend", "ipu").unavailable_reason(deep=True)
+
+
+def test_ipu_glue_computes_what_cpu_computes(poptorch):
+    """On the fake (a CPU simulation of PopTorch's host call), the ipu backend's glue —
+    transforms, Mean reduction over accumulation, loss scaling, optimizer mapping, the
+    OutputMode.All loss — gives the cpu reference's losses. This checks our side only."""
+    from minidalle.plugins import get_registry
+    from minidalle.testing.backend import check_backend, unit_test_config
+
+    cfg = unit_test_config(training={"loss_scaling": 128.0})
+    report = check_backend(
+        lambda: get_registry().build("backend", "ipu", {"ipus_per_replica": 1,
+                                                        "embedding_serialization_factor": 8}),
+        steps=5, atol=1e-6, weights_atol=1e-6, cfg=cfg, sizes=SMALL)
+    assert report["max_loss_diff"] <= 1e-6
