@@ -64,7 +64,9 @@ def load_registry(autoload: str | None = None, extra_plugins: tuple = ()) -> Reg
 
     for kind, hook_name in hookspecs.HOOKS.items():
         caller = getattr(pm.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        # get_hookimpls() is in registration order (built-ins first; pluggy *calls* them
+        # in reverse), so a conflict names the built-in first.
+        for impl in caller.get_hookimpls():
             entry = next((p for p in plugins if p[0] is impl.plugin), None)
             provider, version, label = (entry[1], entry[2], entry[3]) if entry else ("?", "", "?")
             try:
