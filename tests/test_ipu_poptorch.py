@@ -303,3 +303,21 @@ def test_ipu_glue_computes_what_cpu_computes(poptorch):
                                                         "embedding_serialization_factor": 8}),
         steps=5, atol=1e-6, weights_atol=1e-6, cfg=cfg, sizes=SMALL)
     assert report["max_loss_diff"] <= 1e-6
+
+
+def test_compile_only_stops_after_compiling(poptorch):
+    from minidalle.components.backend_ipu import CompileOnlyDone
+    from minidalle.model import build_model
+    from minidalle.plugins import get_registry
+    from minidalle.testing.backend import fixed_batch, unit_test_config
+
+    backend = get_registry().build("backend", "ipu", {"ipus_per_replica": 1, "compile_only": True})
+    cfg = unit_test_config()
+    model = backend.setup_model(build_model(cfg, **SMALL))
+    runner = backend.prepare(model, backend.build_optimizer(model, cfg.training), cfg.training)
+    assert ("useOfflineIpuTarget", 2) in backend.options.calls
+    batch = fixed_batch(cfg, **SMALL)
+    assert runner.compile(batch) >= 0
+    with pytest.raises(CompileOnlyDone, match="compiled for an offline Mk2 target"):
+        runner.train_step(batch)
+    assert [c[0] for c in poptorch.executors[0].calls] == ["compile"]

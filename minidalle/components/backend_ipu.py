@@ -26,7 +26,7 @@ import copy
 import torch
 
 from minidalle.backend import Backend, Runner, StepResult, samples_per_step, split_batch
-from minidalle.errors import ConfigError, UnavailableComponentError
+from minidalle.errors import ConfigError, MinidalleError, UnavailableComponentError
 from minidalle.ipu.plan import IpuConfig, build_plan
 from minidalle.ipu.poptorch_layer import (
     Instances,
@@ -79,6 +79,10 @@ def plan_for_model(ipu_config, model, training, *, seed: int = 0, source: str = 
                       codec_params=codec_encoder_params(codec), counts=model_counts(model))
 
 
+class CompileOnlyDone(MinidalleError):
+    """Raised after compiling when ``backend.compile_only`` is set: the run stops there."""
+
+
 class IpuRunner(Runner):
     def __init__(self, backend, model, optimizer, training, executor, plan):
         super().__init__(backend, model, optimizer, training)
@@ -89,6 +93,10 @@ class IpuRunner(Runner):
         return compile_executor(self.executor, batch["text"], batch["image"])
 
     def train_step(self, batch) -> StepResult:
+        if self.plan.compile_only:
+            raise CompileOnlyDone("backend.compile_only: compiled for an offline Mk2 target "
+                                  "(cached when backend.executable_cache_dir is set); nothing "
+                                  "runs without an IPU attached: unset it to train")
         losses = self.executor(batch["text"], batch["image"])
         # OutputMode.All: one loss per micro-batch (x replicas x device iterations).
         return StepResult(loss=float(torch.as_tensor(losses).float().mean()))
