@@ -128,6 +128,52 @@ def test_cuda_config_validates_precision():
         structure_section({"precision": "fp8"}, CudaConfig, "backend")
 
 
+def _fp16_step(loss_scaling: float, state: dict | None = None):
+    """One step of the cuda backend's runner with fp16 autocast and a GradScaler, on the CPU
+    (the runner takes its device from the backend)."""
+    from minidalle.components.backend_cpu import CpuBackend
+    from minidalle.components.backend_cuda import CudaRunner
+    from minidalle.model import build_model
+    from minidalle.testing.backend import fixed_batch, unit_test_config
+
+    class Fp16Cpu(CpuBackend):
+        precision = "fp16"
+
+        def autocast(self):
+            return torch.autocast("cpu", dtype=torch.float16)
+
+        def prepare(self, model, optimizer, training):
+            return CudaRunner(self, model, optimizer, training)
+
+    sizes = dict(text_vocab=64, num_image_tokens=32, fmap_size=4)
+    cfg = unit_test_config(training={"loss_scaling": loss_scaling}, model={"text_seq_len": 8})
+    backend = Fp16Cpu()
+    torch.manual_seed(0)
+    model = backend.setup_model(build_model(cfg, **sizes))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner = backend.prepare(model, backend.build_optimizer(model, cfg.training), cfg.training)
+    if state is not None:
+        runner.load_state_dict(state)
+    result = runner.train_step(fixed_batch(cfg, **sizes))
+    runner.sync_to_host()
+    changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return runner, result, changed
+
+
+def test_fp16_overflow_is_skipped_counted_and_lowers_the_scale():
+    runner, result, changed = _fp16_step(2.0**40)  # fp16 gradients overflow at this scale
+    assert (result.skipped_updates, changed) == (1, False)
+    assert result.extra["loss_scale"] == 2.0**39
+    state = runner.state_dict()
+    assert state["grad_scaler"]["scale"] == 2.0**39  # a plain number: checkpointable
+
+    runner, result, changed = _fp16_step(2.0**8)
+    assert (result.skipped_updates, changed) == (0, True)
+    # A resumed runner continues from the checkpointed scale.
+    runner, result, _ = _fp16_step(2.0**8, state={"grad_scaler": {**state["grad_scaler"]}})
+    assert result.skipped_updates == 1 and result.extra["loss_scale"] == 2.0**38
+
+
 # --------------------------------------------------------------------------- processes
 
 DYING_PLUGIN = """

@@ -54,7 +54,9 @@ class CudaRunner(TorchRunner):
         self.scaler = None
         if backend.precision == "fp16":
             init = training.loss_scaling if training.loss_scaling != 1.0 else 2.0**16
-            self.scaler = torch.amp.GradScaler("cuda", init_scale=init)
+            # The device type comes from the backend so that this logic also runs (and is
+            # tested) on the CPU.
+            self.scaler = torch.amp.GradScaler(backend.device.type, init_scale=init)
 
     def backward(self, loss: torch.Tensor, divisor: int) -> None:
         if self.scaler is None:
@@ -89,7 +91,8 @@ class CudaRunner(TorchRunner):
             self.scaler.load_state_dict(dict(state["grad_scaler"]))
 
     def sync_to_host(self) -> None:
-        torch.cuda.synchronize(self.backend.device)
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
 
 
 class CudaBackend(DataParallelBackend, Backend):
