@@ -16,9 +16,9 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("name, ipus", [("l16.toml", "= 4 IPUs (one IPU-M2000)"),
-                                        ("l16_pod16.toml", "= 16 IPUs (an IPU-POD16)"),
-                                        ("l16_pod64.toml", "= 64 IPUs (an IPU-POD64)")])
+@pytest.mark.parametrize("name, ipus", [("l16.toml", "= 4 IPU(s) (one IPU-M2000)"),
+                                        ("l16_pod16.toml", "= 16 IPU(s) (an IPU-POD16)"),
+                                        ("l16_pod64.toml", "= 64 IPU(s) (an IPU-POD64)")])
 def test_plan_prints_recipe(capsys, name, ipus):
     code, out, err = run_cli(capsys, "plan", str(CONFIGS / name), "--dataset-size", "118287")
     assert code == 0, err
@@ -91,3 +91,17 @@ def test_list_and_run_without_poptorch(capsys):
     assert code == 2
     assert err.count("\n") == 1
     assert "PopTorch" in err and "Poplar SDK" in err and "--backend cpu" in err
+
+
+def test_plan_of_the_quickstart_uses_what_its_stages_will_train(capsys, tmp_path):
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(f'extends = "{CONFIGS / "quickstart.toml"}"\n'
+                   f'[tokenizer]\nname = "yttm"\npath = "{tmp_path / "none.yttm"}"\n'
+                   f'[codec]\nname = "vqgan"\npath = "{tmp_path / "none.ckpt"}"\n')
+    code, out, err = run_cli(capsys, "plan", str(cfg), "--dataset-size", "1000")
+    assert code == 0, err
+    assert "the [tokenizer_training] vocabulary of 96 ids" in out
+    assert "codec vqgan (128 codes, 8x8)" in out and "[codec_training] will train" in out
+    assert "Backend 'cpu' is not the IPU: planned on one IPU per replica" in out
+    assert "= 1 IPU(s)\n" in out
+    assert "ok  layers_per_ipu [4] sums to model.depth 4" in out

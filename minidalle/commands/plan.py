@@ -55,6 +55,11 @@ def resolve_text_vocab(cfg, given, notes):
     try:
         return build_tokenizer(cfg).vocab_size, "tokenizer"
     except MinidalleError as exc:
+        planned = cfg.extra.get("tokenizer_training", {}).get("vocab_size")
+        if cfg.tokenizer.name == "yttm" and isinstance(planned, int):
+            notes.append(f"tokenizer not trained yet ({_note_error(exc)}): the "
+                         f"[tokenizer_training] vocabulary of {planned} ids")
+            return planned, "tokenizer_training"
         if cfg.tokenizer.name in RECIPE_TEXT_VOCAB:
             notes.append(f"tokenizer not loaded ({_note_error(exc)}): assumed the recipe's "
                          f"{RECIPE_TEXT_VOCAB[cfg.tokenizer.name]} ids")
@@ -87,11 +92,19 @@ def resolve_codec(cfg, notes):
 
             from minidalle.components.codec_vqgan import VQGAN
 
+            if "codec_training" in cfg.extra:  # a codec stage will train it
+                from minidalle.codec_training import read_settings
+
+                ct = read_settings(cfg)
+                shape = dict(ddconfig=ct.ddconfig(), n_embed=ct.n_embed, embed_dim=ct.embed_dim)
+                note, source = "the VQGAN [codec_training] will train", "codec_training"
+            else:
+                shape = RECIPE_VQGAN
+                note, source = "assumed the recipe's ImageNet f16-1024 VQGAN", "assumed"
             with torch.device("meta"):  # shapes only, no memory, no weights
-                codec = VQGAN(**RECIPE_VQGAN)
-            notes.append(f"codec not loaded ({_note_error(exc)}): assumed the recipe's "
-                         "ImageNet f16-1024 VQGAN")
-            return codec.num_tokens, codec.fmap_size, _encoder_params(codec), "assumed"
+                codec = VQGAN(**shape)
+            notes.append(f"codec not loaded ({_note_error(exc)}): {note}")
+            return codec.num_tokens, codec.fmap_size, _encoder_params(codec), source
     try:
         from minidalle.pipeline import build_dataset, image_geometry
 
@@ -160,9 +173,9 @@ def render(cfg, plan, sizes, notes) -> str:
     for note in notes:
         lines.append(f"  note: {note}")
     total = plan.total_ipus
-    where = MACHINES.get(total, f"{total} IPUs")
-    lines.append(f"IPUs: {plan.replication_factor} replica(s) x {plan.ipus_per_replica} IPUs = "
-                 f"{total} IPUs ({where})"
+    where = f" ({MACHINES[total]})" if total in MACHINES else ""
+    lines.append(f"IPUs: {plan.replication_factor} replica(s) x {plan.ipus_per_replica} IPU(s) = "
+                 f"{total} IPU(s){where}"
                  + (f", {plan.requested_ipus} reserved" if plan.requested_ipus != total else ""))
     lines.append(
         f"Samples per step: {plan.samples_per_step:,} = batch_size {plan.micro_batch_size} x "
@@ -175,8 +188,9 @@ def render(cfg, plan, sizes, notes) -> str:
     else:
         lines.append("Steps per epoch: unknown (pass --dataset-size N)")
     if cfg.backend.name != "ipu":
-        lines.append(f"Backend {cfg.backend.name!r} is not the IPU: the placement below uses the "
-                     "IPU defaults (set [backend] name = \"ipu\" to plan for IPUs)")
+        lines.append(f"Backend {cfg.backend.name!r} is not the IPU: planned on one IPU per "
+                     "replica with the IPU defaults (set [backend] name = \"ipu\" and its keys "
+                     "to plan a pipeline)")
     prec = "fp16" if plan.fp16 else "fp32"
     extras = [n for n, on in (("half partials", plan.half_partials),
                               ("stochastic rounding", plan.stochastic_rounding),

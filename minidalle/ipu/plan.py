@@ -285,7 +285,9 @@ def build_plan(
     Raises ConfigError (or DataError for ``dataset_size``).
     """
     src = cfg.source or "<config>"
-    ipu = cfg.backend.params if isinstance(cfg.backend.params, IpuConfig) else IpuConfig()
+    # another backend: plan one IPU per replica with the IPU defaults
+    ipu = (cfg.backend.params if isinstance(cfg.backend.params, IpuConfig)
+           else IpuConfig(ipus_per_replica=1))
     model, tr = cfg.model, cfg.training
     checks: list[str] = []
     warnings: list[str] = []
