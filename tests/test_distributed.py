@@ -339,3 +339,12 @@ def test_a_dying_process_takes_the_run_down_and_it_resumes_in_one_process(
     assert "resumed at step 2" in resumed.stdout
     _assert_same_weights(_weights(out, 4), _weights(reference, 4))
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+
+
+def test_nproc_checks_the_config_once_before_launching(tmp_path, plugin_path):
+    cfg = _config(tmp_path / "cfg.toml", tmp_path / "out", replication_factor=3)
+    proc = _minidalle(_env(plugin_path), "run", cfg, "--nproc", 2, ok=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"minidalle: error: {cfg}: training.replication_factor: expected 1 or the process "
+        "count (2) with --nproc, got 3"]

@@ -55,6 +55,20 @@ def _child_argv(args) -> list[str]:
     return argv
 
 
+def _check_before_launch(cfg, nproc: int) -> None:
+    """Errors every launched process would hit, reported once before launching."""
+    from minidalle.errors import ConfigError, UnavailableComponentError
+    from minidalle.plugins import get_registry
+
+    component = get_registry().get("backend", cfg.backend.name)
+    reason = component.unavailable_reason(deep=True)
+    if reason:
+        raise UnavailableComponentError(f"backend {cfg.backend.name!r} is unavailable: {reason}")
+    if cfg.training.replication_factor not in (1, nproc):
+        raise ConfigError(f"{cfg.source}: training.replication_factor: expected 1 or the process "
+                          f"count ({nproc}) with --nproc, got {cfg.training.replication_factor}")
+
+
 def run(args) -> int:
     import os
 
@@ -69,6 +83,7 @@ def run(args) -> int:
             raise ConfigError("--nproc: this process was started by torchrun, which already set "
                               "the process count; leave --nproc out")
         if args.nproc > 1:
+            _check_before_launch(cfg, args.nproc)
             from minidalle.distributed import launch
 
             return launch(args.nproc, _child_argv(args))
