@@ -183,3 +183,32 @@ def test_train_builds_everything_from_the_config(tmp_path):
     cfg = _tiny.tiny_config(tmp_path, "training.max_steps=2")
     result = train(cfg, registry=_tiny.registry(), show_progress=False)
     assert result.step == 2 and result.checkpoint.name == "step-00000002"
+
+
+def test_tensorboard_and_wandb_are_optional(tmp_path, capsys):
+    import importlib.util
+
+    cfg = _tiny.tiny_config(tmp_path, "training.max_steps=1", "training.tensorboard=true")
+    trainer, _ = _trainer(cfg)
+    trainer.train()
+    out = capsys.readouterr().out
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "`tensorboard` package is not installed" in out
+    else:
+        assert any((tmp_path / "tensorboard").iterdir())
+    if importlib.util.find_spec("wandb") is None:
+        cfg = _tiny.tiny_config(tmp_path / "w", "training.max_steps=1", "training.wandb=true")
+        trainer, _ = _trainer(cfg)
+        trainer.train()
+        assert "`wandb` is not installed" in capsys.readouterr().out
+
+
+def test_no_progress_bar_without_a_terminal(tmp_path, capsys):
+    cfg = _tiny.tiny_config(tmp_path, "training.max_steps=1")
+    seed_everything(0)
+    pipe = Pipeline(cfg, _tiny.registry())
+    trainer = Trainer(cfg, model=pipe.model, dataset=pipe.dataset, collate=pipe.collate,
+                      backend=CpuBackend(CpuConfig()))
+    assert trainer.show_progress is False  # pytest's stderr is not a terminal
+    trainer.train()
+    assert "step/s" not in capsys.readouterr().err
