@@ -139,3 +139,17 @@ def test_bf16_logits_close_to_fp32():
         a = m(TEXT, codes)[:, -1, TEXT_VOCAB + TEXT_LEN:].softmax(-1)
         b = mb(TEXT, codes)[:, -1, TEXT_VOCAB + TEXT_LEN:].float().softmax(-1)
     assert (a - b).abs().max() < 0.02
+
+
+def test_bf16_cached_step_close_to_fp32():
+    """bf16 weights (attention and cache kept in fp32 on CPU) stay close to fp32."""
+    m = tiny(["axial_col", "full"])
+    mb = tiny(["axial_col", "full"], dtype=torch.bfloat16)
+    prime = torch.tensor([[1, 2, 3, 4, 5, 6], [0, 6, 5, 4, 3, 2]])
+    got = {}
+    for name, model in (("fp32", m), ("bf16", mb)):
+        generate_image_codes(model, TEXT, seed=0, prime_codes=prime,
+                             on_logits=lambda s, lg, name=name: got.setdefault(name, {}).__setitem__(s, lg))
+    for step in got["fp32"]:
+        diff = (got["fp32"][step].softmax(-1) - got["bf16"][step].softmax(-1)).abs().max()
+        assert diff < 0.02, (step, diff)

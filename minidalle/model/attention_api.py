@@ -149,10 +149,14 @@ class QKVAttention(AttentionModule):
         h, d = self.spec.heads, self.spec.dim_head
         q, k, v = self.to_qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
+            if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+                # Sampling with half-precision weights: CPU attention kernels are several
+                # times slower in bf16 than in fp32, and an fp32 cache is also more exact.
+                q, k, v = q.float(), k.float(), v.float()
             k, v = update_kv_cache(cache, k, v, offset, self.spec.max_len)
         elif offset:
             raise ValueError("offset without a cache")
-        out = self.attend(q, k, v, offset)
+        out = self.attend(q, k, v, offset).to(x.dtype)
         return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
 
     @property
@@ -181,12 +185,26 @@ class PatternAttention(QKVAttention):
         super().__init__(spec)
         self.pattern = pattern
         # Not a state-dict entry: the mask follows from the pattern.
-        self.register_buffer("mask", pattern_mask(pattern, spec.text_len, spec.fmap_size), persistent=False)
+        mask = pattern_mask(pattern, spec.text_len, spec.fmap_size)
+        self.register_buffer("mask", mask, persistent=False)
         self.is_full = is_full  # plain causal: lets SDPA use is_causal / no mask
+        # For one-position decoding steps: the keys each position may see, as a padded
+        # index table (row i: key_count[i] indices), so a step reads only those keys.
+        counts = mask.sum(1)
+        index = torch.zeros(len(mask), int(counts.max()), dtype=torch.long)
+        for i, row in enumerate(mask):
+            keys = row.nonzero().flatten()
+            index[i, : len(keys)] = keys
+        self.register_buffer("key_index", index, persistent=False)
+        self.key_count = counts.tolist()
 
     def attend(self, q, k, v, offset):
         n, length = q.shape[-2], k.shape[-2]
-        if self.is_full and n == 1:
+        if n == 1:  # a decoding step
+            count = self.key_count[offset]
+            if count < length:  # gather the keys this position sees (sparse patterns)
+                idx = self.key_index[offset, :count]
+                k, v = k.index_select(2, idx), v.index_select(2, idx)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p)
         if self.is_full and offset == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout_p)
