@@ -147,9 +147,12 @@ class Trainer:
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
 
-    def _loader(self, indices: list[int], batch_size: int, seed: int):
+    def _loader(self, indices: list[int], batch_size: int, seed: int, *, train: bool = False):
         from torch.utils.data import DataLoader
 
+        make = getattr(self.backend, "make_loader", None)
+        if train and make is not None:  # the backend's own (ipu: poptorch.DataLoader, async)
+            return make(self.dataset, indices, collate_fn=self.collate)
         return DataLoader(self.dataset, batch_size=batch_size, sampler=indices,
                           collate_fn=self.collate, num_workers=self.t.dataloader_workers,
                           drop_last=True, generator=torch.Generator().manual_seed(seed))
@@ -269,7 +272,7 @@ class Trainer:
                          else epoch_order(self.train_idx, self.cfg.run.seed, self.epoch))
                 order = order[self.batches_in_epoch * self.sps: self.steps_per_epoch * self.sps]
                 seed = self.cfg.run.seed * 1_000_003 + self.epoch
-                for batch in self._loader(order, self.sps, seed):
+                for batch in self._loader(order, self.sps, seed, train=True):
                     if not compiled:
                         compiled = True
                         secs = runner.compile(batch)

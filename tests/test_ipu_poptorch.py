@@ -321,3 +321,30 @@ def test_compile_only_stops_after_compiling(poptorch):
     with pytest.raises(CompileOnlyDone, match="compiled for an offline Mk2 target"):
         runner.train_step(batch)
     assert [c[0] for c in poptorch.executors[0].calls] == ["compile"]
+
+
+def test_trainer_runs_the_ipu_backend_with_its_dataloader(poptorch, tmp_path, capsys):
+    """The whole training loop on the ipu backend (fake PopTorch): poptorch.DataLoader feeds
+    the steps, the compile time is logged, weights are copied back for the checkpoint."""
+    import _tiny
+    from minidalle.checkpoint import list_checkpoints
+    from minidalle.components.backend_ipu import IpuBackend
+    from minidalle.ipu.plan import IpuConfig
+    from minidalle.pipeline import Pipeline
+    from minidalle.trainer import Trainer, seed_everything
+
+    cfg = _tiny.tiny_config(tmp_path, "training.epochs=2", "training.gradient_accumulation=4")
+    seed_everything(cfg.run.seed)
+    pipe = Pipeline(cfg, _tiny.registry())
+    backend = IpuBackend(IpuConfig(ipus_per_replica=1, dataloader_mode="sync"))
+    trainer = Trainer(cfg, model=pipe.model, dataset=pipe.dataset, collate=pipe.collate,
+                      backend=backend, show_progress=False)
+    result = trainer.train()
+    out = capsys.readouterr().out
+    assert result.step == 2 * (16 // 4)  # 16 tiny samples, 4 per step, 2 epochs
+    assert "Compiled model in" in out
+    assert isinstance(backend._loader, poptorch.DataLoader) and backend._loader.terminated
+    ex = poptorch.executors[0]
+    assert [c[0] for c in ex.calls].count("call") == result.step
+    assert ("copyWeightsToHost",) in ex.calls and ex.calls[-1] == ("detachFromDevice",)
+    assert list_checkpoints(tmp_path / "checkpoints")

@@ -240,6 +240,8 @@ class IpuBackend(Backend):
         each item is one step's samples for this instance."""
         if self.options is None or self.plan is None:
             raise RuntimeError("make_loader is called after prepare()")
+        if self._loader is not None and hasattr(self._loader, "terminate"):
+            self._loader.terminate()  # the previous epoch's worker process
         subset = torch.utils.data.Subset(dataset, list(indices))
         # ``indices`` is already this instance's share (``sampler``): no second split.
         self._loader = make_dataloader(self.plan, self.options, subset, self.poptorch,
