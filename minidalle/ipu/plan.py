@@ -211,7 +211,7 @@ class IpuPlan:
 def parameter_counts(model, *, text_vocab: int, num_image_tokens: int, fmap_size: int) -> dict:
     """Trainable parameters of each part of the DALL-E network, from ``[model]`` alone.
 
-    Follows the recipe's architecture (see docs/mini-dalle-recipe): unique padding ids
+    Follows the recipe's architecture (minidalle/model): unique padding ids
     in the text table, axial image positions, LayerScale, GEGLU feed-forward, biasless
     q/k/v. ``layer`` is one transformer layer (attention + feed-forward).
     """
