@@ -8,9 +8,9 @@ CONFIG`` does the same across hosts. torchrun sets ``RANK``, ``WORLD_SIZE``,
 
 What changes with N > 1 processes (the single-process path is untouched):
 
-- every process runs the same model on its own shard of each epoch
-  (:meth:`DataParallel.shard`, ``torch.utils.data.DistributedSampler`` reshuffled per epoch
-  with ``set_epoch``); one step consumes ``batch_size x gradient_accumulation x
+- every process runs the same model on its own shard of each epoch (:class:`ShardSampler`,
+  a ``DistributedSampler`` over the single-process epoch order, reshuffled per epoch with
+  ``set_epoch``); one step consumes ``batch_size x gradient_accumulation x
   device_iterations`` samples *per process*, so the process count takes the place of the
   recipe's replication factor;
 - gradients are averaged over processes once per optimizer update, after the local
@@ -21,9 +21,10 @@ What changes with N > 1 processes (the single-process path is untouched):
   identical whatever their RNG did;
 - only rank 0 writes (the trainer asks ``backend.is_main``).
 
-Failure handling: ``init_process_group`` and every collective get ``timeout_s``; torchrun
-watches its workers and stops the others as soon as one exits with an error, so a dead
-process takes the whole job down instead of leaving the others waiting.
+Failure handling: ``init_process_group`` and every collective get ``timeout_s``, and a
+failed collective becomes a one-line :class:`DistributedError`; torchrun watches its
+workers and stops the others as soon as one exits with an error, so a dead or hung process
+takes the whole job down instead of leaving the others waiting.
 """
 from __future__ import annotations
 
@@ -58,11 +59,6 @@ def env_world() -> tuple[int, int, int]:
     if world < 1 or not 0 <= rank < world:
         raise DistributedError(f"torchrun environment: RANK={rank} WORLD_SIZE={world} is inconsistent")
     return rank, world, local
-
-
-def under_launcher() -> bool:
-    """True inside a process started by torchrun (or anything that sets its variables)."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 class DataParallel:
@@ -249,12 +245,20 @@ def _unflatten_into(flat, tensors: list) -> None:
 def all_reduce_gradients(params: Iterable, world_size: int) -> None:
     """Average ``.grad`` of ``params`` over all processes (in place).
 
-    A parameter without a gradient counts as a zero gradient, so every process runs the
-    same collectives even when one of them did not use a parameter.
+    A parameter that has a gradient in some process but not in another gets a zero
+    gradient there, so every process runs the same collectives; one that has none anywhere
+    keeps ``grad = None`` (the optimizer skips it, as with a single process).
     """
     if world_size <= 1:
         return
     params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    used = torch.tensor([float(p.grad is not None) for p in params],
+                        device=params[0].device)
+    with collective("averaging gradients"):
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    params = [p for p, u in zip(params, used.tolist()) if u]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

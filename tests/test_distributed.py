@@ -94,6 +94,25 @@ def test_missing_rendezvous_address_is_a_clear_error(monkeypatch):
         DataParallel("gloo")
 
 
+def test_gradient_averaging_keeps_unused_parameters_without_gradient():
+    import torch.distributed as dist
+
+    from minidalle.distributed import all_reduce_gradients
+
+    # A one-process gloo group stands in for the job: the all-reduce sums just this
+    # process, so averaging "over 2" halves what is there.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+        frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+        used.grad = torch.full((3,), 4.0)
+        all_reduce_gradients([used, unused, frozen], world_size=2)
+        assert used.grad.tolist() == [2.0, 2.0, 2.0]
+        assert unused.grad is None and frozen.grad is None
+    finally:
+        dist.destroy_process_group()
+
+
 def test_cuda_probe_is_cheap_and_names_the_reason():
     code = ("import sys; from minidalle.components.cuda_probe import unavailable_reason as r; "
             "print(repr(r())); assert 'torch' not in sys.modules")
