@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+import torch.nn.functional as F
 
 from minidalle.config import positive
 from minidalle.model.attention_api import (
@@ -55,6 +56,57 @@ class ConvLikePattern(AttentionPattern):
         return causal_mask(text_len, fmap_size) & (~is_image[:, None] | ~is_image[None, :] | window)
 
 
+class AxialAttention(PatternAttention):
+    """Axial attention computed per image row (or column) in training and uncached passes.
+
+    Masked dense attention would compute all (query, key) pairs and throw most away; here
+    the image queries score against the text keys (one matmul) and against their own row or
+    column (a batched 16 x 16 matmul), so the work is what the pattern allows. Decoding
+    steps (one position at a time) use the generic masked path of PatternAttention.
+    """
+
+    def __init__(self, spec: AttentionSpec, axis: int):
+        super().__init__(spec, AxialPattern(axis))
+        self.axis = axis
+        f = spec.fmap_size
+        self.register_buffer("line_mask", ~torch.ones(f, f, dtype=torch.bool).tril(), persistent=False)
+
+    def attend(self, q, k, v, offset):
+        t, f = self.spec.text_len, self.spec.fmap_size
+        n = q.shape[-2]
+        if offset != 0 or n != k.shape[-2]:
+            return super().attend(q, k, v, offset)
+        out_text = F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True,
+                                                  dropout_p=self.dropout_p)
+        if n <= t:
+            return out_text
+        b, h, _, d = q.shape
+        pad = f * f - (n - t)  # the last image positions are absent in training: pad them
+
+        def grid(x):  # [B, H, f, f, d] in raster order (rows, then columns)
+            return F.pad(x[:, :, t:], (0, 0, 0, pad)).view(b, h, f, f, d)
+
+        qi, ki, vi = grid(q * d**-0.5), grid(k), grid(v)
+        kt, vt = k[:, :, :t], v[:, :, :t]
+        scores_text = qi.view(b, h, f * f, d) @ kt.transpose(-1, -2)  # [B, H, f*f, t]
+        if self.axis == 1:  # columns: make each column a "row"
+            qi, ki, vi = qi.transpose(2, 3), ki.transpose(2, 3), vi.transpose(2, 3)
+        scores_line = (qi @ ki.transpose(-1, -2)).masked_fill(self.line_mask, float("-inf"))
+        if self.axis == 1:
+            scores_line = scores_line.transpose(2, 3)  # back to raster order of the queries
+        probs = torch.cat([scores_text.view(b, h, f, f, t), scores_line], dim=-1).softmax(dim=-1)
+        if self.dropout_p:
+            probs = F.dropout(probs, self.dropout_p)
+        p_text, p_line = probs[..., :t], probs[..., t:]
+        if self.axis == 1:
+            p_line = p_line.transpose(2, 3)
+        out_line = p_line @ vi
+        if self.axis == 1:
+            out_line = out_line.transpose(2, 3)
+        out_image = out_line.reshape(b, h, f * f, d) + p_text.reshape(b, h, f * f, t) @ vt
+        return torch.cat([out_text, out_image[:, :, : n - t]], dim=2)
+
+
 def _odd(instance, attribute, value):
     from minidalle.config import FieldError
 
@@ -80,11 +132,11 @@ def full(config=None, *, spec: AttentionSpec):
 
 
 def axial_row(config=None, *, spec: AttentionSpec):
-    return PatternAttention(spec, AxialPattern(0))
+    return AxialAttention(spec, axis=0)
 
 
 def axial_col(config=None, *, spec: AttentionSpec):
-    return PatternAttention(spec, AxialPattern(1))
+    return AxialAttention(spec, axis=1)
 
 
 def conv_like(config: ConvLikeConfig | None = None, *, spec: AttentionSpec):
