@@ -149,6 +149,10 @@ def test_splits_max_items_glob_and_json_caption_key(shards, tmp_path):
                            val_shards=str(shards / "shard-002.tar"), max_items=2)
     assert len(build(cfg, image_size=8)) == 2
     assert len(build(cfg, image_size=8, split="val")) == 2
+    assert len(build(WebDatasetConfig(shards=cfg.shards, val_shards=cfg.val_shards),
+                     image_size=8, split="all")) == 5
+    with pytest.raises(DataError, match="unknown split 'test'"):
+        build(cfg, image_size=8, split="test")
     write_shard(tmp_path / "alt.tar", [
         ("a.png", _image_bytes(COLOURS["red"])),
         ("a.json", json.dumps({"text": ["first caption", "second caption"]}).encode()),

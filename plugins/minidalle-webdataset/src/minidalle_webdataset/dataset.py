@@ -249,16 +249,20 @@ class WebDataset(torch.utils.data.Dataset):
             f.close()
 
 
+SPLITS = ("train", "val", "all")
+
+
 def build(config: WebDatasetConfig, *, image_size: int, split: str = "train",
           seed: int = 0) -> WebDataset:
-    if split == "train":
-        pattern, field = config.shards, "dataset.shards"
-    elif split in ("val", "validation"):
-        if not config.val_shards:
-            raise DataError("dataset.val_shards: not set, so the webdataset has no "
-                            "validation split")
-        pattern, field = config.val_shards, "dataset.val_shards"
-    else:
-        raise DataError(f"webdataset: unknown split {split!r} (expected 'train' or 'val')")
-    return WebDataset(expand_shards(pattern, field), image_size=image_size,
-                      caption_key=config.caption_key, max_items=config.max_items, seed=seed)
+    """``train``: ``shards``; ``val``: ``val_shards``; ``all``: both."""
+    if split not in SPLITS:
+        raise DataError(f"webdataset: unknown split {split!r} (known: {', '.join(SPLITS)})")
+    if split == "val" and not config.val_shards:
+        raise DataError("dataset.val_shards: not set, so the webdataset has no validation split")
+    shards: list[Path] = []
+    if split in ("train", "all"):
+        shards += expand_shards(config.shards, "dataset.shards")
+    if split in ("val", "all") and config.val_shards:
+        shards += expand_shards(config.val_shards, "dataset.val_shards")
+    return WebDataset(shards, image_size=image_size, caption_key=config.caption_key,
+                      max_items=config.max_items, seed=seed)
