@@ -78,6 +78,23 @@ def test_items_follow_the_dataset_interface(shards):
         ds[3]
 
 
+def test_reads_shards_written_by_the_webdataset_package(tmp_path):
+    wds = pytest.importorskip("webdataset", reason="needs the webdataset package")
+    pattern = str(tmp_path / "wds-%03d.tar")
+    with wds.ShardWriter(pattern, maxcount=2, verbose=0) as sink:
+        for i, colour in enumerate(("red", "green", "blue")):
+            sample = {"__key__": f"item{i:04d}", "png": _image_bytes(COLOURS[colour])}
+            if i == 1:
+                sample["json"] = {"caption": f"a {colour} square"}
+            else:
+                sample["txt"] = f"a {colour} square"
+            sink.write(sample)
+    ds = make(tmp_path, "wds-{000..001}.tar", image_size=8)
+    assert [ds[i]["caption"] for i in range(len(ds))] == ["a red square", "a green square",
+                                                          "a blue square"]
+    assert ds[2]["key"] == "wds-001.tar/item0002"
+
+
 def test_resize_and_centre_crop(shards, tmp_path):
     # 32x16 image: left half black, right half white -> centre crop keeps both halves.
     img = Image.new("RGB", (32, 16), (0, 0, 0))
