@@ -129,7 +129,6 @@ def test_axial_fast_path_matches_masked_attention_at_recipe_size(name):
     """The per-row/column computation equals dense masked attention (336 positions)."""
     import torch.nn.functional as F
 
-
     spec = make_spec(text_len=81, fmap_size=16, dim=64, heads=2, dim_head=32)
     module = build_for_test(name, spec=spec)
     x = torch.randn(2, 336, 64, dtype=torch.float64, requires_grad=True)
