@@ -259,6 +259,7 @@ class Trainer:
                  + (f" (resumed at step {self.step})" if self.resumed_from is not None else ""))
         metrics = open(self.metrics_path, "a", encoding="utf-8") if main else None
         last_loss, last_ckpt, compiled = None, None, False
+        skipped_total = 0  # updates skipped by dynamic loss scaling (fp16 overflow)
         window_start, window_samples = time.perf_counter(), 0
         try:
             if self.batches_in_epoch >= self.steps_per_epoch:
@@ -293,6 +294,7 @@ class Trainer:
                               "time": time.time()}
                     if result.skipped_updates:
                         record["skipped_updates"] = result.skipped_updates
+                        skipped_total += result.skipped_updates
                     if result.grad_norm is not None:
                         record["grad_norm"] = result.grad_norm
                     record.update(result.extra)
@@ -302,7 +304,8 @@ class Trainer:
                         record["samples_per_sec"] = throughput
                         log.line(f"Epoch {self.epoch + 1}/{t.epochs} step {self.step}/{self.total_steps} "
                                  f"Loss: {loss:.6f} Throughput: {throughput:.3f} samples/sec "
-                                 f"lr: {lr:.3e}")
+                                 f"lr: {lr:.3e}"
+                                 + (f" skipped updates: {skipped_total}" if skipped_total else ""))
                         window_start, window_samples = time.perf_counter(), 0
                     if metrics is not None:
                         metrics.write(json.dumps(record) + "\n")

@@ -147,13 +147,11 @@ def test_cuda_config_validates_precision():
         structure_section({"precision": "fp8"}, CudaConfig, "backend")
 
 
-def _fp16_step(loss_scaling: float, state: dict | None = None):
-    """One step of the cuda backend's runner with fp16 autocast and a GradScaler, on the CPU
-    (the runner takes its device from the backend)."""
+def _fp16_cpu_backend():
+    """The cpu backend with the cuda backend's runner and fp16 autocast: the GradScaler
+    logic on the CPU (the runner takes its device from the backend)."""
     from minidalle.components.backend_cpu import CpuBackend
     from minidalle.components.backend_cuda import CudaRunner
-    from minidalle.model import build_model
-    from minidalle.testing.backend import fixed_batch, unit_test_config
 
     class Fp16Cpu(CpuBackend):
         precision = "fp16"
@@ -164,9 +162,17 @@ def _fp16_step(loss_scaling: float, state: dict | None = None):
         def prepare(self, model, optimizer, training):
             return CudaRunner(self, model, optimizer, training)
 
+    return Fp16Cpu()
+
+
+def _fp16_step(loss_scaling: float, state: dict | None = None):
+    """One step of the cuda backend's runner with fp16 autocast and a GradScaler, on the CPU."""
+    from minidalle.model import build_model
+    from minidalle.testing.backend import fixed_batch, unit_test_config
+
     sizes = dict(text_vocab=64, num_image_tokens=32, fmap_size=4)
     cfg = unit_test_config(training={"loss_scaling": loss_scaling}, model={"text_seq_len": 8})
-    backend = Fp16Cpu()
+    backend = _fp16_cpu_backend()
     torch.manual_seed(0)
     model = backend.setup_model(build_model(cfg, **sizes))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -191,6 +197,23 @@ def test_fp16_overflow_is_skipped_counted_and_lowers_the_scale():
     # A resumed runner continues from the checkpointed scale.
     runner, result, _ = _fp16_step(2.0**8, state={"grad_scaler": {**state["grad_scaler"]}})
     assert result.skipped_updates == 1 and result.extra["loss_scale"] == 2.0**38
+
+
+def test_skipped_updates_are_counted_in_the_log_and_metrics(tmp_path, capsys):
+    import _tiny
+
+    from minidalle.pipeline import Pipeline
+    from minidalle.trainer import Trainer, seed_everything
+
+    cfg = _tiny.tiny_config(tmp_path, "training.max_steps=2", "training.loss_scaling=1099511627776.0",
+                            "dataset.name=tiny_codes", "dataset.size=8", "model.text_seq_len=8")
+    seed_everything(cfg.run.seed)
+    pipe = Pipeline(cfg, _tiny.registry())
+    Trainer(cfg, model=pipe.model, dataset=pipe.dataset, collate=pipe.collate,
+            backend=_fp16_cpu_backend(), show_progress=False).train()
+    records = _metrics(tmp_path)
+    assert records[0]["skipped_updates"] == 1 and records[0]["loss_scale"] == 2.0**39
+    assert "skipped updates: 1" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- processes
