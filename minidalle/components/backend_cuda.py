@@ -32,7 +32,7 @@ from minidalle.backend import Backend, TorchRunner
 from minidalle.components.cuda_probe import unavailable_reason  # noqa: F401  (re-export)
 from minidalle.config import non_negative, one_of, positive
 from minidalle.distributed import DataParallel, DataParallelBackend, env_world, make_runner
-from minidalle.errors import UnavailableComponentError
+from minidalle.errors import ConfigError, UnavailableComponentError
 
 
 @attrs.define
@@ -123,6 +123,9 @@ class CudaBackend(DataParallelBackend, Backend):
     @staticmethod
     def _device_index(config: CudaConfig) -> int:
         count = torch.cuda.device_count()
+        if config.device is not None and env_world()[1] > 1:
+            raise ConfigError("backend.device: leave it out when running several processes "
+                              "(each process takes the GPU numbered by its LOCAL_RANK)")
         if config.device is not None:
             index = config.device
         elif "LOCAL_RANK" in os.environ:  # one process per GPU under torchrun
