@@ -118,6 +118,16 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _loadavg() -> float | None:
+    """The 1-minute load average: other processes on the machine skew every timing."""
+    try:
+        import os
+
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def peak_rss_bytes() -> int:
     try:
         with open("/proc/self/status") as f:
@@ -189,15 +199,20 @@ def bench_training(cfg, *, steps: int, warmup: int, registry=None) -> dict:
     if is_cuda:
         torch.cuda.synchronize(backend.device)
     times = []
+    load_before = _loadavg()
+    cpu_start = time.process_time()
     for i in range(steps):
         start = time.perf_counter()
         losses.append(runner.train_step(batches[i % 2]).loss)
         if is_cuda:
             torch.cuda.synchronize(backend.device)
         times.append(time.perf_counter() - start)
+    cpu_seconds = time.process_time() - cpu_start
     runner.close()
     total = sum(times)
     result = {
+        "load_average_before": load_before, "load_average_after": _loadavg(),
+        "threads": torch.get_num_threads(), "cpu_seconds_per_step": cpu_seconds / steps,
         "backend": backend.describe(), "samples_per_step": n, "steps": steps, "warmup": warmup,
         "step_seconds_mean": total / max(steps, 1), "step_seconds_min": min(times) if times else None,
         "samples_per_sec": n * steps / total if total else None,
@@ -242,7 +257,8 @@ def run(args) -> int:
     print(f"Device: {r['backend']}")
     if r["compile_seconds"] is not None:
         print(f"Compiled model in {r['compile_seconds']:.1f} secs")
-    print(f"Step: {r['step_seconds_mean']:.3f} s mean, {r['step_seconds_min']:.3f} s best")
+    print(f"Step: {r['step_seconds_mean']:.3f} s mean, {r['step_seconds_min']:.3f} s best, "
+          f"{r['cpu_seconds_per_step']:.3f} CPU-s ({r['threads']} threads)")
     print(f"Throughput: {r['samples_per_sec']:.3f} samples/sec")
     print(f"Loss: {r['loss_last']:.6f} ")
     achieved = r["samples_per_sec"] * r["flops_per_sample"]
@@ -263,6 +279,11 @@ def run(args) -> int:
     if "cuda_max_allocated_bytes" in r:
         peak_line += f", {r['cuda_max_allocated_bytes'] / gib:.2f} GiB CUDA max allocated"
     print(peak_line, flush=True)
+    load = r["load_average_before"]
+    if load is not None:
+        busy = load > r["threads"] + 0.5
+        print(f"Load average: {load:.1f} before the timed steps, {r['load_average_after']:.1f} after"
+              + (f" (busy machine: the figures above are skewed by other processes)" if busy else ""))
     if args.generate:
         from minidalle.registry import resolve
 
