@@ -78,3 +78,23 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
     print(f"  bf16 vs fp32 image-token distributions: max total variation {diff / 2:.4f}, "
           f"top-1 agreement {100 * agree:.1f}% (random weights)", flush=True)
     return r
+
+
+def main(argv=None) -> int:
+    """``python -m minidalle.generate_bench CONFIG [--no-uncached] [--set k=v]``: the
+    sampling half of ``minidalle bench CONFIG --generate`` alone."""
+    import argparse
+
+    from minidalle.config import load_config
+
+    p = argparse.ArgumentParser(prog="python -m minidalle.generate_bench")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--no-uncached", action="store_true", help="skip the slow uncached runs")
+    args = p.parse_args(argv)
+    run_generate_bench(load_config(args.config, args.overrides), args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

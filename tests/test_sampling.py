@@ -153,3 +153,20 @@ def test_bf16_cached_step_close_to_fp32():
     for step in got["fp32"]:
         diff = (got["fp32"][step].softmax(-1) - got["bf16"][step].softmax(-1)).abs().max()
         assert diff < 0.02, (step, diff)
+
+
+def test_generate_texts_with_a_tokenizer():
+    from _tiny import TinyTokenizer
+
+    from minidalle.sampling import generate_texts
+
+    cfg = Config(model=ModelConfig(dim=32, depth=1, heads=2, dim_head=8, text_seq_len=8))
+    torch.manual_seed(0)
+    m = build_model(cfg, text_vocab=64, num_image_tokens=IMG_TOKENS, fmap_size=FMAP).eval()
+    tok = TinyTokenizer()
+    out = generate_texts(m, tok, ["ab", "xyz"], seed=0, filter_thres=0.0)
+    prefixes = [tok.decode(tok.encode([p], 8)[0]) for p in ("ab", "xyz")]
+    assert len(out) == 2 and out[0].startswith(prefixes[0]) and out[1].startswith(prefixes[1])
+    assert len(out[0]) > 2 or len(out[1]) > 3  # something was generated
+    assert all(len(t) <= 8 for t in out)
+    assert out == generate_texts(m, tok, ["ab", "xyz"], seed=0, filter_thres=0.0)

@@ -26,9 +26,14 @@ class AxialPositionalEmbedding(nn.Module):
         self.row = nn.Parameter(torch.randn(fmap_size, dim))
         self.col = nn.Parameter(torch.randn(fmap_size, dim))
 
-    def forward(self) -> torch.Tensor:
-        """``[fmap_size**2, dim]`` in raster order."""
-        return (self.row[:, None, :] + self.col[None, :, :]).flatten(0, 1)
+    def forward(self, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """``[count, dim]`` for image positions ``start..start+count-1`` (raster order)."""
+        f = self.row.shape[0]
+        count = f * f - start if count is None else count
+        if count == 1:  # a decoding step
+            r, c = divmod(start, f)
+            return (self.row[r] + self.col[c])[None]
+        return (self.row[:, None, :] + self.col[None, :, :]).flatten(0, 1)[start : start + count]
 
 
 class KVCache:
@@ -136,7 +141,7 @@ class DALLE(nn.Module):
             parts.append(self.text_emb(tokens[:, :split]) + self.text_pos_emb(pos))
         if split < n:
             start = offset + split - self.text_len
-            pos = self.image_pos_emb()[start : start + n - split]
+            pos = self.image_pos_emb(start, n - split)
             parts.append(self.image_emb(tokens[:, split:]) + pos)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
