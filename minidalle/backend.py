@@ -33,6 +33,11 @@ its device and splits them into micro-batches of ``training.batch_size`` however
 (the IPU runner hands the whole batch to PopTorch, which splits it by device iterations,
 replicas and accumulation itself).
 
+Runners with ``micro_batch_input = True`` (``TorchRunner``: cpu, cuda) may instead get an
+*iterator* over the step's micro-batches (dicts of ``batch_size`` samples each), so that a
+step of 24,576 samples (the L16 recipe) never sits in host memory at once. Such a runner
+must consume exactly ``samples_per_step / batch_size`` of them per ``train_step``.
+
 **Step semantics** (so that every backend computes the same thing as ``cpu``): one step
 runs ``device_iterations`` optimizer updates, each over ``batch_size x
 gradient_accumulation x replication_factor`` samples whose gradients are *averaged*
@@ -86,6 +91,9 @@ class Runner:
     Subclasses implement ``train_step``; the rest has working defaults.
     """
 
+    #: True when ``train_step`` also accepts an iterator of micro-batches (see the module doc).
+    micro_batch_input: bool = False
+
     def __init__(self, backend: "Backend", model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, training) -> None:
         self.backend = backend
@@ -93,8 +101,9 @@ class Runner:
         self.optimizer = optimizer
         self.training = training
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
-        """One step over ``samples_per_step(training)`` samples (see the module docstring)."""
+    def train_step(self, batch) -> StepResult:
+        """One step over ``samples_per_step(training)`` samples (see the module docstring):
+        a dict of tensors, or an iterator of micro-batch dicts when ``micro_batch_input``."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -104,7 +113,8 @@ class Runner:
 
     def compile(self, batch: dict[str, torch.Tensor]) -> float | None:
         """Compile ahead of the first step (IPU); return the seconds it took, or None
-        when there is nothing to compile. The trainer then logs ``Compiled model in X secs``."""
+        when there is nothing to compile. The trainer then logs ``Compiled model in X secs``.
+        ``batch`` is the first step's batch (its first micro-batch when ``micro_batch_input``)."""
         return None
 
     def lr_changed(self) -> None:
@@ -247,15 +257,21 @@ class TorchRunner(Runner):
         self.optimizer.step()
         return 0, norm
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
+    micro_batch_input = True
+
+    def train_step(self, batch) -> StepResult:
         t = self.training
-        per_update = t.batch_size * t.gradient_accumulation * t.replication_factor
-        divisor = t.gradient_accumulation * t.replication_factor
+        micros = iter(split_batch(batch, t.batch_size) if isinstance(batch, dict) else batch)
+        divisor = t.gradient_accumulation * t.replication_factor  # micro-batches per update
         self.model.train()
         losses, skipped, norm = [], 0, None
-        for update in split_batch(batch, per_update):
+        for _ in range(t.device_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for micro in split_batch(update, t.batch_size):
+            for _ in range(divisor):
+                micro = next(micros, None)
+                if micro is None:
+                    raise ValueError(f"train_step got fewer than samples_per_step = "
+                                     f"{samples_per_step(t)} samples")
                 loss = self.forward_loss(self.to_device(micro))
                 self.backward(loss, divisor)
                 losses.append(loss.detach())

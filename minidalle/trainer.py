@@ -16,6 +16,7 @@ event files in ``tensorboard/``.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -157,6 +158,19 @@ class Trainer:
                           collate_fn=self.collate, num_workers=self.t.dataloader_workers,
                           drop_last=True, generator=torch.Generator().manual_seed(seed))
 
+    def _step_batches(self, runner, order: list[int], seed: int):
+        """One item per step: the step's whole batch, or (for runners that take them) an
+        iterator over its micro-batches, loaded as the runner consumes them, so that a
+        step of 24,576 images never sits in memory at once."""
+        if getattr(self.backend, "make_loader", None) is not None or \
+                not getattr(runner, "micro_batch_input", False):
+            yield from self._loader(order, self.sps, seed, train=True)
+            return
+        per_step = self.sps // self.t.batch_size
+        micros = iter(self._loader(order, self.t.batch_size, seed))
+        for _ in range(len(order) // self.sps):
+            yield itertools.islice(micros, per_step)
+
     def _resume(self, optimizer, schedule) -> dict | None:
         """Load the newest checkpoint into model/optimizer/schedule/RNGs; its runner state."""
         found = list_checkpoints(self.ckpt_dir)
@@ -273,14 +287,20 @@ class Trainer:
                          else epoch_order(self.train_idx, self.cfg.run.seed, self.epoch))
                 order = order[self.batches_in_epoch * self.sps: self.steps_per_epoch * self.sps]
                 seed = self.cfg.run.seed * 1_000_003 + self.epoch
-                for batch in self._loader(order, self.sps, seed, train=True):
+                for batch in self._step_batches(runner, order, seed):
                     if not compiled:
                         compiled = True
-                        secs = runner.compile(batch)
+                        first = batch
+                        if not isinstance(batch, dict):  # an iterator of micro-batches
+                            first = next(batch)
+                            batch = itertools.chain([first], batch)
+                        secs = runner.compile(first)
                         if secs is not None:
                             log.line(f"Compiled model in {secs:.1f} secs")
                         window_start = time.perf_counter()
                     result: StepResult = runner.train_step(batch)
+                    if not isinstance(batch, dict) and next(batch, None) is not None:
+                        raise RuntimeError("the runner did not consume all of the step's micro-batches")
                     self.step += 1
                     self.batches_in_epoch += 1
                     window_samples += self.sps * backend.world_size

@@ -212,3 +212,32 @@ def test_no_progress_bar_without_a_terminal(tmp_path, capsys):
     assert trainer.show_progress is False  # pytest's stderr is not a terminal
     trainer.train()
     assert "step/s" not in capsys.readouterr().err
+
+
+def test_micro_batches_are_loaded_as_the_runner_consumes_them(tmp_path):
+    """A step of GA micro-batches reaches the cpu runner as an iterator: at the first
+    forward only the first micro-batch has been read, and the weights equal those of
+    feeding each step as one dict."""
+    cfg = _tiny.tiny_config(tmp_path / "a", "training.gradient_accumulation=4", "training.max_steps=2")
+    trainer, pipe = _trainer(cfg)
+    reads, at_first_forward = [], []
+    base_getitem = type(pipe.dataset).__getitem__
+    pipe.dataset.__class__ = type("Counting", (type(pipe.dataset),),
+                                  {"__getitem__": lambda self, i: reads.append(i) or base_getitem(self, i)})
+    hook = trainer.model.register_forward_pre_hook(lambda m, a: at_first_forward.append(len(reads)))
+    trainer.train()
+    hook.remove()
+    assert at_first_forward[0] == 1 and len(reads) == 8
+
+    cfg_b = _tiny.tiny_config(tmp_path / "b", "training.gradient_accumulation=4", "training.max_steps=2")
+    trainer_b, pipe_b = _trainer(cfg_b)
+    from minidalle.trainer import epoch_order
+
+    backend = trainer_b.backend
+    model = backend.setup_model(trainer_b.model)
+    runner = backend.prepare(model, backend.build_optimizer(model, cfg_b.training), cfg_b.training)
+    order = epoch_order(list(range(len(pipe_b.dataset))), cfg_b.run.seed, 0)
+    for step in range(2):
+        runner.train_step(pipe_b.collate([pipe_b.dataset[i] for i in order[step * 4:(step + 1) * 4]]))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trainer.model.state_dict()[name]), name
