@@ -138,7 +138,12 @@ class Runner:
 
 
 class Backend:
-    """A device backend. ``factory(config) -> Backend`` is what a plugin registers."""
+    """A device backend. ``factory(config) -> Backend`` is what a plugin registers.
+
+    Optional: a method ``make_loader(dataset, indices, *, collate_fn)`` returning an iterable
+    of whole-step batches in ``indices`` order (ipu: ``poptorch.DataLoader``); when a backend
+    has one, the trainer loads training batches through it.
+    """
 
     name: str = "backend"
 
