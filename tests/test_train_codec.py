@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minidalle import hookimpl
-from minidalle.codec_training import restart_dead_codes, train_codec, usage_stats
+from minidalle.codec_training import EmaCodebook, restart_dead_codes, train_codec, usage_stats
 from minidalle.components.codec_vqgan import load_vqgan
 from minidalle.config import config_from_dict
 from minidalle.errors import ConfigError, DataError
@@ -140,6 +140,23 @@ def test_dead_code_restart_increases_usage():
     assert restart_dead_codes(weight, torch.ones(8), recent) == 0
 
 
+def test_ema_codebook_follows_assigned_encoder_outputs():
+    weight = torch.nn.Parameter(torch.zeros(4, 2))
+    ema = EmaCodebook(weight, decay=0.5)
+    z = torch.tensor([[2.0, 2.0], [4.0, 4.0], [-6.0, 0.0]])
+    codes = torch.tensor([1, 1, 3])
+    for _ in range(30):
+        ema.update(z, codes)
+    assert torch.allclose(weight[1].detach(), torch.tensor([3.0, 3.0]), atol=1e-3)  # mean of its two
+    assert torch.allclose(weight[3].detach(), torch.tensor([-6.0, 0.0]), atol=1e-3)
+    assert torch.equal(weight[0].detach(), torch.zeros(2))  # unused entries stay where they are
+    with torch.no_grad():
+        weight[1] = 9.0
+    ema.reset(torch.tensor([False, True, False, False]))
+    ema.update(z[:0], codes[:0])  # no new data: a restarted entry keeps its new value
+    assert torch.allclose(weight[1].detach(), torch.tensor([9.0, 9.0]), atol=1e-3)
+
+
 def test_cli_train_codec_and_its_one_line_errors(registry, tmp_path, monkeypatch, capsys):
     from minidalle import cli, plugins
 
@@ -148,7 +165,8 @@ def test_cli_train_codec_and_its_one_line_errors(registry, tmp_path, monkeypatch
     cfg.write_text('[run]\nout_dir = "%s"\n[dataset]\nname = "tiny_squares"\n[codec_training]\n%s\n' % (
         tmp_path / "run", "\n".join(f"{k} = {json.dumps(v)}" for k, v in TRAINING.items())))
     out = tmp_path / "elsewhere" / "c.ckpt"
-    assert cli.main(["train-codec", str(cfg), "--set", "codec_training.steps=2", "--out", str(out)]) == 0
+    assert cli.main(["train-codec", str(cfg), "--set", "codec_training.steps=2", "--out", str(out),
+                     "--set", "codec_training.codebook_update=gradient"]) == 0
     assert "Loss:" in capsys.readouterr().out
     assert out.is_file() and out.with_suffix(".yaml").is_file() and (out.parent / "c.metrics.json").is_file()
 
