@@ -167,3 +167,16 @@ def test_user_errors_exit_2_with_one_line(tmp_path, registry, capsys, case):
                 "no_codec": "no [codec]", "unknown_reranker": "reranker"}[case]
     assert expected in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_bf16_small_batches_and_no_cache(tmp_path, registry, capsys):
+    run = _checkpoint(tmp_path, registry)
+    rc, stdout, err = _main(capsys, "--checkpoint", run, "--text", "red cat", "--num-images", "3",
+                            "--batch-size", "2", "--precision", "bf16", "--out", tmp_path / "a")
+    assert rc == 0, err
+    assert len(stdout.split()) == 3 + 1
+    # the cache changes nothing but speed
+    a = _main(capsys, "--checkpoint", run, "--text", "red cat", "--out", tmp_path / "b")[1].split()
+    b = _main(capsys, "--checkpoint", run, "--text", "red cat", "--out", tmp_path / "c", "--no-cache")[1].split()
+    for x, y in zip(a[:-1], b[:-1]):
+        assert np.array_equal(_read(x), _read(y))
