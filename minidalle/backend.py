@@ -253,9 +253,8 @@ class TorchRunner(Runner):
         """Unscale, clip and step. Returns (skipped updates, grad norm or None)."""
         scale = self.training.loss_scaling
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if scale != 1.0:
-            for p in params:
-                p.grad.div_(scale)
+        if scale != 1.0 and params:
+            torch._foreach_div_([p.grad for p in params], scale)  # one call, not one per tensor
         norm = None
         if self.training.max_grad_norm is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm))
