@@ -65,7 +65,7 @@ class CodecTrainingConfig:
     lr: float = attrs.field(default=2e-3, validator=positive)
     warmup_steps: int = attrs.field(default=20, validator=non_negative)
     min_lr_ratio: float = attrs.field(default=0.05, validator=non_negative)  # cosine floor
-    rec_loss: str = attrs.field(default="l1", validator=one_of("l1", "mse"))
+    rec_loss: str = attrs.field(default="mse", validator=one_of("mse", "l1"))
     perceptual_weight: float = attrs.field(default=0.0, validator=non_negative)
     # A local torchvision VGG16 state_dict (e.g. vgg16-397923af.pth); never downloaded.
     vgg_weights: Union[str, None] = None
