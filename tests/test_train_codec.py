@@ -65,6 +65,15 @@ TRAINING = dict(image_size=SIZE, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_chan
                 steps=12, lr=3e-3, warmup_steps=2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny networks: one thread is as fast, and far faster on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def registry():
     return load_registry("none", extra_plugins=[plugin])
@@ -108,10 +117,11 @@ def test_bf16_and_perceptual_loss_with_local_vgg_weights(registry, tmp_path):
 
     vgg = tmp_path / "vgg16.pth"
     torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"][:9]).state_dict().items()}, vgg)
-    metrics = train_codec(make_cfg(registry, tmp_path, steps=2, precision="bf16",
+    metrics = train_codec(make_cfg(registry, tmp_path, steps=2, precision="bf16", threads=2,
                                    perceptual_weight=0.1, vgg_weights=str(vgg)),
                           registry=registry, log=lambda line: None)
     assert metrics["steps"] == 2 and load_vqgan(metrics["checkpoint"]).num_tokens == 16
+    assert torch.get_num_threads() == 1  # `threads` applies to training only
 
 
 def test_dead_code_restart_increases_usage():
