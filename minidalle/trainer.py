@@ -148,7 +148,8 @@ class Trainer:
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
 
-    def _loader(self, indices: list[int], batch_size: int, seed: int, *, train: bool = False):
+    def _loader(self, indices: list[int], batch_size: int, seed: int, *, train: bool = False,
+                drop_last: bool = True):
         from torch.utils.data import DataLoader
 
         make = getattr(self.backend, "make_loader", None)
@@ -156,7 +157,7 @@ class Trainer:
             return make(self.dataset, indices, collate_fn=self.collate)
         return DataLoader(self.dataset, batch_size=batch_size, sampler=indices,
                           collate_fn=self.collate, num_workers=self.t.dataloader_workers,
-                          drop_last=True, generator=torch.Generator().manual_seed(seed))
+                          drop_last=drop_last, generator=torch.Generator().manual_seed(seed))
 
     def _step_batches(self, runner, order: list[int], seed: int):
         """One item per step: the step's whole batch, or (for runners that take them) an
@@ -363,7 +364,8 @@ class Trainer:
     def _validate(self, runner, log: _Log, metrics) -> float:
         size = self.t.batch_size * self.t.gradient_accumulation
         total, count = 0.0, 0
-        loader = self._loader(self.val_idx, min(size, len(self.val_idx)), self.cfg.run.seed)
+        loader = self._loader(self.val_idx, min(size, len(self.val_idx)), self.cfg.run.seed,
+                              drop_last=False)  # every validation sample counts
         for batch in loader:
             n = batch["text"].shape[0]
             total += runner.eval_loss(batch) * n
