@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from minidalle.config import Config, non_negative, one_of, positive, structure_section
-from minidalle.errors import ConfigError, DataError
+from minidalle.errors import CheckpointError, ConfigError, DataError
 
 SECTION = "codec_training"
 
@@ -279,6 +279,8 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
         raise DataError(f"dataset {cfg.dataset.name!r}: item 0: expected 'image' uint8 "
                         f"[3, {ct.image_size}, {ct.image_size}], got {got}")
     heldout_idx = range(n - ct.heldout, n)
+    if out.is_dir() or out.suffix in ("", "."):
+        raise ConfigError(f"{cfg.source}: {SECTION}.out: expected a .ckpt file path, got {str(out)!r}")
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(Subset(ds, range(n - ct.heldout)), batch_size=ct.batch_size, shuffle=True,
                         drop_last=True, num_workers=ct.workers, collate_fn=collate_images,
@@ -387,11 +389,14 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
     }
     meta = {"global_step": ct.steps, "minidalle": {"metrics": dict(metrics), SECTION: attrs.asdict(ct),
                                                    "dataset": cfg.dataset.name}}
-    ckpt, yaml_path = save_vqgan(model, out, meta=meta)
     metrics_path = out.with_name(out.stem + ".metrics.json")
     text = json.dumps(metrics, indent=2) + "\n"
-    _atomic_write(metrics_path, lambda f: f.write(text.encode()))
-    _save_grid(held[:8], recon[:8], out.with_name(out.stem + ".recon.png"), _atomic_write)
+    try:
+        ckpt, yaml_path = save_vqgan(model, out, meta=meta)
+        _atomic_write(metrics_path, lambda f: f.write(text.encode()))
+        _save_grid(held[:8], recon[:8], out.with_name(out.stem + ".recon.png"), _atomic_write)
+    except OSError as exc:
+        raise CheckpointError(f"{out}: cannot write the codec: {exc.strerror or exc}") from None
     log(f"held-out: PSNR {metrics['psnr']:.2f} dB | codebook usage {usage:.0%} | "
         f"perplexity {perplexity:.1f} of {ct.n_embed} | {train_seconds:.0f} s")
     log(f"wrote {ckpt} + {yaml_path.name}, {metrics_path.name}; use it with "

@@ -193,6 +193,7 @@ def test_cli_train_codec_and_its_one_line_errors(registry, tmp_path, monkeypatch
     ("tiny_squares", {"image_size": 17}, ConfigError, "codec_training.image_size: expected a multiple of 2"),
     ("tiny_squares", {"perceptual_weight": 1.0}, ConfigError, "codec_training.vgg_weights"),
     ("tiny_squares", {"rec_loss": "l3"}, ConfigError, "codec_training.rec_loss: expected one of"),
+    ("tiny_squares", {"out": "somewhere/"}, ConfigError, "codec_training.out: expected a .ckpt file path"),
 ])
 def test_bad_settings_and_data(registry, tmp_path, dataset, training, error, message):
     with pytest.raises(error, match=message):
