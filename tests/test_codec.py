@@ -81,6 +81,10 @@ def test_taming_checkpoint_loads_through_registry(tmp_path, model):
     assert 0 <= int(codes.min()) and int(codes.max()) < N_EMBED
     out = codec.decode(codes)
     assert out.shape == (3, 3, 16, 16) and 0 <= float(out.min()) and float(out.max()) <= 1
+    with pytest.raises(ValueError, match=r"expected images \[B, 3, 16, 16\]"):
+        codec.encode(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 16\)"):
+        codec.decode(torch.full((1, 64), 16))
     # the same numbers as the network it was saved from ([0,1] in, [-1,1] inside)
     with torch.no_grad():
         z = model.quant_conv(model.encoder(images * 2 - 1))

@@ -13,6 +13,7 @@ from minidalle.components.codec_vqgan import load_vqgan
 from minidalle.config import config_from_dict
 from minidalle.errors import ConfigError, DataError
 from minidalle.plugins import load_registry
+from minidalle.testing.codec import check_codec
 
 SIZE = 16
 COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30)]
@@ -110,6 +111,8 @@ def test_train_codec_writes_a_loadable_taming_checkpoint_and_metrics(registry, t
     held = torch.stack([TinySquares(SIZE)[i]["image"] for i in range(40, 48)]).float() / 255
     mse = ((codec.decode(codec.encode(held)) - held) ** 2).flatten(1).mean(1)
     assert (10 * torch.log10(1 / mse)).mean().item() == pytest.approx(metrics["psnr"], abs=0.01)
+    report = check_codec(codec, held, min_stable=0.0)  # a trained codec meets the interface
+    assert report["batch_agreement"] >= 0.98
 
 
 def test_bf16_and_perceptual_loss_with_local_vgg_weights(registry, tmp_path):

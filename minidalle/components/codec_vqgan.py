@@ -111,8 +111,10 @@ class VQGAN(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Float images [B, 3, H, W] in [0, 1] -> codes int64 [B, fmap_size**2]."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        s = self.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ValueError(f"expected images [B, 3, {s}, {s}] (the codec's image_size), "
+                             f"got {tuple(images.shape)}")
         x = images.to(self.quant_conv.weight.dtype) * 2 - 1
         return self.nearest_codes(self.encode_latent(x))
 
