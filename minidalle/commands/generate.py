@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, metavar="B", help="images drawn together")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="weights for sampling")
     p.add_argument("--no-cache", action="store_true", help="recompute every step (slow; for checks)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads (default: all cores; 1 is faster on a machine other jobs keep busy)")
     p.add_argument("--rerank", metavar="NAME",
                    help="sort each prompt's images by this reranker's score (best first)")
     p.set_defaults(func=run)
@@ -123,6 +125,10 @@ def generate(args, registry=None) -> list:
     from minidalle import images as img_io
     from minidalle.sampling import generate_image_codes
 
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            raise ConfigError(f"--threads: expected a positive number, got {args.threads}")
+        torch.set_num_threads(args.threads)
     prompts = [t.strip() for t in args.text]
     for i, t in enumerate(prompts):
         if not t:
