@@ -169,13 +169,16 @@ def test_user_errors_exit_2_with_one_line(tmp_path, registry, capsys, case):
     assert not (tmp_path / "o").exists()
 
 
-def test_bf16_small_batches_and_no_cache(tmp_path, registry, capsys):
+def test_bf16_small_batches_and_no_cache(tmp_path, registry, capsys, monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --threads: keep the suite's
     run = _checkpoint(tmp_path, registry)
     rc, stdout, err = _main(capsys, "--checkpoint", run, "--text", "red cat", "--num-images", "3",
                             "--batch-size", "2", "--precision", "bf16", "--out", tmp_path / "a",
                             "--threads", "1")
     assert rc == 0, err
     assert len(stdout.split()) == 3 + 1
+    assert torch.get_num_threads() == threads
     # the cache changes nothing but speed
     a = _main(capsys, "--checkpoint", run, "--text", "red cat", "--out", tmp_path / "b")[1].split()
     b = _main(capsys, "--checkpoint", run, "--text", "red cat", "--out", tmp_path / "c", "--no-cache")[1].split()
