@@ -168,11 +168,14 @@ def run_samples(ctx: StageContext) -> None:
     real = ev.dataset_split(cfg, "val", size, ctx.registry)
     x = torch.stack([real[i]["image"] for i in range(min(settings.reconstructions, len(real)))])
     rec = run.reconstruct(x)
-    pairs = torch.stack([x, rec], 1).flatten(0, 1)  # in0, out0, in1, out1, ...
-    per_row = 8
-    rows = [_upscale(pairs[i:i + per_row], show) for i in range(0, len(pairs), per_row)]
-    path = save_png(make_grid(rows, ["codec input | output, in pairs"] + [""] * (len(rows) - 1)),
-                    ctx.out_dir / ev.RECONSTRUCTIONS_PNG)
+    # each cell: input | output, joined by a thin grey line; 4 pairs a row
+    a, b = _upscale(x, show), _upscale(rec, show)
+    line = torch.full((len(x), 3, a.shape[2], 2), 128, dtype=torch.uint8)
+    pairs = torch.cat([a, line, b], dim=3)
+    per_row = 4
+    rows = [pairs[i:i + per_row] for i in range(0, len(pairs), per_row)]
+    labels = ["codec input | output (held-out images)"] + [""] * (len(rows) - 1)
+    path = save_png(make_grid(rows, labels, pad=8), ctx.out_dir / ev.RECONSTRUCTIONS_PNG)
     ctx.log(f"samples: {len(x)} codec reconstructions -> {path}")
 
 
