@@ -91,6 +91,7 @@ def test_list_and_run_without_poptorch(capsys):
     assert code == 2
     assert err.count("\n") == 1
     assert "PopTorch" in err and "Poplar SDK" in err and "--backend cpu" in err
+    assert out == ""  # reported before any stage starts
 
 
 def test_plan_of_the_quickstart_uses_what_its_stages_will_train(capsys, tmp_path):

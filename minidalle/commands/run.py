@@ -55,15 +55,22 @@ def _child_argv(args) -> list[str]:
     return argv
 
 
-def _check_before_launch(cfg, nproc: int) -> None:
-    """Errors every launched process would hit, reported once before launching."""
-    from minidalle.errors import ConfigError, UnavailableComponentError
+def _check_backend(cfg) -> None:
+    """An unusable backend is reported before any stage runs or writes anything."""
+    from minidalle.errors import UnavailableComponentError
     from minidalle.plugins import get_registry
 
     component = get_registry().get("backend", cfg.backend.name)
     reason = component.unavailable_reason(deep=True)
     if reason:
         raise UnavailableComponentError(f"backend {cfg.backend.name!r} is unavailable: {reason}")
+
+
+def _check_before_launch(cfg, nproc: int) -> None:
+    """Errors every launched process would hit, reported once before launching."""
+    from minidalle.errors import ConfigError
+
+    _check_backend(cfg)
     if cfg.training.replication_factor not in (1, nproc):
         raise ConfigError(f"{cfg.source}: training.replication_factor: expected 1 or the process "
                           f"count ({nproc}) with --nproc, got {cfg.training.replication_factor}")
@@ -87,5 +94,7 @@ def run(args) -> int:
             from minidalle.distributed import launch
 
             return launch(args.nproc, _child_argv(args))
+    if "transformer" in cfg.run.stages:
+        _check_backend(cfg)
     run_stages(cfg, from_stage=args.from_stage, resume=args.resume)
     return 0
