@@ -92,6 +92,11 @@ class Pipeline:
         image_size = getattr(self.codec, "image_size", None)
         self.dataset = build_dataset(cfg, split="train", image_size=image_size, registry=self.registry)
         self.text_vocab = cfg.model.text_vocab or self.tokenizer.vocab_size
+        if self.text_vocab < self.tokenizer.vocab_size:  # ids past the table would wrap into pads
+            from minidalle.errors import ConfigError
+
+            raise ConfigError(f"{cfg.source}: model.text_vocab: {self.text_vocab} is smaller than the "
+                              f"tokenizer's vocabulary ({self.tokenizer.vocab_size} ids)")
         self.num_image_tokens, self.fmap_size = image_geometry(self.codec, self.dataset)
         self.collate = make_collate(self.tokenizer, cfg.model.text_seq_len,
                                     cfg.training.truncate_captions)

@@ -241,3 +241,12 @@ def test_micro_batches_are_loaded_as_the_runner_consumes_them(tmp_path):
         runner.train_step(pipe_b.collate([pipe_b.dataset[i] for i in order[step * 4:(step + 1) * 4]]))
     for name, value in model.state_dict().items():
         assert torch.equal(value, trainer.model.state_dict()[name]), name
+
+
+def test_text_vocab_smaller_than_the_tokenizer_is_a_config_error(tmp_path):
+    from minidalle.errors import ConfigError
+
+    vocab = _tiny.TinyTokenizer().vocab_size
+    cfg = _tiny.tiny_config(tmp_path, f"model.text_vocab={vocab - 1}")
+    with pytest.raises(ConfigError, match="model.text_vocab: .* smaller than the tokenizer"):
+        Pipeline(cfg, _tiny.registry())
