@@ -23,8 +23,6 @@ Settings come from the config's ``[evaluate]`` table (:class:`EvaluateConfig`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Union
@@ -33,6 +31,7 @@ import attrs
 
 from minidalle.config import non_negative, positive, structure_section
 from minidalle.errors import ConfigError, DataError
+from minidalle.fileio import atomic_write
 
 SECTION = "evaluate"
 METRICS_JSON = "metrics.json"
@@ -70,19 +69,6 @@ def read_settings(cfg) -> EvaluateConfig:
 # --------------------------------------------------------------------------- files
 
 
-def atomic_write(path: Path, write: Callable) -> Path:
-    """Write ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: Path, data: dict) -> Path:

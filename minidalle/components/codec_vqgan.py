@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidalle.errors import CheckpointError
+from minidalle.fileio import atomic_write
 
 # Keys of the VQModel state_dict the codec needs; ``loss.*`` (discriminator, LPIPS) is dropped.
 PARTS = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
@@ -342,17 +341,8 @@ def load_vqgan(path, config_path=None) -> VQGAN:
     return model.freeze()
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+# kept under this name: codec_training imports it
+_atomic_write = atomic_write
 
 
 def save_vqgan(model: VQGAN, ckpt_path, yaml_path=None, *, meta: dict | None = None) -> tuple[Path, Path]:
