@@ -1,4 +1,4 @@
-"""Tiny in-memory components for the trainer/checkpoint/run tests (no files, no codec).
+"""Tiny in-memory components for the tests (no files).
 
 ``tiny_chars``: a character tokenizer (vocab 64). ``tiny_codes``: ``size`` captions, each
 with image codes derived from the caption (so the model can learn them), and the
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import attrs
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from minidalle import hookimpl
 
@@ -109,3 +111,20 @@ def tiny_config(out_dir, *overrides, base="configs/unit_test.toml"):
     data = apply_overrides(data, [f"run.out_dir={out_dir}", "training.dataloader_workers=0",
                                   "model.text_seq_len=16", *overrides], origins)
     return config_from_dict(data, source=str(root / base), registry=registry())
+
+
+class GreyCodec(nn.Module):
+    """Each code is the grey level of a 2x2 patch: decode then encode gives the codes back."""
+
+    def __init__(self, fmap: int = 4, num_tokens: int = 8):
+        super().__init__()
+        self.fmap_size, self.num_tokens, self.image_size = fmap, num_tokens, 2 * fmap
+        self.w = nn.Parameter(torch.ones(1))  # a weight that must stay out of the DALL-E's
+
+    def encode(self, images):
+        patches = F.avg_pool2d(images.mean(1, keepdim=True), 2).flatten(1)
+        return (patches * (self.num_tokens - 1)).round().long()
+
+    def decode(self, codes):
+        g = (codes.float() / (self.num_tokens - 1)).view(-1, 1, self.fmap_size, self.fmap_size)
+        return F.interpolate(g, scale_factor=2).expand(-1, 3, -1, -1)

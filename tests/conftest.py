@@ -14,3 +14,15 @@ def _fresh_registry():
     reset_registry()
     yield
     reset_registry()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one torch thread is as fast, and far faster on a busy machine
+    (every op of a 2-thread pool waits for a descheduled thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,14 +29,7 @@ def taming_yaml_text(dd=DD, n_embed=N_EMBED, embed_dim=EMBED_DIM, target="taming
                                              "codebook_weight": 1.0}}}}})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These networks are tiny: one thread is as fast, and far faster on a busy machine
-    # (every op of a 2-thread pool waits for a descheduled thread).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,31 +4,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from minidalle import cli, hookimpl
 from minidalle.checkpoint import save_checkpoint
 from minidalle.config import config_from_dict, config_to_dict
 
-from _tiny import TinyTokenizer
+from _tiny import GreyCodec, TinyTokenizer
 
 FMAP, NUM_TOKENS = 4, 8
-
-
-class GreyCodec(nn.Module):
-    """Each code is the grey level of a 2x2 patch: decode then encode gives the codes back."""
-
-    image_size, num_tokens, fmap_size = 2 * FMAP, NUM_TOKENS, FMAP
-
-    def encode(self, images):
-        patches = F.avg_pool2d(images.mean(1, keepdim=True), 2).flatten(1)
-        return (patches * (self.num_tokens - 1)).round().long()
-
-    def decode(self, codes):
-        g = (codes.float() / (self.num_tokens - 1)).view(-1, 1, FMAP, FMAP)
-        return F.interpolate(g, scale_factor=2).expand(-1, 3, -1, -1)
 
 
 class Brightness:

@@ -3,11 +3,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minidalle.config import Config, ModelConfig
 from minidalle.model import DALLE, build_model
+
+from _tiny import GreyCodec
 
 TEXT_VOCAB, TEXT_LEN, IMG_TOKENS, FMAP = 10, 4, 6, 2
 
@@ -104,28 +105,10 @@ def test_training_input_drops_last_token():
     assert seen[0].tolist() == [[1, 2, 3]]
 
 
-class FakeCodec(nn.Module):
-    """Code = quantised mean brightness of each 2x2 patch (enough to test the plumbing)."""
-
-    image_size, num_tokens, fmap_size = 4, IMG_TOKENS, FMAP
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(1))
-
-    def encode(self, images):
-        patches = F.avg_pool2d(images.mean(1, keepdim=True), 2).flatten(1)
-        return (patches * (self.num_tokens - 1)).round().long()
-
-    def decode(self, codes):
-        g = (codes.float() / (self.num_tokens - 1)).view(-1, 1, FMAP, FMAP)
-        return F.interpolate(g, scale_factor=2).expand(-1, 3, -1, -1)
-
-
 def test_images_through_codec_uint8_and_float():
     cfg = Config(model=ModelConfig(dim=16, depth=1, heads=2, dim_head=8, text_seq_len=TEXT_LEN, byteio=True))
     torch.manual_seed(0)
-    m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=IMG_TOKENS, fmap_size=FMAP, codec=FakeCodec())
+    m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=IMG_TOKENS, fmap_size=FMAP, codec=GreyCodec(FMAP, IMG_TOKENS))
     text = torch.tensor([[3, 5, 0, 0]])
     img_u8 = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
     codes = m.codec.encode(img_u8.float() / 255)

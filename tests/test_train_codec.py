@@ -66,13 +66,7 @@ TRAINING = dict(image_size=SIZE, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_chan
                 steps=12, lr=3e-3, warmup_steps=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny networks: one thread is as fast, and far faster on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
