@@ -185,15 +185,6 @@ def _samples_files(ctx):
     return [ctx.out_dir / ev.SAMPLES_PNG, ctx.out_dir / ev.RECONSTRUCTIONS_PNG]
 
 
-def samples_complete(ctx: StageContext) -> bool:
-    return all(p.exists() for p in _samples_files(ctx))
-
-
-def clean_samples(ctx: StageContext) -> None:
-    for p in _samples_files(ctx):
-        p.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -209,20 +200,11 @@ def _evaluate_files(ctx):
     return [ctx.out_dir / ev.LOSS_PNG, ctx.out_dir / ev.METRICS_JSON]
 
 
-def evaluate_complete(ctx: StageContext) -> bool:
-    return all(p.exists() for p in _evaluate_files(ctx))
-
-
-def clean_evaluate(ctx: StageContext) -> None:
-    for p in _evaluate_files(ctx):
-        p.unlink(missing_ok=True)
-
-
 register_stage("codec", run_codec, is_complete=codec_complete, clean=clean_codec,
                summary="train a VQ image codec ([codec_training]) into [codec] path")
 register_stage("tokenizer", run_tokenizer, is_complete=tokenizer_complete, clean=clean_tokenizer,
                summary="train a youtokentome BPE model on the captions into [tokenizer] path")
-register_stage("samples", run_samples, is_complete=samples_complete, clean=clean_samples,
+register_stage("samples", run_samples, outputs=_samples_files,
                summary="samples.png (held-out prompts) and reconstructions.png")
-register_stage("evaluate", run_evaluate, is_complete=evaluate_complete, clean=clean_evaluate,
+register_stage("evaluate", run_evaluate, outputs=_evaluate_files,
                summary="metrics.json (prompt fidelity, codec PSNR, losses) and loss.png")

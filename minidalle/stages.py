@@ -57,8 +57,15 @@ class Stage:
 STAGES: dict[str, Stage] = {}
 
 
-def register_stage(name: str, run, *, is_complete, clean=None, summary: str = "",
-                   parallel: bool = False) -> None:
+def register_stage(name: str, run, *, is_complete=None, clean=None, outputs=None,
+                   summary: str = "", parallel: bool = False) -> None:
+    """``outputs(ctx) -> [Path]`` names the files a stage writes: unless ``is_complete`` /
+    ``clean`` are given, the stage is complete when they all exist and cleaning removes them."""
+    if outputs is not None:
+        is_complete = is_complete or (lambda ctx: all(p.exists() for p in outputs(ctx)))
+        clean = clean or (lambda ctx: [p.unlink(missing_ok=True) for p in outputs(ctx)])
+    if is_complete is None:
+        raise ValueError(f"stage {name!r} needs is_complete or outputs")
     if name in STAGES:
         raise ValueError(f"stage {name!r} is registered twice")
     STAGES[name] = Stage(name, run, is_complete, clean, summary, parallel)
