@@ -35,13 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"minidalle.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"minidalle.commands.{name}":
-                continue
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"minidalle.commands.{name}").add_parser(sub)
     return parser
 
 
