@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from minidalle.config import FieldError
 from minidalle.errors import ConfigError, DataError
 from minidalle.testing.dataset import check_dataset
 
@@ -97,6 +98,20 @@ def test_shapes_exclude_and_heldout():
         _shapes(split="heldout")
     with pytest.raises(DataError, match="unknown split"):
         _shapes(split="test")
+
+
+def test_shapes_exclude_at_a_position():
+    exclude = ["red circle top left", "blue square center"]
+    triples = lambda ds: {tuple(ds[i]["attributes"][k] for k in ("colour", "shape", "position"))
+                          for i in range(len(ds))}
+    train = triples(_shapes(num_samples=3000, exclude=exclude, sizes=["large"]))
+    withheld = {("red", "circle", "top left"), ("blue", "square", "center")}
+    assert not train & withheld and len(train) == 5 * 3 * 9 - 2
+    assert ("red", "circle", "top right") in train  # the pair itself is still seen elsewhere
+    held = triples(_shapes(num_eval_samples=60, split="heldout", exclude=exclude))
+    assert held == withheld
+    with pytest.raises(FieldError, match=r"exclude\[0\]: expected"):
+        _shapes(exclude=["red circle top middle"])
 
 
 def test_shapes_config_errors(tmp_path):

@@ -6,8 +6,9 @@ anti-aliasing) at any image size, with a caption such as
 ``"a small red circle at the top left"`` and the attributes
 ``{"shape", "colour", "position", "size"}``.
 
-``exclude`` withholds colour+shape combinations (``"red circle"``) from the ``train`` and
-``val`` splits; the ``heldout`` split (or ``only_excluded = true`` for every split) yields
+``exclude`` withholds combinations from the ``train`` and ``val`` splits: a colour and a
+shape (``"red circle"``: that pair anywhere), or a colour, a shape and a position
+(``"red circle top left"``: only there); the ``heldout`` split (or ``only_excluded = true`` for every split) yields
 only those combinations, to measure how well a model composes attributes it never saw
 together. :func:`analyse` recovers the attributes from a rendered (or generated) image.
 """
@@ -75,7 +76,8 @@ class ShapesConfig:
                                        validator=_subset_of(tuple(POSITIONS)))
     sizes: list[str] = attrs.field(factory=lambda: ["small", "large"],
                                    validator=_subset_of(tuple(SIZES)))
-    # colour+shape combinations withheld from train/val, e.g. ["red circle", "blue square"]
+    # combinations withheld from train/val: "<colour> <shape>" or "<colour> <shape> <position>",
+    # e.g. ["red circle", "blue square bottom right"]
     exclude: list[str] = attrs.field(factory=list)
     only_excluded: bool = False  # every split yields only the excluded combinations
     # random shift of the shape inside its grid cell, as a fraction of the cell
@@ -96,10 +98,27 @@ class ShapesConfig:
     @exclude.validator
     def _exclude(self, attribute, value):
         for i, combo in enumerate(value):
-            parts = combo.split()
-            if len(parts) != 2 or parts[0] not in self.colours or parts[1] not in self.shapes:
-                raise FieldError(f"exclude[{i}]: expected \"<colour> <shape>\" from colours "
-                                 f"and shapes, got {combo!r}")
+            try:
+                parse_combination(combo, self.colours, self.shapes, self.positions)
+            except ValueError as e:
+                raise FieldError(f"exclude[{i}]: {e}") from None
+
+
+def parse_combination(text: str, colours, shapes, positions) -> tuple[str, str, str | None]:
+    """``"red circle"`` -> ``("red", "circle", None)``; ``"red circle top left"`` adds the
+    position. Raises ValueError naming what is wrong."""
+    parts = text.split()
+    position = " ".join(parts[2:]) or None
+    if (len(parts) < 2 or parts[0] not in colours or parts[1] not in shapes
+            or (position is not None and position not in positions)):
+        raise ValueError(f"expected \"<colour> <shape>\" or \"<colour> <shape> <position>\" "
+                         f"from colours, shapes and positions, got {text!r}")
+    return parts[0], parts[1], position
+
+
+def is_excluded(colour: str, shape: str, position: str, excluded) -> bool:
+    """Whether ``(colour, shape, position)`` matches one of the parsed ``excluded`` entries."""
+    return any(c == colour and s == shape and p in (None, position) for c, s, p in excluded)
 
 
 def caption_for(attributes: dict) -> str:
@@ -138,20 +157,20 @@ class ShapesDataset(torch.utils.data.Dataset):
         if split not in SPLITS:
             raise DataError(f"shapes: unknown split {split!r} (known: {', '.join(SPLITS)})")
         self.config, self.image_size, self.split, self.seed = config, image_size, split, seed
-        excluded = {tuple(c.split()) for c in config.exclude}
-        pairs = [(c, s) for c in config.colours for s in config.shapes]
+        excluded = [parse_combination(c, config.colours, config.shapes, config.positions)
+                    for c in config.exclude]
+        # every (colour, shape, position, size), in a fixed order, then those of this split
+        combos = list(itertools.product(config.colours, config.shapes, config.positions,
+                                        config.sizes))
         if split == "heldout" or config.only_excluded:
-            pairs = [p for p in pairs if p in excluded]
-            if not pairs:
+            self.combos = [k for k in combos if is_excluded(*k[:3], excluded)]
+            if not self.combos:
                 raise ConfigError("dataset.exclude: the heldout split needs at least one "
                                   "excluded combination")
         else:
-            pairs = [p for p in pairs if p not in excluded]
-            if not pairs:
-                raise ConfigError("dataset.exclude: every colour+shape combination is excluded")
-        # every allowed (colour, shape, position, size), in a fixed order
-        self.combos = [(c, s, p, z) for (c, s), p, z in
-                       itertools.product(pairs, config.positions, config.sizes)]
+            self.combos = [k for k in combos if not is_excluded(*k[:3], excluded)]
+            if not self.combos:
+                raise ConfigError("dataset.exclude: every combination is excluded")
         n = config.num_samples if split == "train" else config.num_eval_samples
         self.length = min(n, config.max_items) if config.max_items else n
 
