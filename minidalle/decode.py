@@ -86,9 +86,10 @@ class _LayerWeights:
     def step(self, x: torch.Tensor, attend, offset: int, cache: dict) -> torch.Tensor:
         """``x`` ``[B, dim]`` at position ``offset`` -> the block's output."""
         b, h, d = x.shape[0], self.heads, self.dim_head
-        q, k, v = self.qkv(_layer_norm(x, self.norm_attn)).view(b, 3, h, 1, d).unbind(1)
+        qkv = self.qkv(_layer_norm(x, self.norm_attn))
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            q, k, v = q.float(), k.float(), v.float()  # as QKVAttention.forward
+            qkv = qkv.float()  # as QKVAttention.forward: fp32 attention and cache on CPU
+        q, k, v = qkv.view(b, 3, h, 1, d).unbind(1)
         k, v = update_kv_cache(cache, k, v, offset, self.max_len)
         a = attend(q, k, v, offset).view(b, h * d).to(x.dtype)
         x = self._add(x, self.out, a, self.post_attn, self.scale_attn)
