@@ -4,7 +4,7 @@ A cached step feeds one position per sequence, so every weight matrix is read on
 matrix-vector product: the step is bound by memory bandwidth plus per-op overhead.
 :class:`LeanDecoder` does the arithmetic of ``DALLE.hidden(tokens, cache=...)`` with
 
-- weights prepacked once for oneDNN on CPU (its bf16 matrix-vector product runs ~1.8x
+- weights prepacked once for oneDNN on CPU (its bf16 matrix-vector product runs ~1.7x
   faster than ``F.linear``'s; both accumulate in fp32),
 - LayerScale folded into the output projections and the residual add fused into them,
 - no ``nn.Module`` calls.
