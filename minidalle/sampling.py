@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from minidalle.decode import LeanDecoder
+
 
 def top_k_filter(logits: torch.Tensor, thres: float) -> torch.Tensor:
     """Keep the top ``max(1, int((1 - thres) * vocab))`` logits, the rest -inf."""
@@ -63,18 +65,25 @@ def _can_cache(model, use_cache: bool) -> bool:
 
 class _Decoder:
     """Feeds sequence ids to the model and returns the last position's hidden state,
-    cached (incremental) or by recomputing the whole prefix."""
+    cached (incremental) or by recomputing the whole prefix. Cached one-position steps of
+    standard models go through :class:`~minidalle.decode.LeanDecoder`."""
 
     def __init__(self, model, use_cache: bool):
         self.model = model
         self.cache = model.new_cache() if use_cache else None
+        self.lean = LeanDecoder(model) if use_cache and LeanDecoder.supports(model) else None
         self.seq = None
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.seq = tokens if self.seq is None else torch.cat([self.seq, tokens], dim=1)
-        if self.cache is not None:
-            return self.model.hidden(tokens, cache=self.cache)[:, -1:]
-        return self.model.hidden(self.seq)[:, -1:]
+        if self.cache is None:
+            self.seq = tokens if self.seq is None else torch.cat([self.seq, tokens], dim=1)
+            return self.model.hidden(self.seq)[:, -1:]
+        if self.lean is not None and tokens.shape[1] == 1:
+            return self.lean.hidden(tokens, self.cache)
+        return self.model.hidden(tokens, cache=self.cache)[:, -1:]
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return (self.lean or self.model).image_logits(h)
 
 
 @torch.no_grad()
@@ -101,7 +110,7 @@ def generate_image_codes(
         prefix = torch.cat([prefix, codes], dim=1)
     h = decoder.feed(prefix)
     for step in range(codes.shape[1], model.image_seq_len):
-        logits = model.image_logits(h)[:, -1].float()
+        logits = decoder.image_logits(h)[:, -1].float()
         if on_logits is not None:
             on_logits(step, logits)
         sample = sample_logits(logits, filter_thres=filter_thres, top_p=top_p,

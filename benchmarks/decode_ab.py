@@ -1,0 +1,72 @@
+"""A/B of cached sampling: module forward steps vs the lean decode step, same process.
+
+    python benchmarks/decode_ab.py configs/l16.toml [--threads 1] [--images 1]
+        [--precision bf16] [--repeats 3]
+
+Draws the same image(s) alternately with each step kind (the module path is what sampling
+did before ``minidalle/decode.py``: ``LeanDecoder.supports`` patched to False) and prints the
+minimum wall and CPU time of each. Interleaving and the minimum make the ratio usable on a
+machine that other jobs share; absolute times are not.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from unittest import mock
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from minidalle.commands.bench import _bench_geometry
+    from minidalle.config import load_config
+    from minidalle.decode import LeanDecoder
+    from minidalle.pipeline import build_model
+    from minidalle.sampling import generate_image_codes
+
+    p = argparse.ArgumentParser(prog="python benchmarks/decode_ab.py")
+    p.add_argument("config")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--images", type=int, default=1, help="images drawn together")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    cfg = load_config(args.config)
+    geo = _bench_geometry(cfg)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg, text_vocab=geo["text_vocab"], num_image_tokens=geo["num_image_tokens"],
+                        fmap_size=geo["fmap_size"]).eval()
+    model.to(torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, geo["text_vocab"], (args.images, cfg.model.text_seq_len), generator=g)
+    text[:, -cfg.model.text_seq_len // 4 :] = 0  # padding, as in the bench
+
+    def draw(kind, **kw):
+        if kind == "lean":
+            return generate_image_codes(model, text, seed=0, **kw)
+        with mock.patch.object(LeanDecoder, "supports", staticmethod(lambda m: False)):
+            return generate_image_codes(model, text, seed=0, **kw)
+
+    prime = torch.zeros(args.images, model.image_seq_len - 4, dtype=torch.long)
+    kinds = ("module", "lean")
+    for kind in kinds:  # warm-up (and the lean step's one-off weight preparation)
+        draw(kind, prime_codes=prime)
+    best = {k: (float("inf"), float("inf")) for k in kinds}
+    for r in range(args.repeats):
+        for kind in kinds:
+            wall, cpu = time.perf_counter(), time.process_time()
+            draw(kind)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[kind] = (min(best[kind][0], wall), min(best[kind][1], cpu))
+            print(f"  repeat {r}: {kind} step {wall:.2f} s (CPU {cpu:.2f} s)", flush=True)
+    (mw, mc), (lw, lc) = best["module"], best["lean"]
+    print(f"{args.images} image(s), {args.precision}, {args.threads} thread(s), min of {args.repeats}: "
+          f"module {mw:.2f} s (CPU {mc:.2f} s), lean {lw:.2f} s (CPU {lc:.2f} s): "
+          f"lean is {mw / lw:.2f}x faster (CPU {mc / lc:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
