@@ -14,7 +14,9 @@ pairs layer ``l``'s mask allows over the T positions (causal, so at most T(T+1)/
 without a mask counts T(T+1)/2). Per allowed pair the forward pass costs 2 x d_attn for
 QK^T and 2 x d_attn for AV; backward twice that. Sparse layers are credited only with the
 pairs they need, so an implementation that computes dense masked attention gets no credit
-for the wasted work.
+for the wasted work. The logits layer is credited over the full vocabulary at every
+position although the training loss computes text logits at text positions and image
+logits at image positions only (``DALLE.loss``): kept so that figures stay comparable.
 """
 from __future__ import annotations
 
