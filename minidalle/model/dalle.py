@@ -213,11 +213,18 @@ class DALLE(nn.Module):
         entries contribute exp(min) = 0 to the softmax), computed without them: text
         positions get logits over the text table only and image positions over the codes
         only, 3.4x fewer logits in the recipe (no [B, 336, 9296] tensor, mask or slices).
+        A replaced projection (the IPU's serialized ``to_logits``) keeps the masked
+        full-vocabulary logits.
         """
         t = self.text_seq_len
-        h = self.norm_out(h)
-        logits_text = self.text_logits_raw(h[:, :t])
-        logits_img = self.image_logits_raw(h[:, t:])
+        if type(self.to_logits) is nn.Linear:
+            hn = self.norm_out(h)
+            logits_text, logits_img = self.text_logits_raw(hn[:, :t]), self.image_logits_raw(hn[:, t:])
+            labels_img = codes
+        else:
+            logits = self.logits(h)
+            logits_text, logits_img = logits[:, :t], logits[:, t:]
+            labels_img = codes + self.num_text_tokens
         loss_text = F.cross_entropy(logits_text.flatten(0, 1).float(), seq[:, 1 : t + 1].flatten())
-        loss_img = F.cross_entropy(logits_img.flatten(0, 1).float(), codes.flatten())
+        loss_img = F.cross_entropy(logits_img.flatten(0, 1).float(), labels_img.flatten())
         return (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)
