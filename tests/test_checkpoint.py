@@ -178,10 +178,11 @@ SCRIPT = textwrap.dedent("""
     import _tiny
     from minidalle.trainer import train
 
-    out, resume, kill_at = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+    out, resume, kill_at, precision = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
     cfg = _tiny.tiny_config(out, "training.epochs=2", "training.checkpoint_every=3", "dataset.size=8",
                             "training.lr_scheduler=cosine", "training.warmup_steps=2",
-                            "model.attn_dropout=0.1", "model.ff_dropout=0.1")
+                            "model.attn_dropout=0.1", "model.ff_dropout=0.1",
+                            f"backend.precision={{precision}}")
 
     def kill(trainer, step, result):
         if step == kill_at:
@@ -191,14 +192,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, precision):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
 
     def run(out, resume, kill_at):
-        return subprocess.run([sys.executable, str(script), str(out), "1" if resume else "0", str(kill_at)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run([sys.executable, str(script), str(out), "1" if resume else "0", str(kill_at),
+                               precision], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
     killed = run(tmp_path / "k", False, 5)  # 8 steps, checkpoints at 3 and 6; killed after step 5
     assert killed.returncode == -signal.SIGKILL, killed.stderr

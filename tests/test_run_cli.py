@@ -150,12 +150,14 @@ def test_bench_prints_the_figures(tmp_path, capsys):
     assert r["samples_per_sec"] > 0 and 0 < r["mfu"] < 1.5
 
 
-def test_bench_precision_and_batch(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["bf16", "bf16-master"])
+def test_bench_precision_and_batch(tmp_path, capsys, precision):
     assert main(["bench", str(ROOT / "configs" / "unit_test.toml"), "--steps", "1", "--warmup", "0",
-                 "--precision", "bf16", "--batch-size", "2", "--no-peak",
+                 "--precision", precision, "--batch-size", "2", "--no-peak",
                  "--set", "model.text_seq_len=8", "--set", "bench.fmap_size=4"]) == 0
     text = capsys.readouterr().out
-    assert "backend cpu bf16, batch 2" in text and "MFU" not in text
+    assert f"backend cpu {precision}, batch 2" in text and "MFU" not in text
+    assert f"Device: cpu {precision}," in text
 
 
 def test_bench_rejects_bad_bench_section(tmp_path, capsys):

@@ -6,7 +6,9 @@ import torch
 
 import _tiny
 from minidalle.backend import StepResult, samples_per_step
+from minidalle.checkpoint import load_checkpoint
 from minidalle.components.backend_cpu import CpuBackend, CpuConfig
+from minidalle.master_weights import MasterWeightsRunner
 from minidalle.pipeline import Pipeline
 from minidalle.trainer import Trainer, seed_everything, split_indices, train
 
@@ -123,16 +125,46 @@ def test_another_seed_gives_other_weights(tmp_path):
     assert not torch.equal(weights(tmp_path / "a", 1), weights(tmp_path / "b", 2))
 
 
-def test_bf16_autocast_trains_and_stays_close_to_fp32(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "bf16-master"])
+def test_bf16_trains_and_stays_close_to_fp32(tmp_path, precision):
     def losses(out, precision):
         cfg = _tiny.tiny_config(out, "training.epochs=2", "dataset.size=8")
         trainer, _ = _trainer(cfg, precision=precision)
         trainer.train()
         return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
 
-    fp32, bf16 = losses(tmp_path / "fp32", "fp32"), losses(tmp_path / "bf16", "bf16")
-    assert fp32 != bf16  # autocast really ran
+    fp32, bf16 = losses(tmp_path / "fp32", "fp32"), losses(tmp_path / precision, precision)
+    assert fp32 != bf16  # bf16 really ran
     assert bf16[-1] == pytest.approx(fp32[-1], rel=0.02)
+    if precision == "bf16-master":  # checkpoints hold the fp32 masters
+        ck = load_checkpoint(tmp_path / precision, with_config=False)
+        assert {t.dtype for t in ck.state_dict.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_bf16_master_keeps_fp32_masters_and_accumulates_in_fp32(tmp_path):
+    def step(n, *overrides):
+        cfg = _tiny.tiny_config(tmp_path, *overrides)
+        seed_everything(0)
+        pipe = Pipeline(cfg, _tiny.registry())
+        backend = CpuBackend(CpuConfig(precision="bf16-master"))
+        model = backend.setup_model(pipe.model)
+        runner = backend.prepare(model, backend.build_optimizer(model, cfg.training), cfg.training)
+        assert isinstance(runner, MasterWeightsRunner)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        result = runner.train_step(_batch(pipe, n))
+        return runner, result, before
+
+    runner, result, before = step(4, "training.batch_size=1", "training.gradient_accumulation=4")
+    work = dict(runner.work.named_parameters())
+    for name, master in runner.model.named_parameters():
+        assert master.dtype == torch.float32 and master.grad.dtype == torch.float32
+        assert not torch.equal(master, before[name]), name  # the masters were updated
+        assert torch.equal(work[name], master.bfloat16()), name  # the bf16 copy follows them
+    big, big_result, _ = step(4, "training.batch_size=4", "training.gradient_accumulation=1")
+    assert result.loss == pytest.approx(big_result.loss, rel=1e-2)
+    grads = dict(big.model.named_parameters())
+    for name, p in runner.model.named_parameters():  # 4 micro-batches summed in fp32
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=0.05, atol=1e-3, msg=name)
 
 
 def test_validation_loss_is_recorded(tmp_path, capsys):

@@ -14,7 +14,9 @@ pairs layer ``l``'s mask allows over the T positions (causal, so at most T(T+1)/
 without a mask counts T(T+1)/2). Per allowed pair the forward pass costs 2 x d_attn for
 QK^T and 2 x d_attn for AV; backward twice that. Sparse layers are credited only with the
 pairs they need, so an implementation that computes dense masked attention gets no credit
-for the wasted work.
+for the wasted work. The logits layer is credited over the full vocabulary at every
+position although the training loss computes text logits at text positions and image
+logits at image positions only (``DALLE.loss``): kept so that figures stay comparable.
 """
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=int, help="micro-batch (default: training.batch_size)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="override the backend's precision")
+    p.add_argument("--precision", choices=("fp32", "bf16", "bf16-master"),
+                   help="override the backend's precision (bf16: autocast; bf16-master: bf16 "
+                        "weights with fp32 master weights)")
     p.add_argument("--backend", metavar="NAME", default="cpu",
                    help="backend to time (default cpu; the config's [backend] params are kept "
                         "when it names the same one)")
@@ -271,8 +275,9 @@ def run(args) -> int:
             r[f"matmul_peak_{name}"] = peak
             print(f"Matmul peak {name}: {peak / 1e9:.1f} GFLOP/s (torch.mm {size}x{size}, "
                   f"{torch.get_num_threads()} threads)")
-        r["mfu"] = achieved / r[f"matmul_peak_{precision}"]
-        print(f"MFU: {100 * r['mfu']:.1f}% of the measured {precision} matmul peak")
+        peak_name = "fp32" if precision == "fp32" else "bf16"  # bf16 and bf16-master
+        r["mfu"] = achieved / r[f"matmul_peak_{peak_name}"]
+        print(f"MFU: {100 * r['mfu']:.1f}% of the measured {peak_name} matmul peak")
     peak_line = f"Peak memory: {r['peak_rss_bytes'] / gib:.2f} GiB RSS"
     if not r["peak_rss_is_benchmark_only"]:
         peak_line += " (process lifetime)"

@@ -17,6 +17,7 @@ from minidalle.model.attention_api import (
     PatternAttention,
     causal_mask,
     positions,
+    sdpa,
 )
 
 
@@ -76,8 +77,7 @@ class AxialAttention(PatternAttention):
         n = q.shape[-2]
         if offset != 0 or n != k.shape[-2]:
             return super().attend(q, k, v, offset)
-        out_text = F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True,
-                                                  dropout_p=self.dropout_p)
+        out_text = sdpa(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True, dropout_p=self.dropout_p)
         if n <= t:
             return out_text
         b, h, _, d = q.shape

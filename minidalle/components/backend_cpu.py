@@ -3,7 +3,9 @@
 fp32 is deterministic: same config, seed and data give bit-identical weights (PyTorch's CPU
 kernels are deterministic for a fixed thread count; ``threads`` pins it). ``precision =
 "bf16"`` runs the forward pass under ``torch.autocast("cpu", bfloat16)``; weights, gradients
-and optimizer state stay fp32.
+and optimizer state stay fp32. ``precision = "bf16-master"`` trains a bf16 copy of the model
+(weights, activations, gradients) with fp32 master weights in the optimizer
+(``minidalle/master_weights.py``): faster than autocast, and deterministic too.
 
 Under torchrun (``minidalle run --nproc N``) each process joins a gloo process group and
 gradients are averaged over processes (``minidalle/distributed.py``).
@@ -19,11 +21,12 @@ import torch
 from minidalle.backend import Backend, TorchRunner
 from minidalle.config import one_of, positive
 from minidalle.distributed import DataParallel, DataParallelBackend, make_runner
+from minidalle.master_weights import MasterWeightsRunner
 
 
 @attrs.define
 class CpuConfig:
-    precision: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16"))
+    precision: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16", "bf16-master"))
     # torch intra-op threads; None keeps PyTorch's default (one per core).
     threads: Union[int, None] = attrs.field(default=None, validator=positive)
     # Seconds a process waits in the rendezvous or in a collective before failing
@@ -52,12 +55,15 @@ class CpuBackend(DataParallelBackend, Backend):
         return f"cpu {self.config.precision}, {torch.get_num_threads()} threads{dp}"
 
     def autocast(self):
-        if self.config.precision == "bf16":
+        # bf16-master trains without autocast (see MasterWeightsRunner); for inference on
+        # the fp32 master weights, autocast is its closest equivalent.
+        if self.config.precision in ("bf16", "bf16-master"):
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def prepare(self, model, optimizer, training) -> TorchRunner:
-        return make_runner(TorchRunner, self, model, optimizer, training)
+        cls = MasterWeightsRunner if self.config.precision == "bf16-master" else TorchRunner
+        return make_runner(cls, self, model, optimizer, training)
 
 
 def build(config: CpuConfig | None = None) -> CpuBackend:

@@ -168,13 +168,21 @@ class DALLE(nn.Module):
 
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits over the image codes only (what sampling an image needs)."""
-        w, b = self.to_logits.weight, self.to_logits.bias
-        return F.linear(self.norm_out(h), w[self.num_text_tokens :], b[self.num_text_tokens :])
+        return self.image_logits_raw(self.norm_out(h))
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits over the text table (ids >= text_vocab are padding)."""
+        return self.text_logits_raw(self.norm_out(h))
+
+    def image_logits_raw(self, hn: torch.Tensor) -> torch.Tensor:
+        """:meth:`image_logits` of already normalised hidden states."""
         w, b = self.to_logits.weight, self.to_logits.bias
-        return F.linear(self.norm_out(h), w[: self.num_text_tokens], b[: self.num_text_tokens])
+        return F.linear(hn, w[self.num_text_tokens :], b[self.num_text_tokens :])
+
+    def text_logits_raw(self, hn: torch.Tensor) -> torch.Tensor:
+        """:meth:`text_logits` of already normalised hidden states."""
+        w, b = self.to_logits.weight, self.to_logits.bias
+        return F.linear(hn, w[: self.num_text_tokens], b[: self.num_text_tokens])
 
     # ------------------------------------------------------------------ forward
 
@@ -193,12 +201,30 @@ class DALLE(nn.Module):
                 raise ValueError(f"text must have {self.text_seq_len} tokens, got {text.shape[1]}")
         if seq.shape[1] > self.max_positions:
             seq = seq[:, : self.max_positions]  # the last image token is never an input
-        logits = self.logits(self.hidden(seq))
+        h = self.hidden(seq)
         if not return_loss:
-            return logits
+            return self.logits(h)
+        return self.loss(h, seq, codes)
+
+    def loss(self, h: torch.Tensor, seq: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The weighted text/image loss from hidden states ``h`` of the training sequence.
+
+        The same value as cross entropy over the masked full-vocabulary logits (masked
+        entries contribute exp(min) = 0 to the softmax), computed without them: text
+        positions get logits over the text table only and image positions over the codes
+        only, 3.4x fewer logits in the recipe (no [B, 336, 9296] tensor, mask or slices).
+        A replaced projection (the IPU's serialized ``to_logits``) keeps the masked
+        full-vocabulary logits.
+        """
         t = self.text_seq_len
-        labels_text = seq[:, 1 : t + 1]
-        labels_image = codes + self.num_text_tokens
-        loss_text = F.cross_entropy(logits[:, :t].flatten(0, 1), labels_text.flatten())
-        loss_img = F.cross_entropy(logits[:, t:].flatten(0, 1), labels_image.flatten())
+        if type(self.to_logits) is nn.Linear:
+            hn = self.norm_out(h)
+            logits_text, logits_img = self.text_logits_raw(hn[:, :t]), self.image_logits_raw(hn[:, t:])
+            labels_img = codes
+        else:
+            logits = self.logits(h)
+            logits_text, logits_img = logits[:, :t], logits[:, t:]
+            labels_img = codes + self.num_text_tokens
+        loss_text = F.cross_entropy(logits_text.flatten(0, 1).float(), seq[:, 1 : t + 1].flatten())
+        loss_img = F.cross_entropy(logits_img.flatten(0, 1).float(), labels_img.flatten())
         return (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)
