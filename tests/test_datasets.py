@@ -114,6 +114,24 @@ def test_shapes_exclude_at_a_position():
         _shapes(exclude=["red circle top middle"])
 
 
+def test_shapes_caption_dropout():
+    plain = _shapes(num_samples=300)
+    dropped = _shapes(num_samples=300, caption_dropout=0.5, caption_dropout_attributes=["colour", "shape"])
+    short = 0
+    for i in range(300):
+        a, caption = dropped[i]["attributes"], dropped[i]["caption"]
+        assert a == plain[i]["attributes"]  # the same items, only the captions change
+        assert caption.endswith(plain[i]["caption"].split(a["shape"])[1])  # position always kept
+        short += caption != plain[i]["caption"]
+        assert (a["colour"] in caption) or (a["shape"] in caption) or "shape" in caption
+    assert 0.6 < short / 300 < 0.9  # 1 - 0.5 * 0.5 of them lose a word
+    assert "a large shape" in "".join(dropped.captions()) or "a small shape" in "".join(dropped.captions())
+    val = _shapes(split="val", caption_dropout=0.5)
+    assert all(val[i]["attributes"]["colour"] in val[i]["caption"] for i in range(50))  # train only
+    with pytest.raises(FieldError, match="caption_dropout: expected"):
+        _shapes(caption_dropout=1.0)
+
+
 def test_shapes_config_errors(tmp_path):
     from minidalle.config import load_config
 

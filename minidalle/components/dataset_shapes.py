@@ -83,12 +83,24 @@ class ShapesConfig:
     # random shift of the shape inside its grid cell, as a fraction of the cell
     jitter: float = attrs.field(default=0.0)
     background: list[int] = attrs.field(factory=lambda: [0, 0, 0])
+    # Probability that a train-split caption leaves out each of `caption_dropout_attributes`
+    # (independently): "a large circle at the top left", "a large red shape at the top", ...
+    # so that the model also learns what each attribute alone does to the image.
+    caption_dropout: float = attrs.field(default=0.0)
+    caption_dropout_attributes: list[str] = attrs.field(
+        factory=lambda: ["colour", "shape", "position"],
+        validator=_subset_of(("colour", "shape", "position")))
     max_items: int | None = attrs.field(default=None, validator=positive)
 
     @jitter.validator
     def _jitter(self, attribute, value):
         if not 0.0 <= value <= 0.25:
             raise FieldError(f"jitter: expected a number in [0, 0.25], got {value!r}")
+
+    @caption_dropout.validator
+    def _caption_dropout(self, attribute, value):
+        if not 0.0 <= value < 1.0:
+            raise FieldError(f"caption_dropout: expected a number in [0, 1), got {value!r}")
 
     @background.validator
     def _background(self, attribute, value):
@@ -121,9 +133,15 @@ def is_excluded(colour: str, shape: str, position: str, excluded) -> bool:
     return any(c == colour and s == shape and p in (None, position) for c, s, p in excluded)
 
 
-def caption_for(attributes: dict) -> str:
-    phrase = POSITIONS[attributes["position"]][1]
-    return f"a {attributes['size']} {attributes['colour']} {attributes['shape']} {phrase}"
+def caption_for(attributes: dict, omit=()) -> str:
+    """The caption of ``attributes``, leaving out the ``omit`` ones (colour, shape, position)."""
+    words = ["a", attributes["size"]]
+    if "colour" not in omit:
+        words.append(attributes["colour"])
+    words.append("shape" if "shape" in omit else attributes["shape"])
+    if "position" not in omit:
+        words.append(POSITIONS[attributes["position"]][1])
+    return " ".join(words)
 
 
 def render(attributes: dict, image_size: int, *, background=(0, 0, 0),
@@ -195,14 +213,23 @@ class ShapesDataset(torch.utils.data.Dataset):
             j = self.config.jitter
             offset = tuple(float(v) for v in self._rng(index).uniform(-j, j, size=3)[1:])
         image = render(attributes, self.image_size, background=self.config.background, offset=offset)
-        return {"caption": caption_for(attributes), "image": image, "attributes": attributes}
+        return {"caption": self.caption(index), "image": image, "attributes": attributes}
+
+    def caption(self, index: int) -> str:
+        p = self.config.caption_dropout if self.split == "train" else 0.0
+        omit = ()
+        if p:  # a stream of its own, so the item's attributes do not change with p
+            names = self.config.caption_dropout_attributes
+            drop = np.random.default_rng([self.seed & 0xFFFFFFFF, 7, index]).random(len(names)) < p
+            omit = [name for name, d in zip(names, drop) if d]
+        return caption_for(self.attributes(index), omit)
 
     def item_captions(self, index: int) -> list[str]:
-        return [caption_for(self.attributes(index))]
+        return [self.caption(index)]
 
     def captions(self):
         for i in range(self.length):
-            yield caption_for(self.attributes(i))
+            yield self.caption(i)
 
 
 def build(config: ShapesConfig, *, image_size: int, split: str = "train", seed: int = 0):
