@@ -147,3 +147,24 @@ def test_conv_like_config_errors():
         config_from_dict({"model": {"attn_types": ["conv_like"]}, "attention": {"conv_like": {"kernel_size": 4}}})
     with pytest.raises(ConfigError, match="attention.full.+takes no parameters"):
         config_from_dict({"model": {"attn_types": ["full"]}, "attention": {"full": {"x": 1}}})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_autograd_function_is_bit_identical_to_autograd(dtype):
+    """The GEGLU backward that writes into one buffer gives autograd's exact gradient."""
+    import torch.nn.functional as F
+
+    from minidalle.model.transformer import geglu
+
+    h = torch.randn(2, 7, 24, dtype=dtype, requires_grad=True)
+    grad = torch.randn(2, 7, 12, dtype=dtype)
+    x, gates = h.chunk(2, dim=-1)
+    ref = x * F.gelu(gates)
+    ref_grad, = torch.autograd.grad(ref, h, grad)
+    out = geglu(h)
+    assert out.grad_fn is not None and "GEGLU" in type(out.grad_fn).__name__
+    out_grad, = torch.autograd.grad(out, h, grad)
+    assert torch.equal(out, ref)
+    assert torch.equal(out_grad, ref_grad)
+    with torch.no_grad():
+        assert torch.equal(geglu(h), ref)

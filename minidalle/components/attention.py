@@ -74,37 +74,39 @@ class AxialAttention(PatternAttention):
 
     def attend(self, q, k, v, offset):
         t, f = self.spec.text_len, self.spec.fmap_size
-        n = q.shape[-2]
+        b, h, n, d = q.shape
         if offset != 0 or n != k.shape[-2]:
             return super().attend(q, k, v, offset)
-        out_text = sdpa(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True, dropout_p=self.dropout_p)
         if n <= t:
-            return out_text
-        b, h, _, d = q.shape
+            return sdpa(q, k, v, is_causal=True, dropout_p=self.dropout_p)
         pad = f * f - (n - t)  # the last image positions are absent in training: pad them
-
-        def grid(x):  # [B, H, f, f, d] in raster order (rows, then columns)
-            return F.pad(x[:, :, t:], (0, 0, 0, pad)).view(b, h, f, f, d)
-
-        qi, ki, vi = grid(q * d**-0.5), grid(k), grid(v)
-        kt, vt = k[:, :, :t], v[:, :, :t]
-        scores_text = qi.view(b, h, f * f, d) @ kt.transpose(-1, -2)  # [B, H, f*f, t]
+        # One split per tensor (not slices): its backward is one cat, where each slice's
+        # backward zero-fills a full-size gradient that is then added up.
+        qt, qi = F.pad(q, (0, 0, 0, pad)).split([t, f * f], dim=2)
+        kt, ki = F.pad(k, (0, 0, 0, pad)).split([t, f * f], dim=2)
+        vt, vi = F.pad(v, (0, 0, 0, pad)).split([t, f * f], dim=2)
+        out_text = sdpa(qt, kt, vt, is_causal=True, dropout_p=self.dropout_p)
+        scores_text = qi @ kt.transpose(-1, -2)  # [B, H, f*f, t]
+        qi, ki, vi = qi.view(b, h, f, f, d), ki.view(b, h, f, f, d), vi.view(b, h, f, f, d)  # raster order
         if self.axis == 1:  # columns: make each column a "row"
             qi, ki, vi = qi.transpose(2, 3), ki.transpose(2, 3), vi.transpose(2, 3)
         scores_line = (qi @ ki.transpose(-1, -2)).masked_fill(self.line_mask, float("-inf"))
         if self.axis == 1:
             scores_line = scores_line.transpose(2, 3)  # back to raster order of the queries
-        probs = torch.cat([scores_text.view(b, h, f, f, t), scores_line], dim=-1).softmax(dim=-1)
+        scores = torch.cat([scores_text.view(b, h, f, f, t), scores_line], dim=-1)
+        probs = (scores * d**-0.5).softmax(dim=-1)
         if self.dropout_p:
             probs = F.dropout(probs, self.dropout_p)
-        p_text, p_line = probs[..., :t], probs[..., t:]
+        p_text, p_line = probs.split([t, f], dim=-1)
         if self.axis == 1:
             p_line = p_line.transpose(2, 3)
         out_line = p_line @ vi
         if self.axis == 1:
             out_line = out_line.transpose(2, 3)
-        out_image = out_line.reshape(b, h, f * f, d) + p_text.reshape(b, h, f * f, t) @ vt
-        return torch.cat([out_text, out_image[:, :, : n - t]], dim=2)
+        # out_line + p_text @ vt in one call (no separate sum)
+        out_image = torch.baddbmm(out_line.reshape(b * h, f * f, d), p_text.reshape(b * h, f * f, t),
+                                  vt.reshape(b * h, t, d)).view(b, h, f * f, d)
+        return torch.cat([out_text, out_image], dim=2)[:, :, :n]
 
 
 def _odd(instance, attribute, value):

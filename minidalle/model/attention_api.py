@@ -147,7 +147,9 @@ class QKVAttention(AttentionModule):
     def forward(self, x, *, offset: int = 0, cache: dict | None = None):
         b, n, _ = x.shape
         h, d = self.spec.heads, self.spec.dim_head
-        q, k, v = self.to_qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        # Unbinding dim 2 gives the same [B, H, n, d] views as permute(2, 0, 3, 1, 4).unbind(0),
+        # but backward stacks the gradients straight into to_qkv's layout (one copy, not two).
+        q, k, v = (t.transpose(1, 2) for t in self.to_qkv(x).view(b, n, 3, h, d).unbind(2))
         if cache is not None:
             if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
                 # Sampling with half-precision weights: CPU attention kernels are several

@@ -15,6 +15,37 @@ def layerscale_init(layer: int) -> float:
     return 1e-6
 
 
+class _GEGLU(torch.autograd.Function):
+    """``x * gelu(gates)`` for ``x, gates = h.chunk(2, -1)``, with the same arithmetic as
+    autograd's, but the backward writes both halves of the gradient of ``h`` into one
+    buffer instead of concatenating them (one [B, n, 2*mult*dim] copy per layer less)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        x, gates = h.chunk(2, dim=-1)
+        act = F.gelu(gates)
+        ctx.save_for_backward(h, act)
+        return x * act
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, act = ctx.saved_tensors
+        x, gates = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_x, grad_gates = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, act, out=grad_x)
+        torch.ops.aten.gelu_backward.grad_input(grad * x, gates, grad_input=grad_gates)
+        return grad_h
+
+
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """GEGLU over the last dimension of ``h`` (first half: values, second half: gates)."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _GEGLU.apply(h)
+    x, gates = h.chunk(2, dim=-1)
+    return x * F.gelu(gates)
+
+
 class FeedForward(nn.Module):
     """Linear dim -> 2*mult*dim, GEGLU halves it, Linear back to dim."""
 
@@ -25,8 +56,7 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(dim * mult, dim)
 
     def forward(self, x):
-        x, gates = self.proj_in(x).chunk(2, dim=-1)
-        return self.proj_out(self.dropout(x * F.gelu(gates)))
+        return self.proj_out(self.dropout(geglu(self.proj_in(x))))
 
 
 class Block(nn.Module):
