@@ -343,7 +343,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     launcher (``--standalone``: a private rendezvous on localhost) and wait for them.
 
     Returns 0 when all succeeded; otherwise raises :class:`DistributedError` naming the
-    first failed rank and its exit code (torchrun has already stopped the others).
+    failed ranks and their exit codes (torchrun has already stopped the others).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -356,11 +356,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        raise DistributedError(
-            f"process rank {rank} of {nproc} failed with exit code {failure.exitcode}"
-            f"{_signal_note(failure.exitcode)}; the others were stopped (see the output above)"
-        ) from None
+        # Every rank seen failed in the same poll: a killed rank's peers often abort too
+        # (SIGABRT from gloo) and may carry the earlier timestamp, so name them all.
+        failed = [f"process rank {rank} of {nproc} failed with exit code {failure.exitcode}"
+                  f"{_signal_note(failure.exitcode)}"
+                  for rank, failure in sorted(exc.failures.items())]
+        raise DistributedError(f"{', '.join(failed)}; the others were stopped "
+                               "(see the output above)") from None
     return 0
 
 
