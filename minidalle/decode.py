@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidalle.model.attention_api import QKVAttention, update_kv_cache
-from minidalle.model.transformer import Block, FeedForward
+from minidalle.model.transformer import Block, FeedForward, geglu
 
 
 def _use_onednn(weight: torch.Tensor) -> bool:
@@ -93,8 +93,8 @@ class _LayerWeights:
         k, v = update_kv_cache(cache, k, v, offset, self.max_len)
         a = attend(q, k, v, offset).view(b, h * d).to(x.dtype)
         x = self._add(x, self.out, a, self.post_attn, self.scale_attn)
-        u, gates = self.ff_in(_layer_norm(x, self.norm_ff)).chunk(2, dim=-1)
-        return self._add(x, self.ff_out, u * F.gelu(gates), self.post_ff, self.scale_ff)
+        return self._add(x, self.ff_out, geglu(self.ff_in(_layer_norm(x, self.norm_ff))),
+                         self.post_ff, self.scale_ff)
 
     @staticmethod
     def _add(x, linear, a, norm, scale):
