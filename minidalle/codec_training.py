@@ -55,6 +55,14 @@ class CodecTrainingConfig:
     n_embed: int = attrs.field(default=128, validator=positive)
     embed_dim: int = attrs.field(default=32, validator=positive)
     beta: float = attrs.field(default=0.25, validator=non_negative)  # commitment weight
+    # A second, colour-blind codebook of this many entries (0: none): its encoder sees only
+    # max(R, G, B), so its codes say "which outline" and the first codebook's "which colour";
+    # an image code is the pair (see codec_vqgan.VQGAN). Default width: embed_dim.
+    structure_n_embed: int = attrs.field(default=0, validator=non_negative)
+    structure_embed_dim: Union[int, None] = attrs.field(default=None, validator=positive)
+    # Training only: the structure encoder's input is scaled by a random gain in
+    # [1 - jitter, 1] per image, so brightness cannot tell it the colour.
+    structure_gain_jitter: float = attrs.field(default=0.4, validator=non_negative)
     # "ema": codebook entries follow moving averages of the encoder outputs assigned to them
     # (VQ-VAE appendix; learns faster than "gradient", the codebook loss of taming's VQGAN).
     codebook_update: str = attrs.field(default="ema", validator=one_of("ema", "gradient"))
@@ -87,6 +95,12 @@ class CodecTrainingConfig:
     # Output .ckpt; default <run.out_dir>/codec/vqgan.ckpt. The .yaml goes beside it.
     out: str = ""
 
+    def structure(self) -> dict | None:
+        if not self.structure_n_embed:
+            return None
+        return {"n_embed": self.structure_n_embed,
+                "embed_dim": self.structure_embed_dim or self.embed_dim}
+
     def ddconfig(self) -> dict:
         return {"double_z": False, "z_channels": self.z_channels, "resolution": self.image_size,
                 "in_channels": 3, "out_ch": 3, "ch": self.ch, "ch_mult": list(self.ch_mult),
@@ -104,6 +118,9 @@ def read_settings(cfg: Config) -> CodecTrainingConfig:
     if ct.image_size % down:
         raise ConfigError(f"{cfg.source}: {SECTION}.image_size: expected a multiple of {down} "
                           f"(2**(len(ch_mult)-1)), got {ct.image_size}")
+    if ct.structure_gain_jitter >= 1:
+        raise ConfigError(f"{cfg.source}: {SECTION}.structure_gain_jitter: expected a value in "
+                          f"[0, 1), got {ct.structure_gain_jitter}")
     if ct.perceptual_weight > 0 and not ct.vgg_weights:
         raise ConfigError(f"{cfg.source}: {SECTION}.vgg_weights: perceptual_weight > 0 needs a "
                           "local VGG16 weights file (nothing is downloaded)")
@@ -286,11 +303,11 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
                         drop_last=True, num_workers=ct.workers, collate_fn=collate_images,
                         generator=g, persistent_workers=ct.workers > 0)
 
-    model = VQGAN(ct.ddconfig(), ct.n_embed, ct.embed_dim, beta=ct.beta)
-    emb = model.quantize.embedding.weight
+    model = VQGAN(ct.ddconfig(), ct.n_embed, ct.embed_dim, beta=ct.beta, structure=ct.structure())
+    books = model.codebooks()  # one or two codebooks, each with its EMA, use counts, restarts
     perceptual = VggPerceptual(ct.vgg_weights) if ct.perceptual_weight > 0 else None
-    ema = EmaCodebook(emb, ct.ema_decay) if ct.codebook_update == "ema" else None
-    params = [p for p in model.parameters() if ema is None or p is not emb]
+    emas = [EmaCodebook(book, ct.ema_decay) for book in books] if ct.codebook_update == "ema" else None
+    params = [p for p in model.parameters() if emas is None or all(p is not b for b in books)]
     opt = torch.optim.Adam(params, lr=ct.lr, betas=(0.5, 0.9))
 
     def lr_factor(step):  # linear warmup, then cosine down to min_lr_ratio
@@ -299,23 +316,33 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
         t = (step - ct.warmup_steps) / max(1, ct.steps - ct.warmup_steps)
         return ct.min_lr_ratio + (1 - ct.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
+    def flat(z):  # [B, C, f, f] -> [B*f*f, C]
+        return z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+    def gains(batch):
+        if not model.structure or ct.structure_gain_jitter == 0:
+            return None
+        return 1 - ct.structure_gain_jitter * torch.rand(batch, generator=g)
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     rec_fn = F.l1_loss if ct.rec_loss == "l1" else F.mse_loss
-    counts = torch.zeros(ct.n_embed, dtype=torch.long)
+    counts = [torch.zeros(b.shape[0], dtype=torch.long) for b in books]
     batches = _infinite(loader)
     n_params = sum(p.numel() for p in model.parameters())
+    sizes = " x ".join(str(b.shape[0]) for b in books)
     log(f"train-codec: {n - ct.heldout} training images from dataset {cfg.dataset.name!r}, "
         f"{ct.heldout} held out; {ct.image_size}px -> {model.fmap_size}x{model.fmap_size} codes "
-        f"of {ct.n_embed}; {n_params / 1e6:.2f}M parameters; {ct.steps} steps of {ct.batch_size} "
+        f"of {sizes}; {n_params / 1e6:.2f}M parameters; {ct.steps} steps of {ct.batch_size} "
         f"({ct.precision})")
 
     # Data-dependent codebook init: every code starts as a real encoder output (a restart of all).
     with torch.no_grad():
         x0 = next(batches).float() / 127.5 - 1
-        z0 = model.encode_latent(x0).permute(0, 2, 3, 1).reshape(-1, ct.embed_dim)
-    restart_dead_codes(emb, counts, z0, threshold=1, generator=g)
-    if ema is not None:
-        ema.reset(torch.ones(ct.n_embed, dtype=torch.bool))
+        z0 = model.encode_latents(x0)
+    for i, book in enumerate(books):
+        restart_dead_codes(book, counts[i], flat(z0[i]), threshold=1, generator=g)
+        if emas is not None:
+            emas[i].reset(torch.ones(book.shape[0], dtype=torch.bool))
 
     model.train()
     start = last_t = time.perf_counter()
@@ -324,10 +351,10 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
     for step in range(1, ct.steps + 1):
         x = next(batches).float() / 127.5 - 1
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ct.precision == "bf16"):
-            rec, codebook, commit, codes, z = model(x)
+            rec, codebook, commit, codes, z = model(x, gains(x.shape[0]))
             rec = rec.float()
             rec_loss = rec_fn(rec, x)
-            vq_loss = ct.beta * commit + (codebook if ema is None else 0.0)
+            vq_loss = ct.beta * commit + (codebook if emas is None else 0.0)
             loss = rec_loss + vq_loss
             if perceptual is not None:
                 loss = loss + ct.perceptual_weight * perceptual(rec, x)
@@ -338,28 +365,28 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
         loss.backward()
         opt.step()
         sched.step()
-        if ema is not None:
-            ema.update(z.detach().permute(0, 2, 3, 1).reshape(-1, ct.embed_dim), codes.flatten())
-        counts += torch.bincount(codes.flatten(), minlength=ct.n_embed)
+        for i, book in enumerate(books):
+            if emas is not None:
+                emas[i].update(flat(z[i]), codes[i].flatten())
+            counts[i] += torch.bincount(codes[i].flatten(), minlength=book.shape[0])
         seen += x.shape[0]
         loss_sum += loss.item()
         rec_sum += rec_loss.item()
         vq_sum += vq_loss.item()
 
+        usage = None
         if ct.restart_every and step % ct.restart_every == 0 and step <= ct.restart_until * ct.steps:
-            recent = z.detach().float().permute(0, 2, 3, 1).reshape(-1, ct.embed_dim)
-            usage, _ = usage_stats(counts)
-            dead = counts < ct.restart_threshold
-            restarted += restart_dead_codes(emb, counts, recent, ct.restart_threshold, opt, g)
-            if ema is not None:
-                ema.reset(dead)
-            counts.zero_()
-        else:
-            usage = None
+            usage = min(usage_stats(c)[0] for c in counts)
+            for i, book in enumerate(books):
+                dead = counts[i] < ct.restart_threshold
+                restarted += restart_dead_codes(book, counts[i], flat(z[i]), ct.restart_threshold, opt, g)
+                if emas is not None:
+                    emas[i].reset(dead)
+                counts[i].zero_()
         if step % ct.log_every == 0 or step == ct.steps:
             now = time.perf_counter()
             k = ct.log_every if step % ct.log_every == 0 else step % ct.log_every
-            used = usage_stats(counts)[0] if usage is None else usage
+            used = min(usage_stats(c)[0] for c in counts) if usage is None else usage
             log(f"step {step}/{ct.steps} | Loss: {loss_sum / k:.4f} | rec {rec_sum / k:.4f} | "
                 f"vq {vq_sum / k:.4f} | usage {used:.0%} | restarted {restarted} | "
                 f"lr {sched.get_last_lr()[0]:.2e} | {(seen - seen_at_log) / (now - last_t):.0f} img/s")
@@ -372,7 +399,7 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
     held = torch.stack([ds[i]["image"] for i in heldout_idx]).float() / 255
     codes = torch.cat([model.encode(held[i:i + 64]) for i in range(0, len(held), 64)])
     recon = torch.cat([model.decode(codes[i:i + 64]) for i in range(0, len(codes), 64)])
-    usage, perplexity = usage_stats(torch.bincount(codes.flatten(), minlength=ct.n_embed))
+    usage, perplexity = usage_stats(torch.bincount(codes.flatten(), minlength=model.num_tokens))
     metrics = {
         "psnr": round(psnr(recon, held).mean().item(), 3),
         "usage": round(usage, 4),
@@ -384,6 +411,10 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
         "image_size": ct.image_size,
         "fmap_size": model.fmap_size,
         "n_embed": ct.n_embed,
+        "num_tokens": model.num_tokens,
+        # per codebook (colour, structure): share of its entries the held-out images use
+        "codebook_usage": [round(usage_stats(torch.bincount(part.flatten(), minlength=b.shape[0]))[0], 4)
+                           for part, b in zip(model.split_codes(codes), books)],
         "restarted_codes": restarted,
         "checkpoint": str(out),
     }
@@ -398,7 +429,7 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
     except OSError as exc:
         raise CheckpointError(f"{out}: cannot write the codec: {exc.strerror or exc}") from None
     log(f"held-out: PSNR {metrics['psnr']:.2f} dB | codebook usage {usage:.0%} | "
-        f"perplexity {perplexity:.1f} of {ct.n_embed} | {train_seconds:.0f} s")
+        f"perplexity {perplexity:.1f} of {model.num_tokens} | {train_seconds:.0f} s")
     log(f"wrote {ckpt} + {yaml_path.name}, {metrics_path.name}; use it with "
         f"[codec] name = \"vqgan\", path = \"{ckpt}\"")
     return metrics

@@ -173,7 +173,8 @@ class LoadedRun:
         self.image_size = int(self.codec.image_size)
         vocab = cfg.model.text_vocab or self.tokenizer.vocab_size
         self.model = build_model(cfg, text_vocab=vocab, num_image_tokens=self.codec.num_tokens,
-                                 fmap_size=self.codec.fmap_size, registry=registry)
+                                 fmap_size=self.codec.fmap_size, registry=registry,
+                                 image_token_factors=getattr(self.codec, "token_factors", None))
         missing, unexpected = self.model.load_state_dict(ck.state_dict, strict=False)
         missing = [k for k in missing if not k.startswith("codec.")]
         if missing or unexpected:

@@ -56,13 +56,22 @@ def image_geometry(codec=None, dataset=None) -> tuple[int, int]:
                       "(or a dataset of codes that records num_tokens and fmap_size)")
 
 
+def token_factors(codec=None, dataset=None):
+    """The codebook sizes of factorised image codes (``codec.token_factors``), else None."""
+    for source in (codec, dataset):
+        if source is not None and getattr(source, "token_factors", None):
+            return tuple(source.token_factors)
+    return None
+
+
 def build_model(cfg, *, text_vocab: int, num_image_tokens: int, fmap_size: int, codec=None,
-                registry=None):
+                registry=None, image_token_factors=None):
     """The DALL-E module; ``codec`` (frozen) is attached when the data are images."""
     from minidalle.model import build_model as _build
 
     return _build(cfg, text_vocab=text_vocab, num_image_tokens=num_image_tokens,
-                  fmap_size=fmap_size, registry=_registry(registry), codec=codec)
+                  fmap_size=fmap_size, registry=_registry(registry), codec=codec,
+                  image_token_factors=image_token_factors or token_factors(codec))
 
 
 def make_collate(tokenizer, text_seq_len: int, truncate: bool) -> Callable[[list[dict]], dict]:
@@ -112,4 +121,5 @@ class Pipeline:
                                      num_image_tokens=self.num_image_tokens,
                                      fmap_size=self.fmap_size,
                                      codec=self.codec if needs_codec else None,
-                                     registry=self.registry)
+                                     registry=self.registry,
+                                     image_token_factors=token_factors(self.codec, self.dataset))

@@ -259,3 +259,38 @@ def test_config_requires_path():
 
     with pytest.raises(ConfigError, match="codec"):
         load_registry("none").get("codec", "vqgan").make_config({"config_path": "x"}, where="codec")
+
+
+def test_colour_blind_structure_codebook_round_trips_and_factorises_codes(tmp_path):
+    """A codec with a second, colour-blind codebook: codes are (colour, structure) pairs,
+    the structure encoder sees only max(R, G, B), and the YAML records it so it reloads."""
+    torch.manual_seed(0)
+    m = VQGAN(DD, 4, EMBED_DIM, structure={"n_embed": 6, "embed_dim": 4})
+    for book in m.codebooks():
+        with torch.no_grad():
+            book.normal_()
+    assert (m.num_tokens, m.token_factors) == (24, (4, 6))
+    x = torch.rand(3, 3, 16, 16)
+    codes = m.encode(x)
+    assert codes.shape == (3, 64) and 0 <= codes.min() and codes.max() < 24
+    colour, structure = m.split_codes(codes)
+    assert torch.equal(colour * 6 + structure, codes) and torch.equal(m.join_codes([colour, structure]), codes)
+    # the structure codes see no hue: a channel permutation keeps max(R, G, B) and the codes
+    assert torch.equal(m.split_codes(m.encode(x[:, [2, 0, 1]]))[1], structure)
+    # the decoder reads both codebooks' vectors
+    z_q = m.embed_codes(codes)
+    assert z_q.shape == (3, EMBED_DIM + 4, 8, 8)
+    assert torch.equal(z_q[:, EMBED_DIM:], m.structure_quantize.embedding.weight[structure].view(3, 8, 8, 4).permute(0, 3, 1, 2))
+
+    ckpt, yaml_path = save_vqgan(m, tmp_path / "fact.ckpt")
+    assert yaml.safe_load(yaml_path.read_text())["model"]["params"]["structure"] == {"n_embed": 6, "embed_dim": 4}
+    loaded = load_vqgan(ckpt)
+    assert loaded.token_factors == (4, 6) and torch.equal(loaded.encode(x), codes)
+    assert torch.allclose(loaded.decode(codes), m.decode(codes))
+    check_codec(loaded, min_stable=0.0)
+
+    bad = yaml.safe_load(yaml_path.read_text())
+    bad["model"]["params"]["structure"] = {"n_embed": 0, "embed_dim": 4}
+    yaml_path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(CheckpointError, match="model.params.structure: expected"):
+        load_vqgan(ckpt)

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minidalle.config import Config, ModelConfig
@@ -168,3 +169,42 @@ def test_geglu_autograd_function_is_bit_identical_to_autograd(dtype):
     assert torch.equal(out_grad, ref_grad)
     with torch.no_grad():
         assert torch.equal(geglu(h), ref)
+
+
+def test_factorised_image_codes_predict_each_part_on_its_own():
+    """Codes of a two-codebook codec (code = a * 3 + b): embeddings and image logits are sums
+    over the parts, so the softmax is p(a) p(b) and the loss two independent cross entropies."""
+    cfg = Config(model=ModelConfig(dim=16, depth=2, heads=2, dim_head=8, text_seq_len=TEXT_LEN,
+                                   attn_types=["full"], loss_img_weight=3.0))
+    torch.manual_seed(0)
+    m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=6, fmap_size=FMAP,
+                    image_token_factors=(2, 3))
+    ntext = TEXT_VOCAB + TEXT_LEN
+    assert m.to_logits.weight.shape == (ntext + 6, 16) and m.image_emb.weight.shape == (6, 16)
+    codes = torch.tensor([[1, 2, 3, 4], [5, 0, 0, 2]])
+    a, b = codes // 3, codes % 3
+    emb = m.image_emb(codes)
+    torch.testing.assert_close(emb, m.image_emb.parts[0](a) + m.image_emb.parts[1](b))
+    torch.testing.assert_close(emb, m.image_emb.weight[codes])
+
+    text = torch.tensor([[3, 5, 0, 0], [9, 1, 2, 7]])
+    with torch.no_grad():
+        h = m.norm_out(m.hidden(torch.cat([m.prepare_text(text), codes[:, :-1]], 1)))
+        img = m.image_logits_raw(h)
+        la, lb = m.to_logits.parts[0](h), m.to_logits.parts[1](h)
+        torch.testing.assert_close(img, (la[..., :, None] + lb[..., None, :]).flatten(-2))
+        # the model's masked full-vocabulary logits agree
+        torch.testing.assert_close(m(text, codes)[:, TEXT_LEN:, ntext:], img[:, TEXT_LEN:])
+
+    loss = m(text, codes, return_loss=True)
+    hi = h[:, TEXT_LEN:]
+    ce_parts = (F.cross_entropy(m.to_logits.parts[0](hi).flatten(0, 1), a.flatten())
+                + F.cross_entropy(m.to_logits.parts[1](hi).flatten(0, 1), b.flatten()))
+    ce_text = F.cross_entropy(m.to_logits.text(h[:, :TEXT_LEN]).flatten(0, 1),
+                              m.prepare_text(text)[:, 1:].flatten())
+    assert loss.item() == pytest.approx(((ce_text + 3.0 * ce_parts) / 4.0).item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+    with pytest.raises(ValueError, match="do not multiply"):
+        build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=7, fmap_size=FMAP,
+                    image_token_factors=(2, 3))

@@ -170,3 +170,18 @@ def test_generate_texts_with_a_tokenizer():
     assert len(out[0]) > 2 or len(out[1]) > 3  # something was generated
     assert all(len(t) <= 8 for t in out)
     assert out == generate_texts(m, tok, ["ab", "xyz"], seed=0, filter_thres=0.0)
+
+
+def test_factorised_codes_cached_logits_equal_uncached_forward():
+    cfg = Config(model=ModelConfig(dim=32, depth=2, heads=2, dim_head=8, text_seq_len=TEXT_LEN,
+                                   attn_types=["axial_row", "full"]))
+    torch.manual_seed(0)
+    m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=6, fmap_size=FMAP,
+                    image_token_factors=(3, 2)).eval()
+    steps = {}
+    codes = generate_image_codes(m, TEXT, seed=1, on_logits=lambda s, lg: steps.__setitem__(s, lg))
+    assert codes.shape == (2, FMAP * FMAP) and codes.max() < 6
+    with torch.no_grad():
+        for step, cached in steps.items():
+            full = m(TEXT, codes[:, :step])[:, -1, TEXT_VOCAB + TEXT_LEN:]
+            torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)

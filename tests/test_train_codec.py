@@ -109,6 +109,21 @@ def test_train_codec_writes_a_loadable_taming_checkpoint_and_metrics(registry, t
     assert report["batch_agreement"] >= 0.98
 
 
+def test_structure_codebook_trains_both_codebooks_and_loads_factorised(registry, tmp_path):
+    lines = []
+    metrics = train_codec(make_cfg(registry, tmp_path, steps=12, n_embed=4, structure_n_embed=6,
+                                   structure_embed_dim=4), registry=registry, log=lines.append)
+    assert "codes of 4 x 6" in lines[0]
+    assert metrics["num_tokens"] == 24 and len(metrics["codebook_usage"]) == 2
+    assert all(0 < u <= 1 for u in metrics["codebook_usage"])
+    losses = [float(line.split("Loss:")[1].split()[0]) for line in lines if "Loss:" in line]
+    assert losses[-1] < losses[0], losses
+    codec = registry.build("codec", "vqgan", {"path": str(tmp_path / "run" / "codec" / "vqgan.ckpt")})
+    assert codec.token_factors == (4, 6) and codec.num_tokens == 24
+    held = torch.stack([TinySquares(SIZE)[i]["image"] for i in range(40, 48)]).float() / 255
+    check_codec(codec, held, min_stable=0.0)
+
+
 def test_bf16_and_perceptual_loss_with_local_vgg_weights(registry, tmp_path):
     from torchvision.models.vgg import cfgs, make_layers
 
@@ -191,6 +206,8 @@ def test_cli_train_codec_and_its_one_line_errors(registry, tmp_path, monkeypatch
     ("tiny_squares", {"perceptual_weight": 1.0}, ConfigError, "codec_training.vgg_weights"),
     ("tiny_squares", {"rec_loss": "l3"}, ConfigError, "codec_training.rec_loss: expected one of"),
     ("tiny_squares", {"out": "somewhere/"}, ConfigError, "codec_training.out: expected a .ckpt file path"),
+    ("tiny_squares", {"structure_n_embed": 4, "structure_gain_jitter": 1.0}, ConfigError,
+     "codec_training.structure_gain_jitter: expected a value in"),
 ])
 def test_bad_settings_and_data(registry, tmp_path, dataset, training, error, message):
     with pytest.raises(error, match=message):

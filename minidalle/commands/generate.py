@@ -75,7 +75,7 @@ def load_generator(checkpoint, registry=None):
     codec = build_codec(cfg, registry)
     model = build_model(cfg, text_vocab=cfg.model.text_vocab or tokenizer.vocab_size,
                         num_image_tokens=codec.num_tokens, fmap_size=codec.fmap_size,
-                        registry=registry)
+                        registry=registry, image_token_factors=getattr(codec, "token_factors", None))
     try:
         model.load_state_dict(ck.state_dict, strict=True)
     except RuntimeError as exc:

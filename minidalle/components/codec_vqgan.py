@@ -24,8 +24,7 @@ from torch import nn
 from minidalle.errors import CheckpointError
 from minidalle.fileio import atomic_write
 
-# Keys of the VQModel state_dict the codec needs; ``loss.*`` (discriminator, LPIPS) is dropped.
-PARTS = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+# ``loss.*`` (discriminator, LPIPS) of a VQModel state_dict is dropped.
 IGNORED = ("loss.",)
 TAMING_TARGET = "taming.models.vqgan.VQModel"
 
@@ -41,69 +40,127 @@ class VQGAN(nn.Module):
     """taming's VQModel minus the loss and pytorch-lightning, plus the codec interface.
 
     ``encode``/``decode`` take and give images in [0, 1]; the network works in [-1, 1].
+
+    ``structure`` (optional, minidalle's extension, not taming's): a second, colour-blind
+    codebook, ``{"n_embed": K, "embed_dim": D}``. A second encoder sees only the per-pixel
+    maximum over R, G and B (HSV's value: an outline, whatever its colour) and has its own
+    codebook; the decoder reads both quantized maps. An image code is then the pair
+    ``colour * K + structure`` (``token_factors = (n_embed, K)``), so a transformer can
+    predict colour and outline separately and compose a colour with an outline it never saw
+    it drawn with (see :class:`minidalle.model.dalle.FactorisedImageTokens`).
     """
 
-    def __init__(self, ddconfig: dict, n_embed: int, embed_dim: int, beta: float = 0.25):
+    def __init__(self, ddconfig: dict, n_embed: int, embed_dim: int, beta: float = 0.25,
+                 structure: dict | None = None):
         super().__init__()
         from taming.modules.diffusionmodules.model import Decoder, Encoder
         from taming.modules.vqvae.quantize import VectorQuantizer
 
         self.ddconfig = dict(ddconfig)
         self.n_embed, self.embed_dim = int(n_embed), int(embed_dim)
+        self.structure = None if not structure else {
+            "n_embed": int(structure["n_embed"]), "embed_dim": int(structure["embed_dim"])}
         self.encoder = Encoder(**ddconfig)
         with contextlib.redirect_stdout(io.StringIO()):  # Decoder prints the z shape
             self.decoder = Decoder(**ddconfig)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta)
         self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        latent_dim = embed_dim
+        self.token_factors = None
+        if self.structure:
+            k, d = self.structure["n_embed"], self.structure["embed_dim"]
+            self.structure_encoder = Encoder(**{**ddconfig, "in_channels": 1})
+            self.structure_quant_conv = nn.Conv2d(ddconfig["z_channels"], d, 1)
+            self.structure_quantize = VectorQuantizer(k, d, beta=beta)
+            latent_dim += d
+            self.token_factors = (self.n_embed, k)
+        self.post_quant_conv = nn.Conv2d(latent_dim, ddconfig["z_channels"], 1)
         self.image_size = int(ddconfig["resolution"])
         self.fmap_size = self.image_size // 2 ** (len(ddconfig["ch_mult"]) - 1)
-        self.num_tokens = self.n_embed
+        self.num_tokens = self.n_embed * (self.structure["n_embed"] if self.structure else 1)
         self.frozen = False
 
     # ------------------------------------------------------------------ building blocks
 
+    def codebooks(self) -> list[torch.Tensor]:
+        """The codebook weights, ``[n_embed, embed_dim]`` each: colour (taming's) first."""
+        books = [self.quantize.embedding.weight]
+        if self.structure:
+            books.append(self.structure_quantize.embedding.weight)
+        return books
+
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> pre-quantization latents [B, embed_dim, f, f]."""
+        """Images in [-1, 1] -> pre-quantization latents [B, embed_dim, f, f] (first codebook)."""
         return self.quant_conv(self.encoder(x))
 
-    def nearest_codes(self, z: torch.Tensor) -> torch.Tensor:
+    def encode_latents(self, x: torch.Tensor, gain: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Images in [-1, 1] -> the pre-quantization latents of every codebook.
+
+        ``gain`` (training only, ``[B]``) scales the structure encoder's input so that it
+        cannot tell colours apart by their brightness.
+        """
+        latents = [self.encode_latent(x)]
+        if self.structure:
+            value = (x.amax(1, keepdim=True) + 1) / 2
+            if gain is not None:
+                value = (value * gain.view(-1, 1, 1, 1).to(value.dtype)).clamp(0, 1)
+            latents.append(self.structure_quant_conv(self.structure_encoder(value * 2 - 1)))
+        return latents
+
+    def nearest_codes(self, z: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
         """Latents [B, C, f, f] -> index of the nearest codebook entry, [B, f*f] int64.
 
         Distances are computed in fp32 even under autocast, so ties do not flip with precision.
         """
         b, c, h, w = z.shape
         flat = z.float().permute(0, 2, 3, 1).reshape(-1, c)
-        emb = self.quantize.embedding.weight.float()
+        emb = (self.quantize.embedding.weight if codebook is None else codebook).float()
         d = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * flat @ emb.t()
         return d.argmin(1).view(b, h * w)
 
+    def split_codes(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Image codes -> one index per codebook (a code is ``colour * K + structure``)."""
+        if not self.structure:
+            return [codes]
+        k = self.structure["n_embed"]
+        return [codes.div(k, rounding_mode="floor"), codes.remainder(k)]
+
+    def join_codes(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`split_codes`."""
+        return parts[0] if len(parts) == 1 else parts[0] * self.structure["n_embed"] + parts[1]
+
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes [B, f*f] -> quantized latents [B, embed_dim, f, f]."""
+        """Codes [B, f*f] -> quantized latents [B, latent channels, f, f]."""
         b, n = codes.shape
         f = int(round(n ** 0.5))
         if f * f != n:
             raise ValueError(f"expected a square number of codes, got {n}")
-        z_q = F.embedding(codes, self.quantize.embedding.weight)  # [B, n, C]
+        z_q = torch.cat([F.embedding(part, book)
+                         for part, book in zip(self.split_codes(codes), self.codebooks())], -1)
         return z_q.view(b, f, f, -1).permute(0, 3, 1, 2).contiguous()
 
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized latents -> images in [-1, 1] (not clamped)."""
         return self.decoder(self.post_quant_conv(z_q))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, gain: torch.Tensor | None = None):
         """Training pass on images in [-1, 1]: (reconstruction, vq loss parts, codes, z).
 
         The vq loss is the VQ-VAE one: codebook term ||sg[z] - e||^2 plus ``beta`` times the
         commitment term ||z - sg[e]||^2; gradients pass the quantizer straight through.
+        ``codes`` and ``z`` are lists, one entry per codebook.
         """
-        z = self.encode_latent(x)
-        codes = self.nearest_codes(z)
-        z_q = self.embed_codes(codes).to(z.dtype)
-        codebook = F.mse_loss(z_q, z.detach())
-        commit = F.mse_loss(z, z_q.detach())
-        z_st = z + (z_q - z).detach()
-        return self.decode_latent(z_st), codebook, commit, codes, z
+        codes, zs, quantized, codebook, commit = [], [], [], 0.0, 0.0
+        for z, book in zip(self.encode_latents(x, gain), self.codebooks()):
+            c = self.nearest_codes(z, book)
+            b, _, h, w = z.shape
+            z_q = F.embedding(c, book).view(b, h, w, -1).permute(0, 3, 1, 2).to(z.dtype)
+            codebook = codebook + F.mse_loss(z_q, z.detach())
+            commit = commit + F.mse_loss(z, z_q.detach())
+            quantized.append(z + (z_q - z).detach())  # straight-through
+            codes.append(c)
+            zs.append(z)
+        return self.decode_latent(torch.cat(quantized, 1)), codebook, commit, codes, zs
 
     # ------------------------------------------------------------------ codec interface
 
@@ -115,7 +172,8 @@ class VQGAN(nn.Module):
             raise ValueError(f"expected images [B, 3, {s}, {s}] (the codec's image_size), "
                              f"got {tuple(images.shape)}")
         x = images.to(self.quant_conv.weight.dtype) * 2 - 1
-        return self.nearest_codes(self.encode_latent(x))
+        return self.join_codes([self.nearest_codes(z, book)
+                                for z, book in zip(self.encode_latents(x), self.codebooks())])
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -171,8 +229,12 @@ def find_config_path(ckpt: Path) -> Path:
         "set codec.config_path")
 
 
-def read_taming_yaml(path: Path) -> tuple[dict, int, int]:
-    """``(ddconfig, n_embed, embed_dim)`` from a taming model YAML (read with safe_load)."""
+def read_taming_yaml(path: Path) -> tuple[dict, int, int, dict | None]:
+    """``(ddconfig, n_embed, embed_dim, structure)`` from a taming model YAML (safe_load).
+
+    ``structure`` is minidalle's optional ``model.params.structure`` table (the colour-blind
+    second codebook, see :class:`VQGAN`); ``None`` in taming's own files.
+    """
     import yaml
 
     try:
@@ -222,13 +284,24 @@ def read_taming_yaml(path: Path) -> tuple[dict, int, int]:
     if dd.get("double_z", True):
         # taming's VQGAN configs set double_z: False; True would double the encoder output.
         raise CheckpointError(f"{path}: model.params.ddconfig.double_z: expected False for a VQGAN")
-    return dict(dd), n_embed, embed_dim
+    structure = get("model.params").get("structure")
+    if structure is not None:
+        ok = isinstance(structure, dict) and all(
+            isinstance(structure.get(k), int) and not isinstance(structure.get(k), bool)
+            and structure[k] > 0 for k in ("n_embed", "embed_dim"))
+        if not ok:
+            raise CheckpointError(f"{path}: model.params.structure: expected {{n_embed: K, "
+                                  f"embed_dim: D}} with positive integers, got {structure!r}")
+    return dict(dd), n_embed, embed_dim, structure
 
 
-def taming_yaml(ddconfig: dict, n_embed: int, embed_dim: int, extra: dict | None = None) -> dict:
-    """The YAML table taming's own tools write for a VQModel."""
+def taming_yaml(ddconfig: dict, n_embed: int, embed_dim: int, extra: dict | None = None,
+                structure: dict | None = None) -> dict:
+    """The YAML table taming's own tools write for a VQModel (plus ``structure`` if any)."""
     params = {"embed_dim": int(embed_dim), "n_embed": int(n_embed), "ddconfig": dict(ddconfig),
               "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"}}
+    if structure:
+        params["structure"] = dict(structure)
     return {"model": {"target": TAMING_TARGET, "params": params, **(extra or {})}}
 
 
@@ -332,9 +405,9 @@ def load_vqgan(path, config_path=None) -> VQGAN:
     if not path.is_file():
         raise CheckpointError(f"{path}: codec checkpoint not found")
     config_path = Path(config_path) if config_path else find_config_path(path)
-    ddconfig, n_embed, embed_dim = read_taming_yaml(config_path)
+    ddconfig, n_embed, embed_dim, structure = read_taming_yaml(config_path)
     try:
-        model = VQGAN(ddconfig, n_embed, embed_dim)
+        model = VQGAN(ddconfig, n_embed, embed_dim, structure=structure)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{config_path}: model.params.ddconfig: cannot build the network: {exc}") from None
     load_weights(model, load_state_dict(path), path)
@@ -355,8 +428,8 @@ def save_vqgan(model: VQGAN, ckpt_path, yaml_path=None, *, meta: dict | None = N
 
     ckpt_path = Path(ckpt_path)
     yaml_path = Path(yaml_path) if yaml_path else ckpt_path.with_suffix(".yaml")
-    text = yaml.safe_dump(taming_yaml(model.ddconfig, model.n_embed, model.embed_dim),
-                          sort_keys=False)
+    text = yaml.safe_dump(taming_yaml(model.ddconfig, model.n_embed, model.embed_dim,
+                                      structure=model.structure), sort_keys=False)
     _atomic_write(yaml_path, lambda f: f.write(text.encode()))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = {"state_dict": state, **(meta or {})}

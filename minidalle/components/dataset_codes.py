@@ -64,6 +64,8 @@ class CodesDataset(torch.utils.data.Dataset):
         self.fmap_size = int(meta["fmap_size"])
         self.num_tokens = int(meta["num_tokens"])
         self.image_size = int(meta["image_size"])
+        factors = meta.get("token_factors")  # a codec with several codebooks
+        self.token_factors = tuple(int(k) for k in factors) if factors else None
         if image_size and image_size != self.image_size:
             # A warning, not an error: callers without a codec pass a default size.
             log.warning("%s: codes were made for %dpx images by codec %r, but %dpx was asked "
@@ -204,7 +206,9 @@ def write_cache(dataset, codec, out, split: str, *, batch_size: int = 32, worker
             bar.update(len(items))
     tensors_path, meta_path = cache_files(out, split)
     info = {"format": FORMAT, "version": VERSION, "split": split, "count": n,
-            "fmap_size": fmap, "num_tokens": num_tokens, "image_size": image_size, **(meta or {})}
+            "fmap_size": fmap, "num_tokens": num_tokens, "image_size": image_size,
+            **({"token_factors": list(codec.token_factors)} if getattr(codec, "token_factors", None) else {}),
+            **(meta or {})}
     tmp = tensors_path.with_name(tensors_path.name + ".tmp")
     save_file({"codes": codes.contiguous()}, str(tmp))
     os.replace(tmp, tensors_path)

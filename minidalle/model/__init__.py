@@ -35,11 +35,13 @@ def build_attention(name: str, params, spec: AttentionSpec, registry=None):
 
 
 def build_model(cfg, *, text_vocab: int | None = None, num_image_tokens: int, fmap_size: int,
-                registry=None, codec=None) -> DALLE:
+                registry=None, codec=None, image_token_factors=None) -> DALLE:
     """The model of ``cfg.model``; attention names cycle over the depth.
 
     ``text_vocab`` is the tokenizer's vocabulary size (defaults to ``cfg.model.text_vocab``).
     ``codec`` (optional) is attached frozen so the model can take raw images.
+    ``image_token_factors``: the codebook sizes of a codec whose codes are tuples (its
+    ``token_factors``): the model then predicts each part separately (FactorisedLogits).
     """
     m = cfg.model
     text_vocab = text_vocab if text_vocab is not None else m.text_vocab
@@ -55,4 +57,5 @@ def build_model(cfg, *, text_vocab: int | None = None, num_image_tokens: int, fm
                             sandwich_norm=m.sandwich_norm))
     return DALLE(dim=m.dim, transformer=Transformer(blocks), text_vocab=text_vocab,
                  text_seq_len=m.text_seq_len, num_image_tokens=num_image_tokens, fmap_size=fmap_size,
-                 loss_img_weight=m.loss_img_weight, byteio=m.byteio, codec=codec)
+                 loss_img_weight=m.loss_img_weight, byteio=m.byteio, codec=codec,
+                 image_token_factors=image_token_factors)

@@ -9,6 +9,7 @@ after.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -36,6 +37,68 @@ class AxialPositionalEmbedding(nn.Module):
         return (self.row[:, None, :] + self.col[None, :, :]).flatten(0, 1)[start : start + count]
 
 
+def split_ids(ids: torch.Tensor, factors: tuple[int, ...]) -> list[torch.Tensor]:
+    """Mixed-radix digits of ``ids``: ``id = ((d0 * k1) + d1) * k2 + d2 ...`` for factors k."""
+    digits = []
+    for k in reversed(factors[1:]):
+        digits.append(ids.remainder(k))
+        ids = ids.div(k, rounding_mode="floor")
+    return [ids] + digits[::-1]
+
+
+def joint_rows(tables: list[torch.Tensor]) -> torch.Tensor:
+    """Rows ``A[a] + B[b] + ...`` for every id of :func:`split_ids`, in id order."""
+    rows = tables[0]
+    for t in tables[1:]:
+        rows = (rows.unsqueeze(1) + t.unsqueeze(0)).flatten(0, 1)
+    return rows
+
+
+class FactorisedEmbedding(nn.Module):
+    """Embedding of factorised image codes (a codec with several codebooks, e.g. colour x
+    outline): the vector of code ``(a, b)`` is ``A[a] + B[b]``, so a pair never seen in
+    training still gets a meaningful input vector. ``weight`` is the full table."""
+
+    def __init__(self, factors: tuple[int, ...], dim: int):
+        super().__init__()
+        self.factors = tuple(int(k) for k in factors)
+        self.parts = nn.ModuleList(nn.Embedding(k, dim) for k in self.factors)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return joint_rows([e.weight for e in self.parts])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return sum(e(d) for e, d in zip(self.parts, split_ids(ids, self.factors)))
+
+
+class FactorisedLogits(nn.Module):
+    """Output projection whose image-code logits factorise: ``logit(a, b) = la[a] + lb[b]``.
+
+    Under a softmax that is ``p(a, b) = p(a) p(b)``: each factor (colour, outline) is
+    predicted on its own, so the model can draw a colour with an outline it never drew it
+    with. ``weight``/``bias`` are the full ``[text rows + joint image rows]`` matrix, so every
+    consumer of an ``nn.Linear`` ``to_logits`` (per-modality logits, the lean decode step)
+    works unchanged.
+    """
+
+    def __init__(self, dim: int, num_text_tokens: int, factors: tuple[int, ...]):
+        super().__init__()
+        self.text = nn.Linear(dim, num_text_tokens)
+        self.parts = nn.ModuleList(nn.Linear(dim, int(k)) for k in factors)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.text.weight, joint_rows([p.weight for p in self.parts])])
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return torch.cat([self.text.bias, joint_rows([p.bias for p in self.parts])])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class KVCache:
     """Per-layer attention state for incremental decoding; ``offset`` = positions seen."""
 
@@ -47,7 +110,8 @@ class KVCache:
 class DALLE(nn.Module):
     def __init__(self, *, dim: int, transformer: Transformer, text_vocab: int, text_seq_len: int,
                  num_image_tokens: int, fmap_size: int, loss_img_weight: float = 7.0,
-                 byteio: bool = False, codec: nn.Module | None = None):
+                 byteio: bool = False, codec: nn.Module | None = None,
+                 image_token_factors: tuple[int, ...] | None = None):
         super().__init__()
         self.dim = dim
         self.text_vocab = text_vocab
@@ -64,11 +128,21 @@ class DALLE(nn.Module):
 
         self.text_emb = nn.Embedding(self.num_text_tokens, dim)
         self.text_pos_emb = nn.Embedding(self.text_len, dim)
-        self.image_emb = nn.Embedding(num_image_tokens, dim)
+        # Factorised image codes (a codec with several codebooks): embeddings and logits
+        # are sums over the factors; see FactorisedLogits.
+        self.image_token_factors = tuple(image_token_factors) if image_token_factors else None
+        if self.image_token_factors:
+            if math.prod(self.image_token_factors) != num_image_tokens:
+                raise ValueError(f"image_token_factors {self.image_token_factors} do not multiply "
+                                 f"to num_image_tokens {num_image_tokens}")
+            self.image_emb = FactorisedEmbedding(self.image_token_factors, dim)
+        else:
+            self.image_emb = nn.Embedding(num_image_tokens, dim)
         self.image_pos_emb = AxialPositionalEmbedding(dim, fmap_size)
         self.transformer = transformer
         self.norm_out = nn.LayerNorm(dim)
-        self.to_logits = nn.Linear(dim, self.total_tokens)
+        self.to_logits = (FactorisedLogits(dim, self.num_text_tokens, self.image_token_factors)
+                          if self.image_token_factors else nn.Linear(dim, self.total_tokens))
 
         # Text positions (< text_seq_len) predict text ids, later ones image ids.
         seq = torch.arange(self.max_positions)[:, None]
@@ -217,7 +291,7 @@ class DALLE(nn.Module):
         full-vocabulary logits.
         """
         t = self.text_seq_len
-        if type(self.to_logits) is nn.Linear:
+        if type(self.to_logits) in (nn.Linear, FactorisedLogits):
             hn = self.norm_out(h)
             logits_text, logits_img = self.text_logits_raw(hn[:, :t]), self.image_logits_raw(hn[:, t:])
             labels_img = codes
