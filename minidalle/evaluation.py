@@ -239,8 +239,9 @@ def codec_metrics(cfg, run: LoadedRun | None = None, registry=None) -> dict:
         if mpath.is_file():
             try:
                 data = json.loads(mpath.read_text(encoding="utf-8"))
-                return {k: data[k] for k in ("psnr", "usage", "perplexity", "n_embed",
-                                             "fmap_size", "train_seconds") if k in data}
+                return {k: data[k] for k in ("psnr", "usage", "perplexity", "n_embed", "num_tokens",
+                                             "codebook_usage", "fmap_size", "train_seconds")
+                        if k in data}
             except (OSError, ValueError):
                 pass  # measured below
     if run is None:
@@ -257,7 +258,7 @@ def codec_metrics(cfg, run: LoadedRun | None = None, registry=None) -> dict:
     n = int(run.codec.num_tokens)
     usage, perplexity = usage_stats(torch.bincount(codes.flatten(), minlength=n))
     return {"psnr": round(psnr(rec, x).mean().item(), 3), "usage": round(usage, 4),
-            "perplexity": round(perplexity, 2), "n_embed": n, "fmap_size": int(run.codec.fmap_size)}
+            "perplexity": round(perplexity, 2), "num_tokens": n, "fmap_size": int(run.codec.fmap_size)}
 
 
 def loss_history(run_dir) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -389,7 +390,7 @@ def summary_lines(metrics: dict) -> list[str]:
     if c:
         lines.append(f"codec: PSNR {c.get('psnr', float('nan')):.2f} dB, codebook use "
                      f"{c.get('usage', 0):.0%} (perplexity {c.get('perplexity', 0):.1f} of "
-                     f"{c.get('n_embed', '?')})")
+                     f"{c.get('num_tokens', c.get('n_embed', '?'))} codes)")
     l = metrics.get("loss", {})
     if l.get("steps"):
         val = f", validation {l['val_loss']:.4f}" if "val_loss" in l else ""

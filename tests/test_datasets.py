@@ -132,6 +132,44 @@ def test_shapes_caption_dropout():
         _shapes(caption_dropout=1.0)
 
 
+def test_shapes_several_per_image():
+    from minidalle.components.dataset_shapes import POSITIONS, render
+
+    POSITION_WORDS = {name: words for name, (_, words) in POSITIONS.items()}
+    size, cell = 36, 12
+
+    exclude = ["red circle top left", "blue square center"]
+    one = _shapes(num_samples=200, exclude=exclude, image_size=size)
+    ds = _shapes(num_samples=200, exclude=exclude, shapes_per_image=[1, 2, 3], image_size=size)
+    counts = {1: 0, 2: 0, 3: 0}
+    for i in range(200):
+        item = ds[i]
+        objects = item.get("objects", [item["attributes"]])
+        counts[len(objects)] += 1
+        assert item["attributes"] == objects[0] == one[i]["attributes"]  # first shape unchanged
+        assert len({o["position"] for o in objects}) == len(objects)  # one shape per cell
+        assert not any((o["colour"], o["shape"], o["position"]) in
+                       {("red", "circle", "top left"), ("blue", "square", "center")} for o in objects)
+        clauses = item["caption"].split(" and ")
+        assert len(clauses) == len(objects)
+        for o, clause in zip(objects, clauses):
+            assert clause == f"a {o['size']} {o['colour']} {o['shape']} {POSITION_WORDS[o['position']]}"
+        # every shape is drawn: each cell analysed alone finds its shape
+        for o in objects:
+            alone = torch.zeros_like(item["image"])
+            (r, c), _ = POSITIONS[o["position"]]
+            rows, cols = slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell)
+            alone[:, rows, cols] = item["image"][:, rows, cols]
+            assert torch.equal(alone, render(o, size)), (i, o)
+    assert all(n > 40 for n in counts.values()), counts
+    val = _shapes(split="val", shapes_per_image=[2])
+    assert all("objects" not in val[i] and " and " not in val[i]["caption"] for i in range(20))
+    with pytest.raises(FieldError, match="shapes_per_image: expected"):
+        _shapes(shapes_per_image=[0])
+    with pytest.raises(FieldError, match="shapes_per_image: 3 shapes need"):
+        _shapes(shapes_per_image=[3], positions=["left", "right"])
+
+
 def test_shapes_config_errors(tmp_path):
     from minidalle.config import load_config
 

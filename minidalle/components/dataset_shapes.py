@@ -91,6 +91,22 @@ class ShapesConfig:
         factory=lambda: ["colour", "shape", "position"],
         validator=_subset_of(("colour", "shape", "position")))
     max_items: int | None = attrs.field(default=None, validator=positive)
+    # How many shapes a train-split image holds, drawn uniformly from this list, each in its
+    # own grid cell and each a non-excluded combination; the caption joins their clauses with
+    # "and" in random order. Several shapes per image make the model find, for each cell, the
+    # clause that names it, instead of memorising one image per caption: that is what lets it
+    # draw a combination it never saw. val and heldout items always hold one shape.
+    shapes_per_image: list[int] = attrs.field(factory=lambda: [1])
+
+    @shapes_per_image.validator
+    def _shapes_per_image(self, attribute, value):
+        if not value or any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 9
+                            for k in value):
+            raise FieldError(f"shapes_per_image: expected a non-empty list of counts in 1..9, "
+                             f"got {value!r}")
+        if max(value) > len(self.positions):
+            raise FieldError(f"shapes_per_image: {max(value)} shapes need as many positions, "
+                             f"the config has {len(self.positions)}")
 
     @jitter.validator
     def _jitter(self, attribute, value):
@@ -144,12 +160,22 @@ def caption_for(attributes: dict, omit=()) -> str:
     return " ".join(words)
 
 
-def render(attributes: dict, image_size: int, *, background=(0, 0, 0),
+def render(attributes: dict | list[dict], image_size: int, *, background=(0, 0, 0),
            offset=(0.0, 0.0)) -> torch.Tensor:
-    """Draw one shape: ``uint8 [3, S, S]``. ``offset`` shifts it by fractions of a cell."""
-    from PIL import Image, ImageDraw
+    """Draw one shape (or a list of them): ``uint8 [3, S, S]``. ``offset`` shifts each by
+    fractions of a cell."""
+    from PIL import Image
 
     img = Image.new("RGB", (image_size, image_size), tuple(background))
+    for obj in [attributes] if isinstance(attributes, dict) else attributes:
+        _draw(img, obj, offset)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def _draw(img, attributes: dict, offset) -> None:
+    from PIL import ImageDraw
+
+    image_size = img.size[0]
     draw = ImageDraw.Draw(img)
     cell = image_size / 3
     (row, col), _ = POSITIONS[attributes["position"]]
@@ -167,7 +193,6 @@ def render(attributes: dict, image_size: int, *, background=(0, 0, 0),
         draw.polygon([(cx, cy - r), (cx + r - 1, cy + r - 1), (cx - r, cy + r - 1)], fill=colour)
     else:  # diamond
         draw.polygon([(cx, cy - r), (cx + r - 1, cy), (cx, cy + r - 1), (cx - r, cy)], fill=colour)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -200,29 +225,49 @@ class ShapesDataset(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed & 0xFFFFFFFF, split_id, index])
 
     def attributes(self, index: int) -> dict:
+        """The attributes of the item's (first) shape."""
+        return self.objects(index)[0]
+
+    def objects(self, index: int) -> list[dict]:
+        """The attributes of every shape of the item, in caption order."""
         if not 0 <= index < self.length:
             raise IndexError(index)
         rng = self._rng(index)
         colour, shape, position, size = self.combos[int(rng.integers(len(self.combos)))]
-        return {"shape": shape, "colour": colour, "position": position, "size": size}
+        objects = [{"shape": shape, "colour": colour, "position": position, "size": size}]
+        counts = self.config.shapes_per_image if self.split == "train" else [1]
+        if len(counts) > 1 or counts[0] > 1:  # a stream of its own: one-shape items stay as they were
+            more = np.random.default_rng([self.seed & 0xFFFFFFFF, 11, index])
+            want = int(counts[int(more.integers(len(counts)))])
+            while len(objects) < want:
+                colour, shape, position, size = self.combos[int(more.integers(len(self.combos)))]
+                if all(o["position"] != position for o in objects):
+                    objects.append({"shape": shape, "colour": colour, "position": position,
+                                    "size": size})
+        return objects
 
     def __getitem__(self, index: int) -> dict:
-        attributes = self.attributes(index)
+        objects = self.objects(index)
         offset = (0.0, 0.0)
         if self.config.jitter:
             j = self.config.jitter
             offset = tuple(float(v) for v in self._rng(index).uniform(-j, j, size=3)[1:])
-        image = render(attributes, self.image_size, background=self.config.background, offset=offset)
-        return {"caption": self.caption(index), "image": image, "attributes": attributes}
+        image = render(objects, self.image_size, background=self.config.background, offset=offset)
+        item = {"caption": self.caption(index), "image": image, "attributes": objects[0]}
+        if len(objects) > 1:
+            item["objects"] = objects
+        return item
 
     def caption(self, index: int) -> str:
         p = self.config.caption_dropout if self.split == "train" else 0.0
-        omit = ()
+        objects = self.objects(index)
+        omits = [()] * len(objects)
         if p:  # a stream of its own, so the item's attributes do not change with p
             names = self.config.caption_dropout_attributes
-            drop = np.random.default_rng([self.seed & 0xFFFFFFFF, 7, index]).random(len(names)) < p
-            omit = [name for name, d in zip(names, drop) if d]
-        return caption_for(self.attributes(index), omit)
+            drop = np.random.default_rng([self.seed & 0xFFFFFFFF, 7, index]).random(
+                (len(objects), len(names))) < p
+            omits = [[name for name, d in zip(names, row) if d] for row in drop]
+        return " and ".join(caption_for(o, omit) for o, omit in zip(objects, omits))
 
     def item_captions(self, index: int) -> list[str]:
         return [self.caption(index)]
