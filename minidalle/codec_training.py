@@ -139,15 +139,23 @@ def restart_dead_codes(weight: torch.Tensor, counts: torch.Tensor, recent: torch
     """Re-initialise codebook rows used fewer than ``threshold`` times; return how many.
 
     ``weight``: the codebook [n_embed, dim]; ``counts``: uses per code since the last check;
-    ``recent``: recent encoder outputs [N, dim]. Dead rows get random recent outputs (plus a
-    little noise so that two restarts from one vector separate), and their optimizer moments
-    are cleared so old momentum does not drag them back.
+    ``recent``: recent encoder outputs [N, dim]. Dead rows get recent outputs drawn with
+    probability proportional to their squared distance from the nearest live code (k-means++
+    seeding: a restart goes where the codebook serves the data worst, e.g. two colours that
+    share one code, not to the bulk of the data that is already well served), plus a little
+    noise so that two restarts from one vector separate; their optimizer moments are cleared
+    so old momentum does not drag them back.
     """
     dead = counts < threshold
     k = int(dead.sum())
     if k == 0 or recent.numel() == 0:
         return 0
-    pick = torch.randint(0, recent.shape[0], (k,), generator=generator)
+    live = weight.detach().float()[~dead]
+    if live.shape[0]:
+        d = torch.cdist(recent.float(), live).min(1).values.pow(2)
+        pick = torch.multinomial(d + 1e-12, k, replacement=True, generator=generator)
+    else:
+        pick = torch.randint(0, recent.shape[0], (k,), generator=generator)
     noise = torch.randn(k, recent.shape[1], generator=generator) * (0.01 * recent.std() + 1e-6)
     with torch.no_grad():
         weight[dead] = (recent[pick] + noise).to(weight.dtype)

@@ -162,6 +162,18 @@ def test_dead_code_restart_increases_usage():
     assert restart_dead_codes(weight, torch.ones(8), recent) == 0
 
 
+def test_restarts_go_where_the_codebook_serves_the_data_worst():
+    """k-means++ seeding: 200 outputs sit on the live code, 4 far away; the dead codes move
+    to the far ones, not to the crowd that is already served."""
+    g = torch.Generator().manual_seed(0)
+    recent = torch.cat([torch.randn(200, 4, generator=g) * 0.01, 5 + torch.randn(4, 4, generator=g) * 0.01])
+    weight = torch.zeros(3, 4)
+    weight[1:] = -3.0
+    n = restart_dead_codes(weight, torch.tensor([50, 0, 0]), recent, threshold=1, generator=g)
+    assert n == 2 and torch.equal(weight[0], torch.zeros(4))
+    assert (weight[1:] - 5).abs().max() < 0.2
+
+
 def test_ema_codebook_follows_assigned_encoder_outputs():
     weight = torch.nn.Parameter(torch.zeros(4, 2))
     ema = EmaCodebook(weight, decay=0.5)

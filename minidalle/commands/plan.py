@@ -69,8 +69,10 @@ def resolve_text_vocab(cfg, given, notes):
 
 def _encoder_params(codec) -> int:
     """Parameters of what runs to encode images (the decoder is not used in training)."""
-    parts = [getattr(codec, n, None) for n in ("encoder", "quant_conv", "quantize")]
-    if all(p is not None for p in parts):
+    names = ("encoder", "quant_conv", "quantize", "colour_encoder", "structure_encoder",
+             "structure_quant_conv", "structure_quantize")
+    parts = [getattr(codec, n) for n in names if hasattr(codec, n)]
+    if parts:
         return sum(p.numel() for part in parts for p in part.parameters())
     return sum(p.numel() for p in codec.parameters())
 
@@ -96,7 +98,8 @@ def resolve_codec(cfg, notes):
                 from minidalle.codec_training import read_settings
 
                 ct = read_settings(cfg)
-                shape = dict(ddconfig=ct.ddconfig(), n_embed=ct.n_embed, embed_dim=ct.embed_dim)
+                shape = dict(ddconfig=ct.ddconfig(), n_embed=ct.n_embed, embed_dim=ct.embed_dim,
+                             structure=ct.structure())
                 note, source = "the VQGAN [codec_training] will train", "codec_training"
             else:
                 shape = RECIPE_VQGAN

@@ -41,13 +41,17 @@ class VQGAN(nn.Module):
 
     ``encode``/``decode`` take and give images in [0, 1]; the network works in [-1, 1].
 
-    ``structure`` (optional, minidalle's extension, not taming's): a second, colour-blind
-    codebook, ``{"n_embed": K, "embed_dim": D}``. A second encoder sees only the per-pixel
-    maximum over R, G and B (HSV's value: an outline, whatever its colour) and has its own
-    codebook; the decoder reads both quantized maps. An image code is then the pair
-    ``colour * K + structure`` (``token_factors = (n_embed, K)``), so a transformer can
-    predict colour and outline separately and compose a colour with an outline it never saw
-    it drawn with (see :class:`minidalle.model.dalle.FactorisedImageTokens`).
+    ``structure`` (optional, minidalle's extension, not taming's): a value/chroma split into
+    two codebooks, ``{"n_embed": K, "embed_dim": D}`` for the second. ``structure_encoder``
+    (taming's Encoder on one channel) sees only the per-pixel maximum over R, G and B (HSV's
+    value: an outline, whatever its colour); ``colour_encoder``, a per-patch MLP, sees only
+    the chroma of each code's patch (:meth:`chroma`), so the first codebook's codes say
+    "which colour" and nothing about the outline, and the second's "which outline" and
+    nothing about the colour. (There is no full-image ``encoder`` then.) The decoder reads
+    both quantized maps. An image code is the pair ``colour * K + structure``
+    (``token_factors = (n_embed, K)``), so a transformer can predict colour and outline
+    separately and compose a colour with an outline it never saw it drawn with (see
+    :class:`minidalle.model.dalle.FactorisedLogits`).
     """
 
     def __init__(self, ddconfig: dict, n_embed: int, embed_dim: int, beta: float = 0.25,
@@ -60,7 +64,11 @@ class VQGAN(nn.Module):
         self.n_embed, self.embed_dim = int(n_embed), int(embed_dim)
         self.structure = None if not structure else {
             "n_embed": int(structure["n_embed"]), "embed_dim": int(structure["embed_dim"])}
-        self.encoder = Encoder(**ddconfig)
+        if self.structure:
+            z = ddconfig["z_channels"]
+            self.colour_encoder = nn.Sequential(nn.Conv2d(3, z, 1), nn.SiLU(), nn.Conv2d(z, z, 1))
+        else:
+            self.encoder = Encoder(**ddconfig)
         with contextlib.redirect_stdout(io.StringIO()):  # Decoder prints the z shape
             self.decoder = Decoder(**ddconfig)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta)
@@ -99,13 +107,23 @@ class VQGAN(nn.Module):
         ``gain`` (training only, ``[B]``) scales the structure encoder's input so that it
         cannot tell colours apart by their brightness.
         """
-        latents = [self.encode_latent(x)]
-        if self.structure:
-            value = (x.amax(1, keepdim=True) + 1) / 2
-            if gain is not None:
-                value = (value * gain.view(-1, 1, 1, 1).to(value.dtype)).clamp(0, 1)
-            latents.append(self.structure_quant_conv(self.structure_encoder(value * 2 - 1)))
+        if not self.structure:
+            return [self.encode_latent(x)]
+        latents = [self.quant_conv(self.colour_encoder(self.chroma(x)))]
+        value = (x.amax(1, keepdim=True) + 1) / 2
+        if gain is not None:
+            value = (value * gain.view(-1, 1, 1, 1).to(value.dtype)).clamp(0, 1)
+        latents.append(self.structure_quant_conv(self.structure_encoder(value * 2 - 1)))
         return latents
+
+    def chroma(self, x: torch.Tensor) -> torch.Tensor:
+        """The colour encoder's input ``[B, 3, f, f]``: per code patch, its mean RGB divided
+        by its mean R+G+B (a chromaticity, as JPEG keeps chroma at a lower resolution; 0 for
+        a black patch), in [-1, 1]. A patch that one pixel of red touches and a patch that
+        red fills give the same input."""
+        f = self.image_size // self.fmap_size
+        mean = F.avg_pool2d((x.float() + 1) / 2, f)
+        return (mean / (mean.sum(1, keepdim=True) + 1e-3) * 2 - 1).to(x.dtype)
 
     def nearest_codes(self, z: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
         """Latents [B, C, f, f] -> index of the nearest codebook entry, [B, f*f] int64.
