@@ -277,6 +277,16 @@ def test_colour_blind_structure_codebook_round_trips_and_factorises_codes(tmp_pa
     assert torch.equal(colour * 6 + structure, codes) and torch.equal(m.join_codes([colour, structure]), codes)
     # the structure codes see no hue: a channel permutation keeps max(R, G, B) and the codes
     assert torch.equal(m.split_codes(m.encode(x[:, [2, 0, 1]]))[1], structure)
+    # the colour codes see no outline: a patch one red pixel touches and a patch red fills
+    # (same chroma) get the same colour code; a green patch another
+    img = torch.zeros(1, 3, 16, 16)
+    img[0, :, 0:2, 0:2] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1, 1)  # patch (0, 0) filled
+    img[0, :, 2, 3] = torch.tensor([0.9, 0.1, 0.1])                   # one pixel of patch (1, 1)
+    img[0, :, 4:6, 0:2] = torch.tensor([0.1, 0.9, 0.1]).view(3, 1, 1)  # patch (2, 0), green
+    colours = m.split_codes(m.encode(img))[0].view(8, 8)
+    assert colours[0, 0] == colours[1, 1]
+    torch.testing.assert_close(m.chroma(img * 2 - 1)[0, :, 0, 0], m.chroma(img * 2 - 1)[0, :, 1, 1], atol=1e-2, rtol=0)
+    assert not torch.allclose(m.chroma(img * 2 - 1)[0, :, 2, 0], m.chroma(img * 2 - 1)[0, :, 0, 0])
     # the decoder reads both codebooks' vectors
     z_q = m.embed_codes(codes)
     assert z_q.shape == (3, EMBED_DIM + 4, 8, 8)
