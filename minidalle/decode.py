@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidalle import gemv
 from minidalle.model.attention_api import QKVAttention, update_kv_cache
 from minidalle.model.transformer import Block, FeedForward, geglu
 
@@ -33,20 +34,28 @@ def _use_onednn(weight: torch.Tensor) -> bool:
 
 
 class _Linear:
-    """``x @ weight.T + bias (+ residual)``; the weight prepacked for oneDNN on CPU."""
+    """``x @ weight.T + bias (+ residual)``: bf16 with at most ``gemv.MAX_ROWS`` rows through
+    the :mod:`minidalle.gemv` kernel where it builds, otherwise the weight prepacked for
+    oneDNN on CPU (made at the first call that needs it)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.bias = bias
+        self.packed = gemv.pack(weight, bias)
         self.onednn = _use_onednn(weight)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.onednn else weight
+        self.weight = weight
+        self._prepacked = None
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None and x.dtype == torch.bfloat16 and 0 < gemv.rows(x) <= gemv.MAX_ROWS:
+            return gemv.linear(x, self.packed, self.bias, residual)
         if not self.onednn:
             y = F.linear(x, self.weight, self.bias)
             return y if residual is None else y + residual
+        if self._prepacked is None:
+            self._prepacked = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
         if residual is None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, self._prepacked, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self._prepacked, self.bias, "add")
 
 
 def _norm(m: nn.Module):
