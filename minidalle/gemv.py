@@ -87,24 +87,28 @@ at::Tensor pack(const at::Tensor& w) {
   return w.view({w.size(0) / 16, 16, w.size(1) / 2, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
+// x [..., K] (at most 8 rows), residual with x's rows -> y [..., N]
 at::Tensor linear(const at::Tensor& x_, const at::Tensor& wp, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& residual_) {
-  auto x = x_.contiguous();
+                  const std::optional<at::Tensor>& residual) {
+  auto x = x_.reshape({-1, x_.size(-1)}).contiguous();
   int64_t M = x.size(0), K2 = wp.size(1), NB = wp.size(0), N = NB * 16;
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) == 2 * K2
-              && wp.scalar_type() == at::kBFloat16 && M >= 1 && M <= 8, "linear: bad input");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(1) == 2 * K2
+              && wp.scalar_type() == at::kBFloat16 && M <= 8, "linear: bad input");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->numel() == N
                         && bias->is_contiguous()), "linear: bad bias");
   at::Tensor res;
-  if (residual_) {
-    res = residual_->contiguous();
+  if (residual) {
+    res = residual->contiguous();
     TORCH_CHECK(res.scalar_type() == at::kBFloat16 && res.numel() == M * N, "linear: bad residual");
   }
-  auto y = at::empty({M, N}, x.options());
+  auto sizes = x_.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty(sizes, x.options());
+  if (M == 0) return y;
   auto px = (const uint32_t*)x.data_ptr();
   auto pw = (const uint16_t*)wp.data_ptr();
   auto pb = bias ? (const uint16_t*)bias->data_ptr() : nullptr;
-  auto pr = residual_ ? (const uint16_t*)res.data_ptr() : nullptr;
+  auto pr = residual ? (const uint16_t*)res.data_ptr() : nullptr;
   auto py = (uint16_t*)y.data_ptr();
   switch (M) {
     case 1: run<1>(px, K2, pw, NB, pb, pr, py, N); break;
@@ -182,16 +186,8 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor
     return None if module is None else module.pack(weight.detach())
 
 
-def rows(x: torch.Tensor) -> int:
-    """How many rows ``x`` ``[..., K]`` has for :func:`linear`."""
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
-
-
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias (+ residual)`` for bf16 ``x`` ``[..., K]`` of at most ``MAX_ROWS``
-    rows and ``packed = pack(W)``."""
-    n = packed.shape[0] * 16
-    y = _module.linear(x.reshape(-1, x.shape[-1]), packed, bias,
-                       None if residual is None else residual.reshape(-1, n))
-    return y.view(*x.shape[:-1], n)
+    rows and ``packed = pack(W)`` (callers in a hurry call ``kernel().linear`` directly)."""
+    return _module.linear(x, packed, bias, residual)
