@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger("minidalle.gemv")
 
-MAX_ROWS = 8  # more rows: oneDNN's GEMM is as fast (the kernel keeps M x 1-4 accumulators)
+MAX_ROWS = 8  # more rows: more accumulators than registers; oneDNN then
 
 _SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -71,7 +71,8 @@ KERNEL static void blocks(const uint32_t* x, int64_t K2, const uint16_t* wp, int
 template <int M>
 static void run(const uint32_t* x, int64_t K2, const uint16_t* wp, int64_t NB,
                 const uint16_t* bias, const uint16_t* res, uint16_t* y, int64_t N) {
-  constexpr int RB = M <= 2 ? 4 : 2;  // independent accumulators enough to hide latency
+  // Row blocks per pass: enough independent accumulators (M x RB <= 24 of 32 registers).
+  constexpr int RB = M <= 2 ? 4 : 3;
   at::parallel_for(0, (NB + RB - 1) / RB, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       if ((g + 1) * RB <= NB) blocks<M, RB>(x, K2, wp, g * RB, bias, res, y, N);
