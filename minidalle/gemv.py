@@ -6,7 +6,8 @@ bf16 product reads them at ~13-16 GB/s with 1-8 rows; this kernel reads 25-30 GB
 row (a plain ``W.sum()`` streams ~26 GB/s on one core). The weight is packed once so that
 one 64-byte load holds two k-values of 16 output rows: ``_mm512_dpbf16_ps`` then multiplies
 them by a broadcast pair of inputs and accumulates 16 outputs in fp32, with no horizontal
-sums; bias and residual are added in fp32 before one rounding to bf16, as oneDNN does.
+sums; bias and residual are added in fp32 before one rounding to bf16 (oneDNN's results
+differ by at most one bf16 step).
 
 The kernel is compiled at first use with ``torch.utils.cpp_extension`` (~10-25 s, needs g++
 and ninja) and cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, by default
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -95,9 +97,11 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& wp, const std::optiona
   int64_t M = x.size(0), K2 = wp.size(1), NB = wp.size(0), N = NB * 16;
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(1) == 2 * K2
               && wp.scalar_type() == at::kBFloat16 && M <= 8, "linear: bad input");
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->numel() == N
-                        && bias->is_contiguous()), "linear: bad bias");
-  at::Tensor res;
+  at::Tensor b, res;
+  if (bias) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == at::kBFloat16 && b.numel() == N, "linear: bad bias");
+  }
   if (residual) {
     res = residual->contiguous();
     TORCH_CHECK(res.scalar_type() == at::kBFloat16 && res.numel() == M * N, "linear: bad residual");
@@ -108,7 +112,7 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& wp, const std::optiona
   if (M == 0) return y;
   auto px = (const uint32_t*)x.data_ptr();
   auto pw = (const uint16_t*)wp.data_ptr();
-  auto pb = bias ? (const uint16_t*)bias->data_ptr() : nullptr;
+  auto pb = bias ? (const uint16_t*)b.data_ptr() : nullptr;
   auto pr = residual ? (const uint16_t*)res.data_ptr() : nullptr;
   auto py = (uint16_t*)y.data_ptr();
   switch (M) {
@@ -151,12 +155,12 @@ def _build():
     # Torch's version in the name: a cached build never meets another torch's ABI.
     tag = hashlib.sha1((_SOURCE + torch.__version__).encode()).hexdigest()[:10]
     name = f"minidalle_gemv_{tag}"
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    src = os.path.join(build_dir, "gemv.cpp")
-    if not os.path.exists(src) or open(src).read() != _SOURCE:  # an unchanged file: no rebuild
-        with open(src, "w") as f:
-            f.write(_SOURCE)
-    return cpp_extension.load(name, [src], extra_cflags=["-O3", "-fopenmp"],
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)  # private: may raise
+    src = Path(build_dir) / "gemv.cpp"
+    if not src.exists() or src.read_text() != _SOURCE:  # an unchanged file: no rebuild
+        src.write_text(_SOURCE)
+    # -fopenmp: at::parallel_for's OpenMP loop; the libgomp torch loaded serves it.
+    return cpp_extension.load(name, [str(src)], extra_cflags=["-O3", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
 
 

@@ -59,6 +59,23 @@ def test_kernel_takes_leading_dims_and_threads():
 
 
 @needs_kernel
+def test_kernel_checks_its_inputs():
+    w = torch.randn(64, 32).bfloat16()
+    packed = gemv.pack(w)
+    b = torch.randn(64, 2).bfloat16()[:, 0]  # not contiguous: fine
+    x = torch.randn(2, 32).bfloat16()
+    torch.testing.assert_close(gemv.linear(x, packed, b).float(), _reference(x, w, b, None),
+                               atol=2e-2, rtol=1.6e-2)
+    assert gemv.linear(x[:0], packed).shape == (0, 64)
+    for bad in (dict(x=torch.randn(9, 32).bfloat16()), dict(x=x.float()),
+                dict(x=torch.randn(2, 30).bfloat16()), dict(bias=torch.randn(63).bfloat16()),
+                dict(residual=torch.randn(2, 32).bfloat16())):
+        args = {"x": x, "bias": None, "residual": None, **bad}
+        with pytest.raises(RuntimeError, match="linear: bad"):
+            gemv.linear(args["x"], packed, args["bias"], args["residual"])
+
+
+@needs_kernel
 def test_decode_linear_uses_the_kernel_up_to_max_rows_then_onednn():
     w, b = torch.randn(64, 32).bfloat16(), torch.randn(64).bfloat16()
     lin = decode._Linear(w, b)
