@@ -6,8 +6,9 @@
 Draws the same image(s) alternately with each step kind and prints the minimum wall and CPU
 time of each: ``module`` is what sampling did before ``minidalle/decode.py``
 (``LeanDecoder.supports`` patched to False), ``lean`` the lean step as shipped, ``onednn``
-the lean step with every product on oneDNN (the :mod:`minidalle.gemv` kernel off). Interleaving and the minimum make the ratio usable on a
-machine that other jobs share; absolute times are not.
+the lean step with every product on oneDNN (the :mod:`minidalle.gemv` kernel off).
+Interleaving and the minimum make the ratio usable on a machine that other jobs share;
+absolute times are not.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     text = torch.randint(1, geo["text_vocab"], (args.images, cfg.model.text_seq_len), generator=g)
     text[:, -cfg.model.text_seq_len // 4 :] = 0  # padding, as in the bench
 
-    patches = {"module": lambda: mock.patch.object(LeanDecoder, "supports", staticmethod(lambda m: False)),
+    patches = {"module": lambda: mock.patch.object(LeanDecoder, "supports",
+                                                   staticmethod(lambda m: False)),
                "onednn": lambda: mock.patch.object(gemv, "MAX_ROWS", 0),
                "lean": contextlib.nullcontext}
 

@@ -69,7 +69,8 @@ def main(argv=None) -> int:
                     fn()
                     best[name] = min(best[name], time.perf_counter() - t)
             gb = LAYERS * n * k * 2 / 1e9
-            print(f"{args.threads} thread(s), {rows} row(s), {LAYERS} x {n}x{k}{' + residual' if res else ''}: "
+            shape = f"{LAYERS} x {n}x{k}{' + residual' if res else ''}"
+            print(f"{args.threads} thread(s), {rows} row(s), {shape}: "
                   + ", ".join(f"{name} {t * 1e3:.2f} ms ({gb / t:.1f} GB/s)" for name, t in best.items())
                   + f"; kernel {best['onednn'] / best['kernel']:.2f}x oneDNN's speed", flush=True)
     return 0

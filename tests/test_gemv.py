@@ -109,7 +109,8 @@ def test_fallback_to_onednn(why, fresh_gemv, monkeypatch, capsys):
     lin = decode._Linear(w, b)
     assert gemv.kernel() is None and lin.packed is None
     x, r = torch.randn(1, 32).bfloat16(), torch.randn(1, 64).bfloat16()
-    torch.testing.assert_close(lin(x, residual=r).float(), _reference(x, w, b, r), atol=2e-2, rtol=1.6e-2)
+    torch.testing.assert_close(lin(x, residual=r).float(), _reference(x, w, b, r),
+                               atol=2e-2, rtol=1.6e-2)
     assert capsys.readouterr().out == ""
 
 
@@ -117,7 +118,8 @@ def _build_in(tmp_path, **env):
     code = ("from minidalle import gemv; import sys; "
             "sys.stderr.write('BUILT' if gemv.kernel() is not None else 'NONE')")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 def test_failed_build_falls_back_silently(tmp_path):
