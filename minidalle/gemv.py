@@ -17,9 +17,11 @@ fails (logged once at debug level), or ``MINIDALLE_GEMV=0`` is set.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -143,15 +145,24 @@ def _cpu_ok() -> bool:
     return check is not None and bool(check())
 
 
-def _build():
-    # Importing cpp_extension warns about a missing CUDA runtime: not our concern here.
+@contextlib.contextmanager
+def _quiet():
+    """torch's extension builder warns on stderr (no CUDA runtime, an unknown compiler): the
+    kernel is optional, so its build stays silent; a failure is logged once by the caller."""
     ext_log = logging.getLogger("torch.utils.cpp_extension")
     level = ext_log.level
-    ext_log.setLevel(logging.ERROR)
+    ext_log.setLevel(logging.CRITICAL)
     try:
-        from torch.utils import cpp_extension
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         ext_log.setLevel(level)
+
+
+def _build():
+    from torch.utils import cpp_extension
+
     # Torch's version in the name: a cached build never meets another torch's ABI.
     tag = hashlib.sha1((_SOURCE + torch.__version__).encode()).hexdigest()[:10]
     name = f"minidalle_gemv_{tag}"
@@ -175,7 +186,8 @@ def kernel():
             log.debug("bf16 GEMV kernel off: the CPU lacks AVX512-BF16")
         else:
             try:
-                _module = _build()
+                with _quiet():
+                    _module = _build()
             except Exception as e:  # no compiler, no ninja, a failed build or load
                 log.debug("bf16 GEMV kernel unavailable, using oneDNN: %s", e)
     return _module
