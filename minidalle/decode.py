@@ -36,30 +36,30 @@ def _use_onednn(weight: torch.Tensor) -> bool:
 class _Linear:
     """``x @ weight.T + bias (+ residual)``: bf16 with at most ``gemv.MAX_ROWS`` rows through
     the :mod:`minidalle.gemv` kernel where it builds, otherwise the weight prepacked for
-    oneDNN on CPU (then made at the first call that needs it)."""
+    oneDNN on CPU (beside the kernel: made from its packed copy at the first call that needs it)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.bias = bias
         self.packed = gemv.pack(weight, bias)
         self.gemv = None if self.packed is None else gemv.kernel().linear  # ~1 us a call
         self.onednn = _use_onednn(weight)
-        self.weight = weight
-        self._prepacked = None
-        if self.onednn and self.packed is None:
-            self._prepacked = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.weight = None if self.packed is not None else self._prepare(weight)
+
+    def _prepare(self, weight):
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.onednn else weight
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if (self.gemv is not None and x.dtype == torch.bfloat16
                 and x.numel() <= gemv.MAX_ROWS * x.shape[-1]):
             return self.gemv(x, self.packed, self.bias, residual)
+        if self.weight is None:
+            self.weight = self._prepare(gemv.unpack(self.packed))
         if not self.onednn:
             y = F.linear(x, self.weight, self.bias)
             return y if residual is None else y + residual
-        if self._prepacked is None:
-            self._prepacked = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
         if residual is None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._prepacked, self.bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self._prepacked, self.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
 
 
 def _norm(m: nn.Module):

@@ -203,6 +203,12 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor
     return None if module is None else module.pack(weight.detach())
 
 
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The weight that :func:`pack` packed (exactly)."""
+    n16, k2 = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(n16 * 16, k2 * 2)
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias (+ residual)`` for bf16 ``x`` ``[..., K]`` of at most ``MAX_ROWS``

@@ -81,10 +81,11 @@ def test_decode_linear_uses_the_kernel_up_to_max_rows_then_onednn():
     lin = decode._Linear(w, b)
     assert lin.packed is not None
     small = lin(torch.randn(gemv.MAX_ROWS, 32).bfloat16())
-    assert lin._prepacked is None  # oneDNN's weight not made while the kernel serves
+    assert lin.weight is None  # oneDNN's weight not made while the kernel serves
     x = torch.randn(gemv.MAX_ROWS + 1, 32).bfloat16()
     torch.testing.assert_close(lin(x).float(), _reference(x, w, b, None), atol=2e-2, rtol=1.6e-2)
-    assert lin._prepacked is not None and small.shape == (gemv.MAX_ROWS, 64)
+    assert lin.weight is not None and small.shape == (gemv.MAX_ROWS, 64)
+    assert torch.equal(gemv.unpack(lin.packed), w)
 
 
 def test_kernel_not_used_for_fp32_or_odd_shapes():
