@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidalle import gemv
 from minidalle.model.attention_api import QKVAttention, update_kv_cache
 from minidalle.model.transformer import Block, FeedForward, geglu
 
@@ -33,14 +34,26 @@ def _use_onednn(weight: torch.Tensor) -> bool:
 
 
 class _Linear:
-    """``x @ weight.T + bias (+ residual)``; the weight prepacked for oneDNN on CPU."""
+    """``x @ weight.T + bias (+ residual)``: bf16 with at most ``gemv.MAX_ROWS`` rows through
+    the :mod:`minidalle.gemv` kernel where it builds, otherwise the weight prepacked for
+    oneDNN on CPU (beside the kernel: made from its packed copy at the first call that needs it)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.bias = bias
+        self.packed = gemv.pack(weight, bias)
+        self.gemv = None if self.packed is None else gemv.kernel().linear  # ~1 us a call
         self.onednn = _use_onednn(weight)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.onednn else weight
+        self.weight = None if self.packed is not None else self._prepare(weight)
+
+    def _prepare(self, weight):
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.onednn else weight
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.gemv is not None and x.dtype == torch.bfloat16
+                and x.numel() <= gemv.MAX_ROWS * x.shape[-1]):
+            return self.gemv(x, self.packed, self.bias, residual)
+        if self.weight is None:
+            self.weight = self._prepare(gemv.unpack(self.packed))
         if not self.onednn:
             y = F.linear(x, self.weight, self.bias)
             return y if residual is None else y + residual

@@ -1,0 +1,80 @@
+"""A/B of bf16 products with 1-8 rows: oneDNN prepacked vs the minidalle.gemv kernel.
+
+    python benchmarks/gemv_ab.py [--threads 1] [--rows 1 8] [--repeats 15] [--flinear]
+
+For each L16 decode shape (to_qkv 3072x512, ff proj_in 4096x512, ff proj_out 512x2048 with
+the residual, to_out 512x512 with the residual) it times a pass over 16 different weights
+(a step's worth, so they come from memory, not cache), the variants alternated in one
+process, and prints the minimum time and the weight read rate of each.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+SHAPES = [(3072, 512, False), (4096, 512, False), (512, 2048, True), (512, 512, True)]
+LAYERS = 16
+
+
+def main(argv=None) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from minidalle import gemv
+
+    p = argparse.ArgumentParser(prog="python benchmarks/gemv_ab.py")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--flinear", action="store_true", help="also time F.linear on the plain weight")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if gemv.kernel() is None:
+        raise SystemExit("the gemv kernel is not available here (see minidalle/gemv.py)")
+    onednn = torch.ops.mkldnn
+    torch.manual_seed(0)
+    for rows in args.rows:
+        for n, k, res in SHAPES:
+            ws = [torch.randn(n, k).bfloat16() * 0.05 for _ in range(LAYERS)]
+            bs = [torch.randn(n).bfloat16() for _ in range(LAYERS)]
+            pre = [onednn._reorder_linear_weight(w, 1) for w in ws]
+            packed = [gemv.pack(w, b) for w, b in zip(ws, bs)]
+            x = torch.randn(rows, k).bfloat16()
+            r = torch.randn(rows, n).bfloat16() if res else None
+
+            def run_onednn():
+                for w, b in zip(pre, bs):
+                    if res:
+                        onednn._linear_pointwise.binary(x, r, w, b, "add")
+                    else:
+                        onednn._linear_pointwise(x, w, b, "none", [], "")
+
+            def run_kernel():
+                for w, b in zip(packed, bs):
+                    gemv.linear(x, w, b, r)
+
+            def run_flinear():
+                for w, b in zip(ws, bs):
+                    y = F.linear(x, w, b)
+                    if res:
+                        y + r
+
+            fns = {"onednn": run_onednn, "kernel": run_kernel}
+            if args.flinear:
+                fns["F.linear"] = run_flinear
+            best = dict.fromkeys(fns, float("inf"))
+            for _ in range(args.repeats):
+                for name, fn in fns.items():
+                    t = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - t)
+            gb = LAYERS * n * k * 2 / 1e9
+            shape = f"{LAYERS} x {n}x{k}{' + residual' if res else ''}"
+            print(f"{args.threads} thread(s), {rows} row(s), {shape}: "
+                  + ", ".join(f"{name} {t * 1e3:.2f} ms ({gb / t:.1f} GB/s)" for name, t in best.items())
+                  + f"; kernel {best['onednn'] / best['kernel']:.2f}x oneDNN's speed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""The bf16 matrix-vector kernel of the lean decode step, and its fallback to oneDNN."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minidalle import decode, gemv
+
+needs_kernel = pytest.mark.skipif(gemv.kernel() is None,
+                                  reason="gemv kernel not built here (no AVX512-BF16 or no compiler)")
+
+
+def _reference(x, w, b, r):
+    y = F.linear(x.float(), w.float(), None if b is None else b.float())
+    return y if r is None else y + r.float()
+
+
+@pytest.fixture
+def fresh_gemv(monkeypatch):
+    """gemv as in a new process: the kernel not tried yet (the real state comes back after)."""
+    monkeypatch.setattr(gemv, "_tried", False)
+    monkeypatch.setattr(gemv, "_module", None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k", [(3072, 512), (512, 2048), (512, 512), (48, 32)])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("bias,residual", [(False, False), (True, False), (True, True), (False, True)])
+def test_kernel_equals_linear_in_bf16(n, k, rows, bias, residual):
+    g = torch.Generator().manual_seed(n + k + rows)
+    w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    r = torch.randn(rows, n, generator=g).bfloat16() if residual else None
+    y = gemv.linear(x, gemv.pack(w, b), b, r)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    # fp32 accumulation, one rounding to bf16: within a bf16 ulp or two of the exact result
+    torch.testing.assert_close(y.float(), _reference(x, w, b, r), atol=2e-2, rtol=1.6e-2)
+
+
+@needs_kernel
+def test_kernel_takes_leading_dims_and_threads():
+    w, b = torch.randn(64, 32).bfloat16(), torch.randn(64).bfloat16()
+    x, r = torch.randn(2, 1, 32).bfloat16(), torch.randn(2, 1, 64).bfloat16()
+    packed = gemv.pack(w, b)
+    want = _reference(x, w, b, r)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            y = gemv.linear(x, packed, b, r)
+            assert y.shape == (2, 1, 64)
+            torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=1.6e-2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_kernel_checks_its_inputs():
+    w = torch.randn(64, 32).bfloat16()
+    packed = gemv.pack(w)
+    b = torch.randn(64, 2).bfloat16()[:, 0]  # not contiguous: fine
+    x = torch.randn(2, 32).bfloat16()
+    torch.testing.assert_close(gemv.linear(x, packed, b).float(), _reference(x, w, b, None),
+                               atol=2e-2, rtol=1.6e-2)
+    assert gemv.linear(x[:0], packed).shape == (0, 64)
+    for bad in (dict(x=torch.randn(9, 32).bfloat16()), dict(x=x.float()),
+                dict(x=torch.randn(2, 30).bfloat16()), dict(bias=torch.randn(63).bfloat16()),
+                dict(residual=torch.randn(2, 32).bfloat16())):
+        args = {"x": x, "bias": None, "residual": None, **bad}
+        with pytest.raises(RuntimeError, match="linear: bad"):
+            gemv.linear(args["x"], packed, args["bias"], args["residual"])
+
+
+@needs_kernel
+def test_decode_linear_uses_the_kernel_up_to_max_rows_then_onednn():
+    w, b = torch.randn(64, 32).bfloat16(), torch.randn(64).bfloat16()
+    lin = decode._Linear(w, b)
+    assert lin.packed is not None
+    small = lin(torch.randn(gemv.MAX_ROWS, 32).bfloat16())
+    assert lin.weight is None  # oneDNN's weight not made while the kernel serves
+    x = torch.randn(gemv.MAX_ROWS + 1, 32).bfloat16()
+    torch.testing.assert_close(lin(x).float(), _reference(x, w, b, None), atol=2e-2, rtol=1.6e-2)
+    assert lin.weight is not None and small.shape == (gemv.MAX_ROWS, 64)
+    assert torch.equal(gemv.unpack(lin.packed), w)
+
+
+def test_kernel_not_used_for_fp32_or_odd_shapes():
+    assert gemv.pack(torch.randn(64, 32)) is None  # fp32: oneDNN, as before
+    assert gemv.pack(torch.randn(40, 32).bfloat16()) is None  # rows not a multiple of 16
+    assert gemv.pack(torch.randn(64, 31).bfloat16()) is None  # odd K
+    assert gemv.pack(torch.randn(64, 32).bfloat16(), torch.randn(64)) is None  # fp32 bias
+    assert decode._Linear(torch.randn(64, 32), None).packed is None
+
+
+@pytest.mark.parametrize("why", ["env", "cpu", "build"])
+def test_fallback_to_onednn(why, fresh_gemv, monkeypatch, capsys):
+    if why == "env":
+        monkeypatch.setenv("MINIDALLE_GEMV", "0")
+    elif why == "cpu":
+        monkeypatch.setattr(gemv, "_cpu_ok", lambda: False)
+    else:
+        def fail():
+            raise RuntimeError("no compiler")
+        monkeypatch.setattr(gemv, "_build", fail)
+    w, b = torch.randn(64, 32).bfloat16(), torch.randn(64).bfloat16()
+    lin = decode._Linear(w, b)
+    assert gemv.kernel() is None and lin.packed is None
+    x, r = torch.randn(1, 32).bfloat16(), torch.randn(1, 64).bfloat16()
+    torch.testing.assert_close(lin(x, residual=r).float(), _reference(x, w, b, r),
+                               atol=2e-2, rtol=1.6e-2)
+    assert capsys.readouterr().out == ""
+
+
+def _build_in(tmp_path, **env):
+    code = ("from minidalle import gemv; import sys; "
+            "sys.stderr.write('BUILT' if gemv.kernel() is not None else 'NONE')")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_failed_build_falls_back_silently(tmp_path):
+    p = _build_in(tmp_path, CXX="/nonexistent/c++")  # torch warns about such a compiler
+    assert p.returncode == 0 and p.stdout == "" and p.stderr.endswith("NONE"), p.stderr
+    assert "warn" not in p.stderr.lower() and "compiler" not in p.stderr.lower(), p.stderr
+
+
+@needs_kernel
+def test_fresh_build_prints_nothing_to_stdout(tmp_path):
+    p = _build_in(tmp_path)  # a real build into an empty cache (10-25 s)
+    assert p.returncode == 0 and p.stdout == "" and p.stderr.endswith("BUILT"), p.stderr
+    assert "warn" not in p.stderr.lower(), p.stderr
+    assert any(name.startswith("minidalle_gemv_") for name in os.listdir(tmp_path))
