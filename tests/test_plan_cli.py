@@ -102,7 +102,7 @@ def test_plan_of_the_quickstart_uses_what_its_stages_will_train(capsys, tmp_path
     code, out, err = run_cli(capsys, "plan", str(cfg), "--dataset-size", "1000")
     assert code == 0, err
     assert "the [tokenizer_training] vocabulary of 96 ids" in out
-    assert "codec vqgan (128 codes, 9x9)" in out and "[codec_training] will train" in out
+    assert "codec vqgan (256 codes, 9x9)" in out and "[codec_training] will train" in out
     assert "Backend 'cpu' is not the IPU: planned on one IPU per replica" in out
     assert "= 1 IPU(s)\n" in out
     assert "ok  layers_per_ipu [4] sums to model.depth 4" in out
