@@ -62,7 +62,9 @@ def make_grid(rows: list[torch.Tensor], labels: list[str] | None = None, *, pad:
     width = cols * w + (cols + 1) * pad
     font = _font(font_size)
     chars = max(8, int(width / (font_size * 0.6)))
-    wrapped = [textwrap.wrap(label, chars)[:3] if label else [] for label in labels]
+    # the whole prompt (a two-clause caption needs 4-6 lines above a narrow row), at most 8 lines
+    wrapped = [textwrap.wrap(label, chars, max_lines=8, placeholder=" ...") if label else []
+               for label in labels]
     line_h = font_size + 3
     height = sum(pad + len(lines) * line_h + h for lines in wrapped) + pad
     canvas = Image.new("RGB", (width, height), background)

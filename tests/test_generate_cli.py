@@ -168,3 +168,16 @@ def test_bf16_small_batches_and_no_cache(tmp_path, registry, capsys, monkeypatch
     b = _main(capsys, "--checkpoint", run, "--text", "red cat", "--out", tmp_path / "c", "--no-cache")[1].split()
     for x, y in zip(a[:-1], b[:-1]):
         assert np.array_equal(_read(x), _read(y))
+
+
+def test_grid_labels_keep_the_whole_prompt():
+    from minidalle.images import make_grid
+
+    rows = [torch.zeros(3, 3, 16, 16), torch.zeros(1, 3, 16, 16)]
+    long = "a large red circle at the top left and a large blue square at the bottom right"
+    one_line = make_grid(rows[:1], ["a"]).size[1]
+    tall = make_grid(rows[:1], [long]).size[1]
+    assert tall - one_line >= 4 * 15  # every wrapped line of the prompt is drawn (15 px each)
+    capped = make_grid(rows[:1], [long * 10]).size[1]
+    assert capped - one_line == 7 * 15  # at most 8 lines
+    assert make_grid(rows, [long, ""]).size[0] == 3 * 16 + 4 * 4
