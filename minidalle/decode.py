@@ -4,8 +4,9 @@ A cached step feeds one position per sequence, so every weight matrix is read on
 matrix-vector product: the step is bound by memory bandwidth plus per-op overhead.
 :class:`LeanDecoder` does the arithmetic of ``DALLE.hidden(tokens, cache=...)`` with
 
-- weights prepacked once for oneDNN on CPU (its bf16 matrix-vector product runs ~1.7x
-  faster than ``F.linear``'s; both accumulate in fp32),
+- weights packed once for the :mod:`minidalle.gemv` kernel (bf16 or fp32, 1-8 rows) or,
+  where it does not apply, prepacked for oneDNN on CPU (its bf16 matrix-vector product runs
+  ~1.7x faster than ``F.linear``'s; all accumulate in fp32),
 - LayerScale folded into the output projections and the residual add fused into them,
 - no ``nn.Module`` calls.
 
