@@ -10,13 +10,14 @@ sums; bias and residual are added in fp32 before one rounding to bf16 (oneDNN's 
 differ by at most one bf16 step). fp32 weights get the same scheme with AVX512F FMA: packed
 so that one 64-byte load holds one k-value of 16 output rows, times a broadcast input
 (oneDNN's fp32 product reads ~13-14 GB/s here); the sums run in another order than
-``F.linear``'s, so results differ from it by fp32 rounding only (~1e-7 relative).
+``F.linear``'s, so results differ from it by fp32 rounding only (a few ulps of the sums).
 
 The kernel is compiled at first use with ``torch.utils.cpp_extension`` (~10-25 s, needs g++
 and ninja) and cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``); later processes only load it. :func:`pack` returns None,
 and callers keep their own path, when the CPU lacks AVX512F (AVX512-BF16 for bf16
-weights), the build or the load fails (logged once at debug level), or ``MINIDALLE_GEMV=0`` is set.
+weights), the build or the load fails (logged once at debug level), or
+``MINIDALLE_GEMV=0`` is set.
 """
 from __future__ import annotations
 
