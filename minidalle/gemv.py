@@ -310,5 +310,6 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias (+ residual)`` for ``x`` ``[..., K]`` of at most ``MAX_ROWS`` rows in
-    W's dtype (bf16 or fp32) and ``packed = pack(W)`` (callers in a hurry call ``kernel().linear`` directly)."""
+    W's dtype (bf16 or fp32) and ``packed = pack(W)`` (callers in a hurry call
+    ``kernel().linear`` directly)."""
     return _module.linear(x, packed, bias, residual)
