@@ -1,6 +1,7 @@
-"""A/B of bf16 products with 1-8 rows: oneDNN prepacked vs the minidalle.gemv kernel.
+"""A/B of bf16 or fp32 products with 1-8 rows: oneDNN prepacked vs the minidalle.gemv kernel.
 
     python benchmarks/gemv_ab.py [--threads 1] [--rows 1 8] [--repeats 15] [--flinear]
+        [--dtype bf16|fp32]
 
 For each L16 decode shape (to_qkv 3072x512, ff proj_in 4096x512, ff proj_out 512x2048 with
 the residual, to_out 512x512 with the residual) it times a pass over 16 different weights
@@ -27,20 +28,22 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--flinear", action="store_true", help="also time F.linear on the plain weight")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     args = p.parse_args(argv)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.set_num_threads(args.threads)
-    if gemv.kernel() is None:
+    if gemv.pack(torch.zeros(16, 16, dtype=dtype)) is None:
         raise SystemExit("the gemv kernel is not available here (see minidalle/gemv.py)")
     onednn = torch.ops.mkldnn
     torch.manual_seed(0)
     for rows in args.rows:
         for n, k, res in SHAPES:
-            ws = [torch.randn(n, k).bfloat16() * 0.05 for _ in range(LAYERS)]
-            bs = [torch.randn(n).bfloat16() for _ in range(LAYERS)]
+            ws = [(torch.randn(n, k) * 0.05).to(dtype) for _ in range(LAYERS)]
+            bs = [torch.randn(n).to(dtype) for _ in range(LAYERS)]
             pre = [onednn._reorder_linear_weight(w, 1) for w in ws]
             packed = [gemv.pack(w, b) for w, b in zip(ws, bs)]
-            x = torch.randn(rows, k).bfloat16()
-            r = torch.randn(rows, n).bfloat16() if res else None
+            x = torch.randn(rows, k).to(dtype)
+            r = torch.randn(rows, n).to(dtype) if res else None
 
             def run_onednn():
                 for w, b in zip(pre, bs):
@@ -68,9 +71,9 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     fn()
                     best[name] = min(best[name], time.perf_counter() - t)
-            gb = LAYERS * n * k * 2 / 1e9
+            gb = LAYERS * n * k * ws[0].element_size() / 1e9
             shape = f"{LAYERS} x {n}x{k}{' + residual' if res else ''}"
-            print(f"{args.threads} thread(s), {rows} row(s), {shape}: "
+            print(f"{args.dtype}, {args.threads} thread(s), {rows} row(s), {shape}: "
                   + ", ".join(f"{name} {t * 1e3:.2f} ms ({gb / t:.1f} GB/s)" for name, t in best.items())
                   + f"; kernel {best['onednn'] / best['kernel']:.2f}x oneDNN's speed", flush=True)
     return 0

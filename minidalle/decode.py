@@ -4,8 +4,9 @@ A cached step feeds one position per sequence, so every weight matrix is read on
 matrix-vector product: the step is bound by memory bandwidth plus per-op overhead.
 :class:`LeanDecoder` does the arithmetic of ``DALLE.hidden(tokens, cache=...)`` with
 
-- weights prepacked once for oneDNN on CPU (its bf16 matrix-vector product runs ~1.7x
-  faster than ``F.linear``'s; both accumulate in fp32),
+- weights packed once for the :mod:`minidalle.gemv` kernel (bf16 or fp32, 1-8 rows) or,
+  where it does not apply, prepacked for oneDNN on CPU (its bf16 matrix-vector product runs
+  ~1.7x faster than ``F.linear``'s; all accumulate in fp32),
 - LayerScale folded into the output projections and the residual add fused into them,
 - no ``nn.Module`` calls.
 
@@ -34,8 +35,8 @@ def _use_onednn(weight: torch.Tensor) -> bool:
 
 
 class _Linear:
-    """``x @ weight.T + bias (+ residual)``: bf16 with at most ``gemv.MAX_ROWS`` rows through
-    the :mod:`minidalle.gemv` kernel where it builds, otherwise the weight prepacked for
+    """``x @ weight.T + bias (+ residual)``: bf16 or fp32 with at most ``gemv.MAX_ROWS`` rows
+    (in the weight's dtype) through the :mod:`minidalle.gemv` kernel where it builds, otherwise the weight prepacked for
     oneDNN on CPU (beside the kernel: made from its packed copy at the first call that needs it)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -49,7 +50,7 @@ class _Linear:
         return torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.onednn else weight
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.gemv is not None and x.dtype == torch.bfloat16
+        if (self.gemv is not None and x.dtype == self.packed.dtype
                 and x.numel() <= gemv.MAX_ROWS * x.shape[-1]):
             return self.gemv(x, self.packed, self.bias, residual)
         if self.weight is None:
