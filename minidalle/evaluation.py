@@ -160,7 +160,7 @@ class LoadedRun:
         import torch
 
         from minidalle.checkpoint import load_checkpoint
-        from minidalle.pipeline import build_codec, build_model, build_tokenizer
+        from minidalle.pipeline import build_codec, build_model, build_tokenizer, token_factors
 
         ck = load_checkpoint(run_dir, registry=registry)
         self.checkpoint = ck.path
@@ -174,7 +174,7 @@ class LoadedRun:
         vocab = cfg.model.text_vocab or self.tokenizer.vocab_size
         self.model = build_model(cfg, text_vocab=vocab, num_image_tokens=self.codec.num_tokens,
                                  fmap_size=self.codec.fmap_size, registry=registry,
-                                 image_token_factors=getattr(self.codec, "token_factors", None))
+                                 image_token_factors=token_factors(self.codec))
         missing, unexpected = self.model.load_state_dict(ck.state_dict, strict=False)
         missing = [k for k in missing if not k.startswith("codec.")]
         if missing or unexpected:

@@ -42,6 +42,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 
 #define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
@@ -142,6 +143,21 @@ static void run32(const float* x, int64_t K, const float* wp, int64_t NB,
   });
 }
 
+// Calls f(std::integral_constant<int, M>) for M = rows (1..8): one instantiation per row count.
+template <typename F>
+static void by_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // weight [N, K] bf16 -> [N/16, K/2, 16, 2]; fp32 -> [N/16, K, 16]
 at::Tensor pack(const at::Tensor& w) {
   if (w.scalar_type() == at::kFloat) {
@@ -182,16 +198,7 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& wp, const std::optiona
     auto pb = bias ? (const float*)b.data_ptr() : nullptr;
     auto pr = residual ? (const float*)res.data_ptr() : nullptr;
     auto py = (float*)y.data_ptr();
-    switch (M) {
-      case 1: run32<1>(px, K, pw, NB, pb, pr, py, N); break;
-      case 2: run32<2>(px, K, pw, NB, pb, pr, py, N); break;
-      case 3: run32<3>(px, K, pw, NB, pb, pr, py, N); break;
-      case 4: run32<4>(px, K, pw, NB, pb, pr, py, N); break;
-      case 5: run32<5>(px, K, pw, NB, pb, pr, py, N); break;
-      case 6: run32<6>(px, K, pw, NB, pb, pr, py, N); break;
-      case 7: run32<7>(px, K, pw, NB, pb, pr, py, N); break;
-      default: run32<8>(px, K, pw, NB, pb, pr, py, N); break;
-    }
+    by_rows(M, [&](auto m) { run32<decltype(m)::value>(px, K, pw, NB, pb, pr, py, N); });
     return y;
   }
   int64_t K2 = K / 2;
@@ -200,16 +207,7 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& wp, const std::optiona
   auto pb = bias ? (const uint16_t*)b.data_ptr() : nullptr;
   auto pr = residual ? (const uint16_t*)res.data_ptr() : nullptr;
   auto py = (uint16_t*)y.data_ptr();
-  switch (M) {
-    case 1: run<1>(px, K2, pw, NB, pb, pr, py, N); break;
-    case 2: run<2>(px, K2, pw, NB, pb, pr, py, N); break;
-    case 3: run<3>(px, K2, pw, NB, pb, pr, py, N); break;
-    case 4: run<4>(px, K2, pw, NB, pb, pr, py, N); break;
-    case 5: run<5>(px, K2, pw, NB, pb, pr, py, N); break;
-    case 6: run<6>(px, K2, pw, NB, pb, pr, py, N); break;
-    case 7: run<7>(px, K2, pw, NB, pb, pr, py, N); break;
-    default: run<8>(px, K2, pw, NB, pb, pr, py, N); break;
-  }
+  by_rows(M, [&](auto m) { run<decltype(m)::value>(px, K2, pw, NB, pb, pr, py, N); });
   return y;
 }
 

@@ -20,6 +20,17 @@ def _reference(x, w, b, r):
     return y if r is None else y + r.float()
 
 
+def _each_thread_count(check):
+    """Run ``check()`` with 1 and then 2 torch threads (the kernel splits rows over them)."""
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            check()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fresh_gemv(monkeypatch):
     """gemv as in a new process: the kernel not tried yet (the real state comes back after)."""
@@ -73,13 +84,8 @@ def test_fp32_kernel_threads_and_checks_dtypes():
     x, r = torch.randn(2, 1, 64), torch.randn(2, 1, 256)
     packed = gemv.pack(w, b)
     want = _reference(x, w, b, r)
-    threads = torch.get_num_threads()
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            torch.testing.assert_close(gemv.linear(x, packed, b, r), want, atol=1e-5, rtol=1e-5)
-    finally:
-        torch.set_num_threads(threads)
+    _each_thread_count(lambda: torch.testing.assert_close(gemv.linear(x, packed, b, r), want,
+                                                          atol=1e-5, rtol=1e-5))
     for bad in (dict(x=x.bfloat16()), dict(bias=b.bfloat16()), dict(residual=r.bfloat16()),
                 dict(x=torch.randn(9, 64))):
         args = {"x": x, "bias": b, "residual": r, **bad}
@@ -106,15 +112,13 @@ def test_kernel_takes_leading_dims_and_threads():
     x, r = torch.randn(2, 1, 32).bfloat16(), torch.randn(2, 1, 64).bfloat16()
     packed = gemv.pack(w, b)
     want = _reference(x, w, b, r)
-    threads = torch.get_num_threads()
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            y = gemv.linear(x, packed, b, r)
-            assert y.shape == (2, 1, 64)
-            torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=1.6e-2)
-    finally:
-        torch.set_num_threads(threads)
+
+    def check():
+        y = gemv.linear(x, packed, b, r)
+        assert y.shape == (2, 1, 64)
+        torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=1.6e-2)
+
+    _each_thread_count(check)
 
 
 @needs_kernel

@@ -63,7 +63,7 @@ def _settings(args, g):
 def load_generator(checkpoint, registry=None):
     """(cfg, tokenizer, codec, model) from a checkpoint directory, model in eval mode."""
     from minidalle.checkpoint import load_checkpoint
-    from minidalle.pipeline import build_codec, build_tokenizer
+    from minidalle.pipeline import build_codec, build_tokenizer, token_factors
     from minidalle.model import build_model
 
     ck = load_checkpoint(checkpoint, registry=registry)
@@ -75,7 +75,7 @@ def load_generator(checkpoint, registry=None):
     codec = build_codec(cfg, registry)
     model = build_model(cfg, text_vocab=cfg.model.text_vocab or tokenizer.vocab_size,
                         num_image_tokens=codec.num_tokens, fmap_size=codec.fmap_size,
-                        registry=registry, image_token_factors=getattr(codec, "token_factors", None))
+                        registry=registry, image_token_factors=token_factors(codec))
     try:
         model.load_state_dict(ck.state_dict, strict=True)
     except RuntimeError as exc:

@@ -253,14 +253,14 @@ class ShapesDataset(torch.utils.data.Dataset):
             j = self.config.jitter
             offset = tuple(float(v) for v in self._rng(index).uniform(-j, j, size=3)[1:])
         image = render(objects, self.image_size, background=self.config.background, offset=offset)
-        item = {"caption": self.caption(index), "image": image, "attributes": objects[0]}
+        item = {"caption": self.caption(index, objects), "image": image, "attributes": objects[0]}
         if len(objects) > 1:
             item["objects"] = objects
         return item
 
-    def caption(self, index: int) -> str:
+    def caption(self, index: int, objects: list[dict] | None = None) -> str:
         p = self.config.caption_dropout if self.split == "train" else 0.0
-        objects = self.objects(index)
+        objects = objects or self.objects(index)
         omits = [()] * len(objects)
         if p:  # a stream of its own, so the item's attributes do not change with p
             names = self.config.caption_dropout_attributes

@@ -86,6 +86,9 @@ class SerializedEmbedding(nn.Module):
 class SerializedLinear(nn.Module):
     """``nn.Linear`` whose matmul is serialized over ``factor`` slices of the outputs."""
 
+    # DALLE.loss then keeps the masked full-vocabulary logits (no per-modality weight slices)
+    full_vocabulary_only = True
+
     def __init__(self, linear: nn.Linear, factor: int, ops=None):
         super().__init__()
         out_features, in_features = linear.weight.shape

@@ -287,11 +287,11 @@ class DALLE(nn.Module):
         entries contribute exp(min) = 0 to the softmax), computed without them: text
         positions get logits over the text table only and image positions over the codes
         only, 3.4x fewer logits in the recipe (no [B, 336, 9296] tensor, mask or slices).
-        A replaced projection (the IPU's serialized ``to_logits``) keeps the masked
-        full-vocabulary logits.
+        A projection that sets ``full_vocabulary_only`` (the IPU's serialized ``to_logits``)
+        keeps the masked full-vocabulary logits.
         """
         t = self.text_seq_len
-        if type(self.to_logits) in (nn.Linear, FactorisedLogits):
+        if not getattr(self.to_logits, "full_vocabulary_only", False):
             hn = self.norm_out(h)
             logits_text, logits_img = self.text_logits_raw(hn[:, :t]), self.image_logits_raw(hn[:, t:])
             labels_img = codes
