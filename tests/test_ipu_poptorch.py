@@ -348,3 +348,15 @@ def test_trainer_runs_the_ipu_backend_with_its_dataloader(poptorch, tmp_path, ca
     assert [c[0] for c in ex.calls].count("call") == result.step
     assert ("copyWeightsToHost",) in ex.calls and ex.calls[-1] == ("detachFromDevice",)
     assert list_checkpoints(tmp_path / "checkpoints")
+
+
+def test_setup_model_keeps_fp32_linears_off_onednn(poptorch):
+    """PopTorch traces standard ops only: the model's linears must call F.linear."""
+    from minidalle.model import build_model
+    from minidalle.plugins import get_registry
+    from minidalle.testing.backend import unit_test_config
+
+    backend = get_registry().build("backend", "ipu", {"ipus_per_replica": 1, "fp16": False})
+    model = backend.setup_model(build_model(unit_test_config(), **SMALL))
+    flags = [m.onednn for m in model.modules() if hasattr(m, "onednn")]
+    assert flags and not any(flags)

@@ -213,6 +213,9 @@ class IpuBackend(Backend):
         self._seed = seed  # the device RNG gets it through Options.randomSeed
 
     def setup_model(self, model):
+        from minidalle.model.linear import use_plain_linear
+
+        use_plain_linear(model)  # PopTorch traces standard ops only, not oneDNN's
         if self.config.fp16:
             model = model.half()
         return model

@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidalle.model.linear import Linear
+
 
 @attrs.frozen
 class AttentionSpec:
@@ -136,8 +138,8 @@ class QKVAttention(AttentionModule):
     def __init__(self, spec: AttentionSpec):
         super().__init__(spec)
         inner = spec.heads * spec.dim_head
-        self.to_qkv = nn.Linear(spec.dim, inner * 3, bias=False)
-        self.to_out = nn.Linear(inner, spec.dim)
+        self.to_qkv = Linear(spec.dim, inner * 3, bias=False)
+        self.to_out = Linear(inner, spec.dim)
 
     def attend(self, q, k, v, offset: int) -> torch.Tensor:
         """q: ``[B, H, n, d]`` for positions ``offset..offset+n-1``; k, v: ``[B, H, L, d]``

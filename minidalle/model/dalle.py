@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidalle.model.linear import Linear, linear
 from minidalle.model.transformer import Transformer
 
 
@@ -86,6 +87,7 @@ class FactorisedLogits(nn.Module):
         super().__init__()
         self.text = nn.Linear(dim, num_text_tokens)
         self.parts = nn.ModuleList(nn.Linear(dim, int(k)) for k in factors)
+        self.onednn = True  # see minidalle.model.linear
 
     @property
     def weight(self) -> torch.Tensor:
@@ -96,7 +98,7 @@ class FactorisedLogits(nn.Module):
         return torch.cat([self.text.bias, joint_rows([p.bias for p in self.parts])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, onednn=self.onednn)
 
 
 class KVCache:
@@ -142,7 +144,7 @@ class DALLE(nn.Module):
         self.transformer = transformer
         self.norm_out = nn.LayerNorm(dim)
         self.to_logits = (FactorisedLogits(dim, self.num_text_tokens, self.image_token_factors)
-                          if self.image_token_factors else nn.Linear(dim, self.total_tokens))
+                          if self.image_token_factors else Linear(dim, self.total_tokens))
 
         # Text positions (< text_seq_len) predict text ids, later ones image ids.
         seq = torch.arange(self.max_positions)[:, None]
@@ -250,13 +252,15 @@ class DALLE(nn.Module):
 
     def image_logits_raw(self, hn: torch.Tensor) -> torch.Tensor:
         """:meth:`image_logits` of already normalised hidden states."""
-        w, b = self.to_logits.weight, self.to_logits.bias
-        return F.linear(hn, w[self.num_text_tokens :], b[self.num_text_tokens :])
+        return self._logits_rows(hn, self.num_text_tokens, self.total_tokens)
 
     def text_logits_raw(self, hn: torch.Tensor) -> torch.Tensor:
         """:meth:`text_logits` of already normalised hidden states."""
+        return self._logits_rows(hn, 0, self.num_text_tokens)
+
+    def _logits_rows(self, hn: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         w, b = self.to_logits.weight, self.to_logits.bias
-        return F.linear(hn, w[: self.num_text_tokens], b[: self.num_text_tokens])
+        return linear(hn, w[start:stop], b[start:stop], onednn=getattr(self.to_logits, "onednn", False))
 
     # ------------------------------------------------------------------ forward
 
@@ -292,8 +296,14 @@ class DALLE(nn.Module):
         """
         t = self.text_seq_len
         if not getattr(self.to_logits, "full_vocabulary_only", False):
-            hn = self.norm_out(h)
-            logits_text, logits_img = self.text_logits_raw(hn[:, :t]), self.image_logits_raw(hn[:, t:])
+            # split, not slices: each slice's backward would zero-fill a full-size gradient
+            hn_text, hn_img = self.norm_out(h).split([t, h.shape[1] - t], dim=1)
+            rows = [self.num_text_tokens, self.num_image_tokens]
+            w_text, w_img = self.to_logits.weight.split(rows)
+            b_text, b_img = self.to_logits.bias.split(rows)
+            onednn = getattr(self.to_logits, "onednn", False)
+            logits_text = linear(hn_text, w_text, b_text, onednn=onednn)
+            logits_img = linear(hn_img, w_img, b_img, onednn=onednn)
             labels_img = codes
         else:
             logits = self.logits(h)

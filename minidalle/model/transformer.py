@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidalle.model.linear import Linear
+
 
 def layerscale_init(layer: int) -> float:
     """LayerScale start value by 1-based layer index (CaiT, as in the recipe)."""
@@ -51,9 +53,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
-        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.proj_in = Linear(dim, dim * mult * 2)
         self.dropout = nn.Dropout(dropout)
-        self.proj_out = nn.Linear(dim * mult, dim)
+        self.proj_out = Linear(dim * mult, dim)
 
     def forward(self, x):
         return self.proj_out(self.dropout(geglu(self.proj_in(x))))
