@@ -148,6 +148,10 @@ def test_bench_prints_the_figures(tmp_path, capsys):
     assert r["flops_per_sample"] == 6 * r["params_matmul"] * 24 + 12 * 64 * r["attention_pairs"]
     assert 0 < r["attention_pairs"] < 24 * 25 // 2  # axial_row sees less than causal
     assert r["samples_per_sec"] > 0 and 0 < r["mfu"] < 1.5
+    assert "MFU per step against the fp32 peak re-measured after it (128x128)" in text
+    assert len(r["probes"]) == len(r["step_seconds"]) == 1 and r["probes"][0] > 0
+    assert r["mfu_per_step_median"] == pytest.approx(
+        r["samples_per_step"] * r["flops_per_sample"] / (r["step_seconds"][0] * r["probes"][0]))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "bf16-master"])

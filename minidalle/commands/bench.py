@@ -170,8 +170,12 @@ def _bench_geometry(cfg) -> dict:
     return out
 
 
-def bench_training(cfg, *, steps: int, warmup: int, registry=None) -> dict:
-    """Time ``steps`` training steps (after ``warmup``) of cfg's model on its backend."""
+def bench_training(cfg, *, steps: int, warmup: int, registry=None, probe=None) -> dict:
+    """Time ``steps`` training steps (after ``warmup``) of cfg's model on its backend.
+
+    ``probe``, when given, is called (untimed) after every timed step; its results are
+    returned as ``probes``. The bench passes a short matmul-peak measurement, so that each
+    step's share of the peak is taken at the machine's speed of that moment."""
     import time
 
     import torch
@@ -211,16 +215,18 @@ def bench_training(cfg, *, steps: int, warmup: int, registry=None) -> dict:
         losses.append(runner.train_step(batches[i % 2]).loss)
     if is_cuda:
         torch.cuda.synchronize(backend.device)
-    times = []
+    times, probes, cpu_seconds = [], [], 0.0
     load_before = _loadavg()
-    cpu_start = time.process_time()
     for i in range(steps):
+        cpu_start = time.process_time()
         start = time.perf_counter()
         losses.append(runner.train_step(batches[i % 2]).loss)
         if is_cuda:
             torch.cuda.synchronize(backend.device)
         times.append(time.perf_counter() - start)
-    cpu_seconds = time.process_time() - cpu_start
+        cpu_seconds += time.process_time() - cpu_start
+        if probe is not None:
+            probes.append(probe())
     runner.close()
     total = sum(times)
     result = {
@@ -228,6 +234,7 @@ def bench_training(cfg, *, steps: int, warmup: int, registry=None) -> dict:
         "threads": torch.get_num_threads(), "cpu_seconds_per_step": cpu_seconds / steps,
         "backend": backend.describe(), "samples_per_step": n, "steps": steps, "warmup": warmup,
         "step_seconds_mean": total / max(steps, 1), "step_seconds_min": min(times) if times else None,
+        "step_seconds": times, "probes": probes,
         "samples_per_sec": n * steps / total if total else None,
         "loss_last": losses[-1] if losses else None, "compile_seconds": compile_s,
         "peak_rss_bytes": peak_rss_bytes(), "peak_rss_is_benchmark_only": rss_reset, **flops,
@@ -262,7 +269,12 @@ def run(args) -> int:
     print(f"Bench: {args.config}, backend {cfg.backend.name} {precision}, batch "
           f"{cfg.training.batch_size}, {args.warmup} warm-up + {args.steps} timed steps", flush=True)
 
-    r = bench_training(cfg, steps=args.steps, warmup=args.warmup)
+    peak_name = "fp32" if precision == "fp32" else "bf16"  # bf16 and bf16-master
+    probe = None
+    if not args.no_peak and cfg.backend.name == "cpu":
+        probe_size = min(sizes)
+        probe = lambda: matmul_peak(peak_name, (probe_size,), reps=2)[0]  # noqa: E731
+    r = bench_training(cfg, steps=args.steps, warmup=args.warmup, probe=probe)
     gib = 1024**3
     print(f"Model: {r['params_total'] / 1e6:.1f}M parameters, {r['params_matmul'] / 1e6:.1f}M in matmuls, "
           f"sequence {r['seq_len']}, {r['flops_per_sample'] / 1e9:.1f} GFLOP per sample "
@@ -285,9 +297,15 @@ def run(args) -> int:
             r[f"matmul_peak_{name}_library"] = lib
             print(f"Matmul peak {name}: {peak / 1e9:.1f} GFLOP/s ({lib} {size}x{size}, "
                   f"{torch.get_num_threads()} threads; best of torch.mm and oneDNN)")
-        peak_name = "fp32" if precision == "fp32" else "bf16"  # bf16 and bf16-master
         r["mfu"] = achieved / r[f"matmul_peak_{peak_name}"]
         print(f"MFU: {100 * r['mfu']:.1f}% of the measured {peak_name} matmul peak")
+        # The clock of a shared or virtual machine drifts by 10-20% over a minute: each
+        # step against the peak measured right after it tells the drift from the code.
+        flops_step = r["samples_per_step"] * r["flops_per_sample"]
+        per_step = sorted(flops_step / (t * p) for t, p in zip(r["step_seconds"], r["probes"]))
+        r["mfu_per_step_median"] = per_step[len(per_step) // 2]
+        print(f"MFU per step against the {peak_name} peak re-measured after it ({probe_size}x{probe_size}): "
+              f"median {100 * r['mfu_per_step_median']:.1f}%, range {100 * per_step[0]:.1f}-{100 * per_step[-1]:.1f}%")
     peak_line = f"Peak memory: {r['peak_rss_bytes'] / gib:.2f} GiB RSS"
     if not r["peak_rss_is_benchmark_only"]:
         peak_line += " (process lifetime)"
