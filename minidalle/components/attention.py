@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from minidalle.config import positive
 from minidalle.model.attention_api import (
@@ -72,6 +73,12 @@ class AxialAttention(PatternAttention):
         f = spec.fmap_size
         self.register_buffer("line_mask", ~torch.ones(f, f, dtype=torch.bool).tril(), persistent=False)
 
+    def attend_projection(self, qkv):
+        # fp32 without dropout: the hand-written path (_AxialCore); else attend() below
+        if self.spec.text_len < qkv.shape[1] and not self.dropout_p and qkv.dtype == torch.float32:
+            return _AxialCore.apply(qkv, self.axis, self.spec.text_len, self.spec.fmap_size)
+        return None
+
     def attend(self, q, k, v, offset):
         t, f = self.spec.text_len, self.spec.fmap_size
         b, h, n, d = q.shape
@@ -107,6 +114,112 @@ class AxialAttention(PatternAttention):
         out_image = torch.baddbmm(out_line.reshape(b * h, f * f, d), p_text.reshape(b * h, f * f, t),
                                   vt.reshape(b * h, t, d)).view(b, h, f * f, d)
         return torch.cat([out_text, out_image], dim=2)[:, :, :n]
+
+
+class _AxialCore(torch.autograd.Function):
+    """Axial attention from the q/k/v projection ``[B, n, 3, H, d]`` to the heads' output
+    ``[B, n, H*d]``, with a hand-written backward (fp32 training and uncached passes).
+
+    The same arithmetic as :meth:`AxialAttention.attend` under autograd, without its
+    bookkeeping: q/k/v are laid out once into a padded ``[3, B, H, T+f*f, d]`` buffer (not
+    padded, split and stacked back per tensor), text and image results stay separate
+    tensors (no concatenation), and the backward writes the gradients of q, k and v
+    straight into the projection's layout. Softmax backward: ``dS = P * (dP - rowsum(dO * O))``.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, axis: int, t: int, f: int):
+        b, n, _, h, d = qkv.shape
+        qkv_p = qkv.new_empty(3, b, h, t + f * f, d)
+        qkv_p[:, :, :, :n] = qkv.permute(2, 0, 3, 1, 4)
+        qkv_p[:, :, :, n:] = 0  # the absent last image positions
+        scale = d**-0.5
+        (qt, qi), (kt, ki), (vt, vi) = (z.split([t, f * f], dim=2) for z in qkv_p.unbind(0))
+        # text queries: causal over the text
+        p_tt = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
+        p_tt = p_tt.masked_fill_(_above_diagonal(t, qkv.device), float("-inf")).softmax(-1)
+        out_t = torch.matmul(p_tt, vt)
+        # image queries: every text key, then the earlier keys of their own row / column
+        s_t = torch.matmul(qi, kt.transpose(-1, -2)).view(b, h, f, f, t)  # raster order
+        s_l = torch.matmul(_lines(qi, axis, f), _lines(ki, axis, f).transpose(-1, -2))  # line order
+        s_l = s_l.masked_fill_(_above_diagonal(f, qkv.device), float("-inf"))
+        p = torch.cat([s_t, _to_raster_order(s_l, axis)], dim=-1).mul_(scale).softmax(-1)
+        p_t, p_l = p.split([t, f], dim=-1)
+        p_t = p_t.reshape(b * h, f * f, t)
+        p_l = _to_line_order(p_l, axis)
+        out_l = _raster(torch.matmul(p_l, _lines(vi, axis, f)), axis, f)
+        out_i = torch.baddbmm(out_l.reshape(b * h, f * f, d), p_t, vt.reshape(b * h, t, d)).view(b, h, f * f, d)
+        ctx.save_for_backward(qkv_p, p_tt, p_t, p_l, out_t, out_i)
+        ctx.axis, ctx.n = axis, n
+        out = qkv.new_empty(b, n, h, d)
+        out[:, :t] = out_t.transpose(1, 2)
+        out[:, t:] = out_i[:, :, : n - t].transpose(1, 2)
+        return out.view(b, n, h * d)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        qkv_p, p_tt, p_t, p_l, out_t, out_i = ctx.saved_tensors
+        axis, n = ctx.axis, ctx.n
+        _, b, h, big, d = qkv_p.shape
+        t = out_t.shape[2]
+        f = round((big - t) ** 0.5)
+        scale = d**-0.5
+        (qt, qi), (kt, ki), (vt, vi) = (z.split([t, f * f], dim=2) for z in qkv_p.unbind(0))
+        grad = grad.view(b, n, h, d)
+        do_t = grad[:, :t].transpose(1, 2).contiguous()
+        do_i = grad.new_zeros(b, h, f * f, d)
+        do_i[:, :, : n - t] = grad[:, t:].transpose(1, 2)
+        # text queries
+        corr_t = (do_t * out_t).sum(-1, keepdim=True)  # rowsum(dO * O)
+        ds_tt = torch.matmul(do_t, vt.transpose(-1, -2)).sub_(corr_t).mul_(p_tt).mul_(scale)
+        dq_t = torch.matmul(ds_tt, kt)
+        # image queries: text keys (raster order) and line keys (line order)
+        corr_i = (do_i * out_i).sum(-1, keepdim=True)
+        ds_t = torch.matmul(do_i, vt.transpose(-1, -2)).sub_(corr_i).view(b * h, f * f, t).mul_(p_t).mul_(scale)
+        do_l = _lines(do_i, axis, f)
+        ds_l = torch.matmul(do_l, _lines(vi, axis, f).transpose(-1, -2))
+        ds_l = ds_l.sub_(_lines(corr_i, axis, f)).mul_(p_l).mul_(scale)
+        q_l, k_l = _lines(qi, axis, f), _lines(ki, axis, f)
+        dq_i = torch.baddbmm(_raster(torch.matmul(ds_l, k_l), axis, f).reshape(b * h, f * f, d),
+                             ds_t, kt.reshape(b * h, t, d))
+        dk_i = _raster(torch.matmul(ds_l.transpose(-1, -2), q_l), axis, f)
+        dv_i = _raster(torch.matmul(p_l.transpose(-1, -2), do_l), axis, f)
+        dk_t = torch.baddbmm(torch.matmul(ds_tt.transpose(-1, -2), qt).view(b * h, t, d),
+                             ds_t.transpose(1, 2), qi.reshape(b * h, f * f, d))
+        dv_t = torch.baddbmm(torch.matmul(p_tt.transpose(-1, -2), do_t).view(b * h, t, d),
+                             p_t.transpose(1, 2), do_i.view(b * h, f * f, d))
+        d_qkv = grad.new_empty(3, b, h, n, d)  # contiguous rows; one permuting copy after
+        for i, (text, image) in enumerate(((dq_t, dq_i), (dk_t, dk_i), (dv_t, dv_i))):
+            d_qkv[i, :, :, :t] = text.view(b, h, t, d)
+            d_qkv[i, :, :, t:] = image.view(b, h, f * f, d)[:, :, : n - t]
+        return d_qkv.permute(1, 3, 0, 2, 4), None, None, None
+
+
+def _above_diagonal(size: int, device) -> torch.Tensor:
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
+
+
+def _to_raster_order(scores, axis: int):
+    """Per-line scores ``[B, H, line, query, key]`` -> ``[B, H, row, col, key]``."""
+    return scores.transpose(2, 3) if axis == 1 else scores
+
+
+_to_line_order = _to_raster_order  # the same swap back
+
+
+def _lines(x, axis: int, f: int):
+    """``[..., f*f, d]`` image positions (raster order) as ``[..., f, f, d]`` lines: rows
+    (axis 0) or columns (axis 1, a transposed view)."""
+    lines = x.reshape(*x.shape[:-2], f, f, x.shape[-1])
+    return lines.transpose(-3, -2) if axis == 1 else lines
+
+
+def _raster(lines, axis: int, f: int):
+    """Inverse of :func:`_lines`: ``[..., f, f, d]`` -> ``[..., f*f, d]`` (a view for rows)."""
+    if axis == 1:
+        lines = lines.transpose(-3, -2)
+    return lines.reshape(*lines.shape[:-3], f * f, lines.shape[-1])
 
 
 def _odd(instance, attribute, value):

@@ -146,12 +146,23 @@ class QKVAttention(AttentionModule):
         for positions ``0..L-1`` (``L = offset + n``). Returns ``[B, H, n, d]``."""
         raise NotImplementedError
 
+    def attend_projection(self, qkv: torch.Tensor) -> torch.Tensor | None:
+        """Optional whole-sequence path (training, uncached passes): ``qkv`` is to_qkv's
+        output ``[B, n, 3, H, d]`` for positions ``0..n-1``; return the heads' output
+        ``[B, n, H*d]``, or None to go through :meth:`attend`."""
+        return None
+
     def forward(self, x, *, offset: int = 0, cache: dict | None = None):
         b, n, _ = x.shape
         h, d = self.spec.heads, self.spec.dim_head
+        qkv = self.to_qkv(x).view(b, n, 3, h, d)
+        if cache is None and offset == 0:
+            out = self.attend_projection(qkv)
+            if out is not None:
+                return self.to_out(out)
         # Unbinding dim 2 gives the same [B, H, n, d] views as permute(2, 0, 3, 1, 4).unbind(0),
         # but backward stacks the gradients straight into to_qkv's layout (one copy, not two).
-        q, k, v = (t.transpose(1, 2) for t in self.to_qkv(x).view(b, n, 3, h, d).unbind(2))
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         if cache is not None:
             if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
                 # Sampling with half-precision weights: CPU attention kernels are several
