@@ -1,7 +1,9 @@
 """``minidalle bench CONFIG``: time training steps on synthetic token data.
 
-Prints samples/sec, this machine's measured matmul peak (fp32 and bf16), the model FLOPs
-utilisation (MFU) against the peak of the precision used, and peak memory.
+Prints samples/sec, this machine's measured matmul peak (fp32 and bf16; the best square
+product of torch.mm and of oneDNN), the model FLOPs utilisation (MFU) against the peak of
+the precision used (overall, and per step against the peak re-measured right after it),
+and peak memory.
 
 FLOPs per sample (stated in benchmarks/RESULTS.md too)::
 
