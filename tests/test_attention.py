@@ -207,24 +207,3 @@ def test_axial_module_uses_the_hand_written_path_in_fp32_only(name):
     assert any("AxialCore" in n for n in names), names
     ref = module.double()(x.double().detach())  # fp64 takes the generic path
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)  # fp32 rounding
-
-
-@pytest.mark.parametrize("config, n", [(None, 336), (None, 200), ({"kernel_size": 3, "dilation": 2}, 336),
-                                       ({"kernel_size": 11, "dilation": 1}, 300),
-                                       ({"kernel_size": 41, "dilation": 1}, 100)])
-def test_conv_like_row_band_path_matches_masked_attention(config, n):
-    """conv_like scores image queries against the text and the rows its window reaches;
-    forward and gradients equal dense masked attention (fp64), whatever the window."""
-    import torch.nn.functional as F
-
-    from minidalle.components.attention import ConvLikeConfig
-
-    spec = make_spec(text_len=81, fmap_size=16, dim=64, heads=2, dim_head=32)
-    module = build_for_test("conv_like", ConvLikeConfig(**config) if config else None, spec=spec)
-    q, k, v = (torch.randn(2, 2, n, 32, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    fast = module.attend(q, k, v, 0)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=module.mask[:n, :n])
-    torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-12)
-    grad = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(fast, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -116,58 +116,6 @@ class AxialAttention(PatternAttention):
         return torch.cat([out_text, out_image], dim=2)[:, :, :n]
 
 
-class ConvLikeAttention(PatternAttention):
-    """Conv-like attention computed over the rows the window reaches in training and
-    uncached passes.
-
-    An image query in grid row ``r`` may see the text and the window's earlier positions,
-    all in rows ``r - reach .. r``. So the image queries score against the text keys (one
-    matmul) and against the ``reach + 1`` rows ending at their own (a batched matmul over
-    grid rows, masked by the pattern), not against all positions: about 40% fewer
-    (query, key) pairs than full causal attention with the recipe's 5 x 5 window. Decoding
-    steps use PatternAttention's generic path.
-    """
-
-    def __init__(self, spec: AttentionSpec, pattern: ConvLikePattern):
-        super().__init__(spec, pattern)
-        t, f = spec.text_len, spec.fmap_size
-        self.reach = min((pattern.kernel_size // 2) * pattern.dilation, f - 1)
-        # band_mask[r, c, j * f + c2]: may image (r, c) see image (r - reach + j, c2)?
-        band = torch.zeros(f, f, self.reach + 1, f, dtype=torch.bool)
-        image = self.mask[t:, t:].view(f, f, f, f)  # [row, col, key row, key col]
-        for j in range(self.reach + 1):
-            rows = torch.arange(f) - self.reach + j
-            ok = rows >= 0
-            band[ok, :, j] = image[ok.nonzero().flatten(), :, rows[ok]]
-        self.register_buffer("band_mask", ~band.view(f, f, (self.reach + 1) * f), persistent=False)
-
-    def attend(self, q, k, v, offset):
-        t, f, reach = self.spec.text_len, self.spec.fmap_size, self.reach
-        b, h, n, d = q.shape
-        if offset != 0 or n != k.shape[-2] or n <= t:
-            return super().attend(q, k, v, offset)
-        pad = f * f - (n - t)  # the last image positions are absent in training: pad them
-        qt, qi = F.pad(q, (0, 0, 0, pad)).split([t, f * f], dim=2)
-        kt, ki = F.pad(k, (0, 0, 0, pad)).split([t, f * f], dim=2)
-        vt, vi = F.pad(v, (0, 0, 0, pad)).split([t, f * f], dim=2)
-        out_text = sdpa(qt, kt, vt, is_causal=True, dropout_p=self.dropout_p)
-
-        def band(z):  # [B, H, f*f, d] -> [B, H, f, (reach+1)*f, d]: rows r-reach..r per row r
-            rows = F.pad(z.view(b, h, f, f, d), (0, 0, 0, 0, reach, 0))  # zero rows above
-            return rows.unfold(2, reach + 1, 1).permute(0, 1, 2, 5, 3, 4).reshape(b, h, f, (reach + 1) * f, d)
-
-        kb, vb = band(ki), band(vi)
-        scores_text = (qi @ kt.transpose(-1, -2)).view(b, h, f, f, t)
-        scores_band = (qi.view(b, h, f, f, d) @ kb.transpose(-1, -2)).masked_fill(self.band_mask, float("-inf"))
-        probs = (torch.cat([scores_text, scores_band], dim=-1) * d**-0.5).softmax(dim=-1)
-        if self.dropout_p:
-            probs = F.dropout(probs, self.dropout_p)
-        p_text, p_band = probs.split([t, (reach + 1) * f], dim=-1)
-        out_image = torch.baddbmm((p_band @ vb).reshape(b * h, f * f, d), p_text.reshape(b * h, f * f, t),
-                                  vt.reshape(b * h, t, d)).view(b, h, f * f, d)
-        return torch.cat([out_text, out_image], dim=2)[:, :, :n]
-
-
 class _AxialCore(torch.autograd.Function):
     """Axial attention from the q/k/v projection ``[B, n, 3, H, d]`` to the heads' output
     ``[B, n, H*d]``, with a hand-written backward (fp32 training and uncached passes).
@@ -308,4 +256,4 @@ def axial_col(config=None, *, spec: AttentionSpec):
 
 def conv_like(config: ConvLikeConfig | None = None, *, spec: AttentionSpec):
     config = config or ConvLikeConfig()
-    return ConvLikeAttention(spec, ConvLikePattern(config.kernel_size, config.dilation))
+    return PatternAttention(spec, ConvLikePattern(config.kernel_size, config.dilation))
