@@ -1,6 +1,6 @@
 """Per-layer cost of each built-in attention variant at the L16 shapes.
 
-    python benchmarks/attention_cost.py [--repeats 8]
+    python benchmarks/attention_cost.py [--repeats 16]
 
 One attention module (q/k/v and output projections included) forward + backward on a
 [3, 336, 512] input, 16 heads x 64, the recipe's 81 text positions and 16 x 16 image grid;
@@ -22,7 +22,7 @@ NAMES = ("full", "axial_row", "axial_col", "conv_like")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=16)
     args = ap.parse_args()
     torch.manual_seed(0)
     spec = AttentionSpec(dim=512, heads=16, dim_head=64, dropout=0.0, text_len=81, fmap_size=16)
