@@ -122,9 +122,10 @@ class _AxialCore(torch.autograd.Function):
 
     The same arithmetic as :meth:`AxialAttention.attend` under autograd, without its
     bookkeeping: q/k/v are laid out once into a padded ``[3, B, H, T+f*f, d]`` buffer (not
-    padded, split and stacked back per tensor), text and image results stay separate
-    tensors (no concatenation), and the backward writes the gradients of q, k and v
-    straight into the projection's layout. Softmax backward: ``dS = P * (dP - rowsum(dO * O))``.
+    padded, split and stacked back per tensor), the text and image outputs are written
+    into the output layout directly (no concatenation), and the backward gathers the
+    gradients of q, k and v in one buffer. Softmax backward: ``dS = P * (dP - rowsum(dO * O))``.
+    About 2% off an L16 fp32 step (``benchmarks/RESULTS.md``, "Session 5").
     """
 
     @staticmethod

@@ -1,18 +1,20 @@
 """Linear layers whose fp32 CPU products run on oneDNN instead of MKL.
 
 PyTorch sends an fp32 ``F.linear`` on the CPU to MKL's sgemm. On this project's CPU (AMD
-EPYC, Zen 4) oneDNN's AVX-512 kernels reach 200-220 GFLOP/s on the L16 shapes where MKL
-reaches 155-195, and a training step of the L16 recipe gets ~10% faster (see
-``benchmarks/RESULTS.md``, "fp32 training on oneDNN"). Both are fp32 throughout: oneDNN
-sums in another order, so results differ from ``F.linear``'s by fp32 rounding only, and
-they are deterministic for a fixed thread count.
+EPYC, Zen 4) oneDNN's AVX-512 kernels run the L16 shapes at 200-220 GFLOP/s where MKL
+runs them at 155-195, and an L16 training step is 5-12% faster (interleaved A/B; see
+``benchmarks/RESULTS.md``, "Session 5"). Both are fp32 throughout: oneDNN sums in another
+order, so results differ from ``F.linear``'s by fp32 rounding only, and they are
+deterministic for a fixed thread count.
 
 :func:`linear` uses oneDNN (``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's own
-compiler emits for CPU linears) for the forward product and the input gradient; the weight
-gradient stays on MKL, which is as fast there. Everything else falls back to ``F.linear``:
-other devices and dtypes, autocast (which must see ``F.linear`` to cast it), a PyTorch
-without oneDNN, ``MINIDALLE_ONEDNN_LINEAR=0``, and modules marked with
-:func:`use_plain_linear` (the IPU backend, whose tracer knows only standard ops).
+compiler emits for CPU linears) for the forward product, the input gradient and the weight
+gradient of narrow layers (out <= in features). The weight gradient of wide layers stays
+on MKL: oneDNN computes it no faster once its transposed result is copied into the
+weight's layout. Everything else falls back to ``F.linear``: other devices and dtypes,
+autocast (which must see ``F.linear`` to cast it), a PyTorch without oneDNN,
+``MINIDALLE_ONEDNN_LINEAR=0``, and modules marked with :func:`use_plain_linear` (the IPU
+backend, whose tracer knows only standard ops).
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ def _available() -> bool:
 
 
 ENABLED = _available()
-NARROW_GRAD_W = True
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -57,7 +58,7 @@ class _OneDNNLinear(torch.autograd.Function):
             grad_x = _product(grad, weight.t(), None)  # grad @ weight
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
-            if NARROW_GRAD_W and weight.shape[0] <= weight.shape[1]:
+            if weight.shape[0] <= weight.shape[1]:
                 grad_w = _product(grad2.t(), x2.t(), None)
             else:
                 grad_w = torch.mm(grad2.t(), x2)
