@@ -5,7 +5,6 @@ half-written PNG.
 """
 from __future__ import annotations
 
-import os
 import re
 import textwrap
 from pathlib import Path
@@ -29,13 +28,10 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 def save_png(image, path: Path | str) -> Path:
     """Save a PIL image or an image tensor ``[3, H, W]`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from minidalle.fileio import atomic_write
+
     pil = image if isinstance(image, Image.Image) else to_pil(image)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pil.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: pil.save(f, format="PNG"))
 
 
 def slug(text: str, max_len: int = 40) -> str:

@@ -85,11 +85,9 @@ def _marker(ctx: StageContext, stage: Stage) -> Path:
 
 def _tell_others(ctx: StageContext, stage: Stage, decision: str) -> None:
     """Rank 0: record that a non-parallel stage ran or was skipped, for the other ranks."""
-    path = _marker(ctx, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(decision, encoding="utf-8")
-    os.replace(tmp, path)
+    from minidalle.fileio import atomic_write
+
+    atomic_write(_marker(ctx, stage), lambda f: f.write(decision.encode("utf-8")))
 
 
 def _wait_for_rank0(ctx: StageContext, stage: Stage, poll_s: float = 1.0) -> str:

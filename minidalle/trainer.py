@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from minidalle.checkpoint import (
 )
 from minidalle.config import Config, config_to_dict
 from minidalle.errors import CheckpointError, DataError
+from minidalle.fileio import atomic_write
 from minidalle.optim import LrSchedule
 
 METRICS_FILE = "metrics.jsonl"
@@ -219,9 +219,8 @@ class Trainer:
                     keep.append(line)
             except json.JSONDecodeError:
                 pass  # a half-written last line
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
+        text = "".join(line + "\n" for line in keep)
+        atomic_write(self.metrics_path, lambda f: f.write(text.encode("utf-8")))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, optimizer, schedule, runner, *, final: bool = False) -> Path:

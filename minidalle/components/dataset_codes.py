@@ -165,10 +165,10 @@ def write_cache(dataset, codec, out, split: str, *, batch_size: int = 32, worker
     Files are written under temporary names and renamed into place, so an interrupted run
     leaves any earlier cache intact. Returns the metadata written (without the captions).
     """
-    import os
-
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     from tqdm import tqdm
+
+    from minidalle.fileio import atomic_write
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,13 +209,9 @@ def write_cache(dataset, codec, out, split: str, *, batch_size: int = 32, worker
             "fmap_size": fmap, "num_tokens": num_tokens, "image_size": image_size,
             **({"token_factors": list(codec.token_factors)} if getattr(codec, "token_factors", None) else {}),
             **(meta or {})}
-    tmp = tensors_path.with_name(tensors_path.name + ".tmp")
-    save_file({"codes": codes.contiguous()}, str(tmp))
-    os.replace(tmp, tensors_path)
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    atomic_write(tensors_path, lambda f: f.write(save({"codes": codes.contiguous()})))
     body = {**info, "captions": captions}
     if any(extras):
         body["extras"] = extras
-    tmp.write_text(json.dumps(body, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, meta_path)
+    atomic_write(meta_path, lambda f: f.write(json.dumps(body, ensure_ascii=False).encode("utf-8")))
     return info
