@@ -25,13 +25,13 @@ from torch import nn
 
 from minidalle import gemv
 from minidalle.model.attention_api import QKVAttention, update_kv_cache
+from minidalle.model.linear import onednn_available
 from minidalle.model.transformer import Block, FeedForward, geglu
 
 
 def _use_onednn(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and onednn_available())
 
 
 class _Linear:

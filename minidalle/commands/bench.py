@@ -102,11 +102,12 @@ def matmul_peak(dtype_name: str, sizes=(2048, 3072), reps: int = 5) -> tuple[flo
 
     import torch
 
+    from minidalle.model.linear import onednn_available, onednn_product
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     products = {"torch.mm": torch.mm}
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
-        # a @ b.T: b is the [out, in] weight of a linear layer
-        products["oneDNN linear"] = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    if onednn_available():
+        products["oneDNN linear"] = onednn_product  # a @ b.T: b as the [out, in] weight of a linear layer
     best, best_n, best_lib = 0.0, 0, ""
     for n in sizes:
         a = torch.randn(n, n).to(dtype)

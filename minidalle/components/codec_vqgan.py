@@ -138,14 +138,15 @@ class VQGAN(nn.Module):
 
     def split_codes(self, codes: torch.Tensor) -> list[torch.Tensor]:
         """Image codes -> one index per codebook (a code is ``colour * K + structure``)."""
-        if not self.structure:
-            return [codes]
-        k = self.structure["n_embed"]
-        return [codes.div(k, rounding_mode="floor"), codes.remainder(k)]
+        from minidalle.model.dalle import split_ids
+
+        return split_ids(codes, self.token_factors) if self.token_factors else [codes]
 
     def join_codes(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The inverse of :meth:`split_codes`."""
-        return parts[0] if len(parts) == 1 else parts[0] * self.structure["n_embed"] + parts[1]
+        from minidalle.model.dalle import join_ids
+
+        return join_ids(parts, self.token_factors) if self.token_factors else parts[0]
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, f*f] -> quantized latents [B, latent channels, f, f]."""

@@ -169,6 +169,7 @@ def write_cache(dataset, codec, out, split: str, *, batch_size: int = 32, worker
     from tqdm import tqdm
 
     from minidalle.fileio import atomic_write
+    from minidalle.pipeline import token_factors
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,9 +206,10 @@ def write_cache(dataset, codec, out, split: str, *, batch_size: int = 32, worker
                              if k not in ("caption", "image", "codes", "index") and _jsonable(v)}
             bar.update(len(items))
     tensors_path, meta_path = cache_files(out, split)
+    factors = token_factors(codec)
     info = {"format": FORMAT, "version": VERSION, "split": split, "count": n,
             "fmap_size": fmap, "num_tokens": num_tokens, "image_size": image_size,
-            **({"token_factors": list(codec.token_factors)} if getattr(codec, "token_factors", None) else {}),
+            **({"token_factors": list(factors)} if factors else {}),
             **(meta or {})}
     atomic_write(tensors_path, lambda f: f.write(save({"codes": codes.contiguous()})))
     body = {**info, "captions": captions}

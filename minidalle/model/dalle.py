@@ -47,6 +47,14 @@ def split_ids(ids: torch.Tensor, factors: tuple[int, ...]) -> list[torch.Tensor]
     return [ids] + digits[::-1]
 
 
+def join_ids(digits: list[torch.Tensor], factors: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of :func:`split_ids`."""
+    ids = digits[0]
+    for d, k in zip(digits[1:], factors[1:]):
+        ids = ids * k + d
+    return ids
+
+
 def joint_rows(tables: list[torch.Tensor]) -> torch.Tensor:
     """Rows ``A[a] + B[b] + ...`` for every id of :func:`split_ids`, in id order."""
     rows = tables[0]
@@ -252,15 +260,20 @@ class DALLE(nn.Module):
 
     def image_logits_raw(self, hn: torch.Tensor) -> torch.Tensor:
         """:meth:`image_logits` of already normalised hidden states."""
-        return self._logits_rows(hn, self.num_text_tokens, self.total_tokens)
+        return self._project(hn, *self._logits_weights()[1])
 
     def text_logits_raw(self, hn: torch.Tensor) -> torch.Tensor:
         """:meth:`text_logits` of already normalised hidden states."""
-        return self._logits_rows(hn, 0, self.num_text_tokens)
+        return self._project(hn, *self._logits_weights()[0])
 
-    def _logits_rows(self, hn: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        w, b = self.to_logits.weight, self.to_logits.bias
-        return linear(hn, w[start:stop], b[start:stop], onednn=getattr(self.to_logits, "onednn", False))
+    def _logits_weights(self):
+        """``((text weight, bias), (image weight, bias))`` of ``to_logits``: split, not
+        sliced, because each slice's backward zero-fills a full-size gradient."""
+        rows = [self.num_text_tokens, self.num_image_tokens]
+        return tuple(zip(self.to_logits.weight.split(rows), self.to_logits.bias.split(rows)))
+
+    def _project(self, hn: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return linear(hn, weight, bias, onednn=getattr(self.to_logits, "onednn", False))
 
     # ------------------------------------------------------------------ forward
 
@@ -296,14 +309,9 @@ class DALLE(nn.Module):
         """
         t = self.text_seq_len
         if not getattr(self.to_logits, "full_vocabulary_only", False):
-            # split, not slices: each slice's backward would zero-fill a full-size gradient
             hn_text, hn_img = self.norm_out(h).split([t, h.shape[1] - t], dim=1)
-            rows = [self.num_text_tokens, self.num_image_tokens]
-            w_text, w_img = self.to_logits.weight.split(rows)
-            b_text, b_img = self.to_logits.bias.split(rows)
-            onednn = getattr(self.to_logits, "onednn", False)
-            logits_text = linear(hn_text, w_text, b_text, onednn=onednn)
-            logits_img = linear(hn_img, w_img, b_img, onednn=onednn)
+            text, image = self._logits_weights()  # one split for both (one backward write)
+            logits_text, logits_img = self._project(hn_text, *text), self._project(hn_img, *image)
             labels_img = codes
         else:
             logits = self.logits(h)

@@ -26,17 +26,20 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
-def _available() -> bool:
-    if os.environ.get("MINIDALLE_ONEDNN_LINEAR", "1") == "0":
-        return False
+def onednn_available() -> bool:
+    """This PyTorch carries oneDNN and its linear op (what :func:`onednn_product` calls)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _available() -> bool:
+    return os.environ.get("MINIDALLE_ONEDNN_LINEAR", "1") != "0" and onednn_available()
 
 
 ENABLED = _available()
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` on oneDNN; x is ``[..., in]``."""
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` on oneDNN (no autograd); x is ``[..., in]``."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -46,7 +49,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _product(x, weight, bias)
+        return onednn_product(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -55,11 +58,11 @@ class _OneDNNLinear(torch.autograd.Function):
         grad2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _product(grad, weight.t(), None)  # grad @ weight
+            grad_x = onednn_product(grad, weight.t(), None)  # grad @ weight
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
             if weight.shape[0] <= weight.shape[1]:
-                grad_w = _product(grad2.t(), x2.t(), None)
+                grad_w = onednn_product(grad2.t(), x2.t(), None)
             else:
                 grad_w = torch.mm(grad2.t(), x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -82,7 +85,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)
-    return _product(x, weight, bias)
+    return onednn_product(x, weight, bias)
 
 
 class Linear(nn.Linear):
