@@ -5,6 +5,11 @@ through the registry (`minidalle.plugins.get_registry()`) when they are built.
 """
 import pluggy
 
+from minidalle import hardware as _hardware
+
+# MINIDALLE_CPU=avx2 (say) caps PyTorch's and oneDNN's kernels too, if torch is not loaded yet.
+_hardware.apply_forced_level()
+
 __version__ = "0.1.0"
 
 #: Marker for plugin hook implementations: ``@minidalle.hookimpl``.

@@ -23,15 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidalle import gemv
+from minidalle import gemv, hardware
 from minidalle.model.attention_api import QKVAttention, update_kv_cache
-from minidalle.model.linear import onednn_available
 from minidalle.model.transformer import Block, FeedForward, geglu
 
 
 def _use_onednn(weight: torch.Tensor) -> bool:
+    """Prepacked oneDNN products for this weight: each op they need runs here (the probe
+    tried them; on a CPU without AVX-512, oneDNN's bf16 reorder and product fail)."""
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and onednn_available())
+            and all(hardware.onednn_works(op, weight.dtype) for op in ("linear", "reorder", "linear_add")))
 
 
 class _Linear:

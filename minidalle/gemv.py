@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from minidalle import hardware
+
 log = logging.getLogger("minidalle.gemv")
 
 MAX_ROWS = 8  # more rows: more accumulators than registers; oneDNN then
@@ -221,19 +223,14 @@ _module = None
 _tried = False
 
 
-def _cpu_has(feature: str) -> bool:
-    check = getattr(torch.cpu, f"_is_{feature}_supported", None)
-    return check is not None and bool(check())
-
-
 def _cpu_ok() -> bool:
-    """The fp32 kernel runs (AVX512F)."""
-    return _cpu_has("avx512")
+    """The fp32 kernel runs (AVX512F), as the capability probe reports it."""
+    return hardware.has("avx512f")
 
 
 def _cpu_bf16() -> bool:
     """The bf16 kernel runs too (AVX512-BF16)."""
-    return _cpu_has("avx512_bf16")
+    return hardware.has("avx512_bf16")
 
 
 @contextlib.contextmanager
@@ -282,6 +279,17 @@ def kernel():
             except Exception as e:  # no compiler, no ninja, a failed build or load
                 log.debug("GEMV kernel unavailable, using oneDNN: %s", e)
     return _module
+
+
+def status() -> str:
+    """Which kernel serves cached decoding here, in words (for ``minidalle env``)."""
+    if os.environ.get("MINIDALLE_GEMV", "1") == "0":
+        return "off (MINIDALLE_GEMV=0)"
+    if not _cpu_ok():
+        return f"not used: the CPU level is {hardware.cpu_level()} (needs AVX512F)"
+    if kernel() is None:
+        return "not built (no compiler or a failed build: see debug log minidalle.gemv)"
+    return "avx512f fp32" + (" + avx512_bf16 bf16" if _cpu_bf16() else "")
 
 
 def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -106,7 +106,7 @@ def matmul_peak(dtype_name: str, sizes=(2048, 3072), reps: int = 5) -> tuple[flo
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     products = {"torch.mm": torch.mm}
-    if onednn_available():
+    if onednn_available(dtype):  # the probe tried it: oneDNN's bf16 product fails without AVX-512
         products["oneDNN linear"] = onednn_product  # a @ b.T: b as the [out, in] weight of a linear layer
     best, best_n, best_lib = 0.0, 0, ""
     for n in sizes:

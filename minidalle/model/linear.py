@@ -12,8 +12,8 @@ compiler emits for CPU linears) for the forward product, the input gradient and 
 gradient of narrow layers (out <= in features). The weight gradient of wide layers stays
 on MKL: oneDNN computes it no faster once its transposed result is copied into the
 weight's layout. Everything else falls back to ``F.linear``: other devices and dtypes,
-autocast (which must see ``F.linear`` to cast it), a PyTorch without oneDNN,
-``MINIDALLE_ONEDNN_LINEAR=0``, and modules marked with :func:`use_plain_linear` (the IPU
+autocast (which must see ``F.linear`` to cast it), a PyTorch or CPU where the capability probe
+(:mod:`minidalle.hardware`) finds oneDNN's fp32 linear not working, ``MINIDALLE_ONEDNN_LINEAR=0``, and modules marked with :func:`use_plain_linear` (the IPU
 backend, whose tracer knows only standard ops).
 """
 from __future__ import annotations
@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from minidalle import hardware
 
-def onednn_available() -> bool:
-    """This PyTorch carries oneDNN and its linear op (what :func:`onednn_product` calls)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's linear op (what :func:`onednn_product` calls) runs here for ``dtype``: the
+    capability probe tried it (``is_available()`` alone is no evidence)."""
+    return hardware.onednn_works("linear", dtype)
 
 
 def _available() -> bool:
