@@ -26,6 +26,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from minidalle import hardware
 from minidalle.config import Config, non_negative, one_of, positive, structure_section
 from minidalle.errors import CheckpointError, ConfigError, DataError
 
@@ -77,7 +78,8 @@ class CodecTrainingConfig:
     perceptual_weight: float = attrs.field(default=0.0, validator=non_negative)
     # A local torchvision VGG16 state_dict (e.g. vgg16-397923af.pth); never downloaded.
     vgg_weights: Union[str, None] = None
-    precision: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16"))
+    # "auto": bf16 where the probe measures native, faster bf16 products (minidalle.hardware).
+    precision: str = attrs.field(default="auto", validator=one_of("auto", "fp32", "bf16"))
     # Dead-code restart: every `restart_every` steps, codes used fewer than
     # `restart_threshold` times since the last check get a random recent encoder output.
     restart_every: int = attrs.field(default=25, validator=non_negative)  # 0: never
@@ -285,6 +287,8 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
     if cfg.dataset is None:
         raise ConfigError(f"{cfg.source}: dataset: train-codec needs a [dataset] section")
     registry = registry or get_registry()
+    ct = attrs.evolve(ct, precision=hardware.resolve_precision(
+        ct.precision, what=f"{SECTION}.precision", log=log))
     seed = cfg.run.seed if ct.seed is None else ct.seed
     out = output_path(cfg, ct)
     torch.manual_seed(seed)

@@ -7,6 +7,8 @@ from minidalle.decode import LeanDecoder
 from minidalle.model import build_model
 from minidalle.model.attention_api import QKVAttention
 
+pytestmark = pytest.mark.cpu_paths  # `make test` reruns it with MINIDALLE_CPU forced down
+
 TEXT_VOCAB, TEXT_LEN, IMG_TOKENS, FMAP = 12, 5, 7, 3
 
 

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from minidalle import decode, gemv
 
+pytestmark = pytest.mark.cpu_paths  # `make test` reruns it with MINIDALLE_CPU forced down
+
 needs_kernel = pytest.mark.skipif(gemv.kernel() is None or not gemv._cpu_bf16(),
                                   reason="bf16 gemv kernel not here (no AVX512-BF16/compiler)")
 needs_fp32 = pytest.mark.skipif(gemv.kernel() is None,

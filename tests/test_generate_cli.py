@@ -12,6 +12,8 @@ from minidalle.config import config_from_dict, config_to_dict
 
 from _tiny import GreyCodec, TinyTokenizer
 
+pytestmark = pytest.mark.cpu_paths  # `make test` reruns it with MINIDALLE_CPU forced down
+
 FMAP, NUM_TOKENS = 4, 8
 
 

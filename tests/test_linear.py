@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from minidalle.model import linear as onednn_linear
 from minidalle.model.linear import Linear, linear, use_onednn, use_plain_linear
 
+pytestmark = pytest.mark.cpu_paths  # `make test` reruns it with MINIDALLE_CPU forced down
+
 needs_onednn = pytest.mark.skipif(
     not onednn_linear.ENABLED,
     reason="needs PyTorch built with oneDNN (torch.ops.mkldnn._linear_pointwise) and "

@@ -132,6 +132,7 @@ def test_stage_mechanism_reruns_later_stages(tmp_path):
         STAGES.pop("s_b", None)
 
 
+@pytest.mark.cpu_paths
 def test_bench_prints_the_figures(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", str(ROOT / "configs" / "unit_test.toml"), "--steps", "1", "--warmup", "1",
@@ -154,6 +155,7 @@ def test_bench_prints_the_figures(tmp_path, capsys):
         r["samples_per_step"] * r["flops_per_sample"] / (r["step_seconds"][0] * r["probes"][0]))
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("precision", ["bf16", "bf16-master"])
 def test_bench_precision_and_batch(tmp_path, capsys, precision):
     assert main(["bench", str(ROOT / "configs" / "unit_test.toml"), "--steps", "1", "--warmup", "0",

@@ -13,6 +13,8 @@ from minidalle.sampling import (
     top_p_filter,
 )
 
+pytestmark = pytest.mark.cpu_paths  # `make test` reruns it with MINIDALLE_CPU forced down
+
 TEXT_VOCAB, TEXT_LEN, IMG_TOKENS, FMAP = 12, 5, 7, 3
 
 

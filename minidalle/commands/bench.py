@@ -41,9 +41,11 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=int, help="micro-batch (default: training.batch_size)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "bf16-master"),
-                   help="override the backend's precision (bf16: autocast; bf16-master: bf16 "
-                        "weights with fp32 master weights)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "bf16-master"),
+                   help="override the backend's precision (auto: what the CPU probe picks; bf16: "
+                        "autocast; bf16-master: bf16 weights with fp32 master weights)")
+    p.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="with precision auto on cpu, do not also time the precision auto did not pick")
     p.add_argument("--backend", metavar="NAME", default="cpu",
                    help="backend to time (default cpu; the config's [backend] params are kept "
                         "when it names the same one)")
@@ -173,6 +175,34 @@ def _bench_geometry(cfg) -> dict:
     return out
 
 
+def _with_precision(cfg, precision: str):
+    """``cfg`` with ``[backend] precision`` set (the cpu backend's params are an attrs class)."""
+    import attrs
+
+    return attrs.evolve(cfg, backend=attrs.evolve(
+        cfg.backend, params=attrs.evolve(cfg.backend.params, precision=precision)))
+
+
+def _fast_enough(name: str) -> bool:
+    """Whether products of this precision run at full speed here (bf16 may be ~50x slower)."""
+    from minidalle import hardware
+
+    return name == "fp32" or hardware.bf16_verdict()[0]
+
+
+def _compare_precision(cfg, other: str, first: dict, args) -> dict:
+    """Time ``other`` (the precision auto did not pick) and print auto's standing against it.
+    A precision that runs far slower here gets one untimed-warm-up-free step only."""
+    slow = not _fast_enough(other)
+    steps, warmup = (1, 0) if slow else (min(args.steps, 3), min(args.warmup, 1))
+    r = bench_training(_with_precision(cfg, other), steps=steps, warmup=warmup)
+    ratio = first["samples_per_sec"] / r["samples_per_sec"]
+    print(f"Compare: {other} {r['samples_per_sec']:.3f} samples/sec ({steps} step{'s' * (steps > 1)}); "
+          f"auto's choice is {ratio:.2f}x {other}", flush=True)
+    return {"precision": other, "samples_per_sec": r["samples_per_sec"], "steps": steps,
+            "auto_over_other": ratio}
+
+
 def bench_training(cfg, *, steps: int, warmup: int, registry=None, probe=None) -> dict:
     """Time ``steps`` training steps (after ``warmup``) of cfg's model on its backend.
 
@@ -268,14 +298,22 @@ def run(args) -> int:
     except (ValueError, AssertionError):
         raise ConfigError(f"--peak-sizes: expected positive integers like 2048,3072, got {args.peak_sizes!r}") from None
     cfg = load_run_config(args.config, args.overrides, args.backend, after=after)
-    precision = getattr(cfg.backend.params, "precision", "fp32")
+    requested = getattr(cfg.backend.params, "precision", "fp32")
+    precision, other = requested, None
+    if cfg.backend.name == "cpu":
+        from minidalle import hardware
+
+        precision = hardware.resolve_precision(requested, what="bench precision")
+        if requested == "auto":
+            cfg = _with_precision(cfg, precision)
+            other = "bf16" if precision == "fp32" else "fp32"
     print(f"Bench: {args.config}, backend {cfg.backend.name} {precision}, batch "
           f"{cfg.training.batch_size}, {args.warmup} warm-up + {args.steps} timed steps", flush=True)
 
     peak_name = "fp32" if precision == "fp32" else "bf16"  # bf16 and bf16-master
     probe = None
     if not args.no_peak and cfg.backend.name == "cpu":
-        probe_size = min(sizes)
+        probe_size = min(sizes) if _fast_enough(peak_name) else 256
         probe = lambda: matmul_peak(peak_name, (probe_size,), reps=2)[0]  # noqa: E731
     r = bench_training(cfg, steps=args.steps, warmup=args.warmup, probe=probe)
     gib = 1024**3
@@ -294,8 +332,13 @@ def run(args) -> int:
     if not args.no_peak and cfg.backend.name == "cpu":
         import torch
 
+        from minidalle import hardware
+
         for name in ("fp32", "bf16"):
-            peak, size, lib = matmul_peak(name, sizes)
+            if not _fast_enough(name) and name != peak_name:
+                print(f"Matmul peak {name}: not measured ({hardware.bf16_verdict()[1]})")
+                continue
+            peak, size, lib = matmul_peak(name, sizes if _fast_enough(name) else (256,))
             r[f"matmul_peak_{name}"] = peak
             r[f"matmul_peak_{name}_library"] = lib
             print(f"Matmul peak {name}: {peak / 1e9:.1f} GFLOP/s ({lib} {size}x{size}, "
@@ -320,6 +363,8 @@ def run(args) -> int:
         busy = load > r["threads"] + 0.5
         print(f"Load average: {load:.1f} before the timed steps, {r['load_average_after']:.1f} after"
               + (f" (busy machine: the figures above are skewed by other processes)" if busy else ""))
+    if other is not None and args.compare:
+        r["compare"] = _compare_precision(cfg, other, r, args)
     if args.generate:
         from minidalle.registry import resolve
 
