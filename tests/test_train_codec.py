@@ -124,6 +124,7 @@ def test_structure_codebook_trains_both_codebooks_and_loads_factorised(registry,
     check_codec(codec, held, min_stable=0.0)
 
 
+@pytest.mark.cpu_paths
 def test_bf16_and_perceptual_loss_with_local_vgg_weights(registry, tmp_path):
     from torchvision.models.vgg import cfgs, make_layers
 

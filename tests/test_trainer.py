@@ -26,7 +26,7 @@ def _batch(pipe, n):
 
 
 def _runner(cfg, pipe):
-    backend = CpuBackend(CpuConfig())
+    backend = CpuBackend(CpuConfig(precision="fp32"))
     model = backend.setup_model(pipe.model)
     return backend.prepare(model, backend.build_optimizer(model, cfg.training), cfg.training)
 
@@ -125,6 +125,7 @@ def test_another_seed_gives_other_weights(tmp_path):
     assert not torch.equal(weights(tmp_path / "a", 1), weights(tmp_path / "b", 2))
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("precision", ["bf16", "bf16-master"])
 def test_bf16_trains_and_stays_close_to_fp32(tmp_path, precision):
     def losses(out, precision):

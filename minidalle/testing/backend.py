@@ -90,7 +90,8 @@ def check_backend(make_backend: Callable, *, steps: int = 10, atol: float = 1e-6
     registry = registry or get_registry()
     cfg = cfg or unit_test_config()
     sizes = dict(sizes or RECIPE_SIZES)
-    make_reference = make_reference or (lambda: registry.build("backend", "cpu", {}))
+    # The reference is the fp32 cpu backend, whatever "auto" would pick on this CPU.
+    make_reference = make_reference or (lambda: registry.build("backend", "cpu", {"precision": "fp32"}))
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, registry=registry, **sizes)
     batch = fixed_batch(cfg, **sizes)

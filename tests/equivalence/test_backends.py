@@ -23,7 +23,7 @@ STEPS = 10
 # serialization factors below still divide the text table (256 + 80) and logits (+ 64).
 SIZES = dict(text_vocab=256, num_image_tokens=64, fmap_size=8)
 # Parameters each backend is built with for the recipe's one-layer model.
-PARAMS = {"ipu": {"ipus_per_replica": 1}}
+PARAMS = {"ipu": {"ipus_per_replica": 1}, "cpu": {"precision": "fp32"}}  # cpu: not "auto"
 # Loss tolerance per backend: the cpu reference must reproduce itself exactly; devices
 # reorder float reductions (the recipe's own test used 1e-6 on an IPU).
 ATOL = {"cpu": 0.0}
@@ -61,7 +61,9 @@ def transformed_cpu(plan_overrides):
 def test_cpu_transforms_match_the_plain_model():
     """Serialized embedding/projection + stage and recomputation annotations."""
     backend = transformed_cpu({"ipus_per_replica": 1, "embedding_serialization_factor": 8})
-    report = check_backend(lambda: backend(), steps=STEPS, atol=1e-6, weights_atol=1e-6,
+    from minidalle.components.backend_cpu import CpuConfig
+
+    report = check_backend(lambda: backend(CpuConfig(precision="fp32")), steps=STEPS, atol=1e-6, weights_atol=1e-6,
                            sizes=SIZES)
     assert len(report["backend"]) == STEPS
     assert report["reference"][-1] < report["reference"][0]  # it trains
