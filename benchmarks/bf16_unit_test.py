@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from minidalle.components.backend_cpu import CpuBackend, CpuConfig
+from minidalle.components.backends.cpu import CpuBackend, CpuConfig
 from minidalle.model import build_model
 from minidalle.testing.backend import RECIPE_SIZES, fixed_batch, unit_test_config
 

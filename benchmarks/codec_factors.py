@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from minidalle.components.codec_vqgan import load_vqgan
-from minidalle.components.dataset_shapes import POSITIONS, render
+from minidalle.components.codecs.vqgan import load_vqgan
+from minidalle.components.datasets.shapes import POSITIONS, render
 
 COLOURS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle"]

@@ -88,9 +88,9 @@ def main() -> int:
     from dalle_pytorch.version import __version__ as their_version
 
     from minidalle.commands.run import load_run_config
-    from minidalle.pipeline import build_model
-    from minidalle.plugins import get_registry
-    from minidalle.trainer import seed_everything
+    from minidalle.train.pipeline import build_model
+    from minidalle.plugin.discovery import get_registry
+    from minidalle.train.trainer import seed_everything
 
     cfg = load_run_config("configs/l16.toml", [], "cpu", after=["training.gradient_accumulation=1"])
     registry = get_registry()

@@ -4,9 +4,9 @@
         [--precision bf16] [--repeats 3] [--kinds module,lean]
 
 Draws the same image(s) alternately with each step kind and prints the minimum wall and CPU
-time of each: ``module`` is what sampling did before ``minidalle/decode.py``
+time of each: ``module`` is what sampling did before ``minidalle/inference/decode.py``
 (``LeanDecoder.supports`` patched to False), ``lean`` the lean step as shipped, ``onednn``
-the lean step with every product on oneDNN (the :mod:`minidalle.gemv` kernel off).
+the lean step with every product on oneDNN (the :mod:`minidalle.inference.gemv` kernel off).
 Interleaving and the minimum make the ratio usable on a machine that other jobs share;
 absolute times are not.
 """
@@ -21,12 +21,12 @@ from unittest import mock
 def main(argv=None) -> int:
     import torch
 
-    from minidalle import gemv
+    from minidalle.inference import gemv
     from minidalle.commands.bench import _bench_geometry
     from minidalle.config import load_config
-    from minidalle.decode import LeanDecoder
-    from minidalle.pipeline import build_model
-    from minidalle.sampling import generate_image_codes
+    from minidalle.inference.decode import LeanDecoder
+    from minidalle.train.pipeline import build_model
+    from minidalle.inference.sampling import generate_image_codes
 
     p = argparse.ArgumentParser(prog="python benchmarks/decode_ab.py")
     p.add_argument("config")

@@ -1,4 +1,4 @@
-"""A/B of bf16 or fp32 products with 1-8 rows: oneDNN prepacked vs the minidalle.gemv kernel.
+"""A/B of bf16 or fp32 products with 1-8 rows: oneDNN prepacked vs the minidalle.inference.gemv kernel.
 
     python benchmarks/gemv_ab.py [--threads 1] [--rows 1 8] [--repeats 15] [--flinear]
         [--dtype bf16|fp32]
@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from minidalle import gemv
+    from minidalle.inference import gemv
 
     p = argparse.ArgumentParser(prog="python benchmarks/gemv_ab.py")
     p.add_argument("--threads", type=int, default=1)
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.set_num_threads(args.threads)
     if gemv.pack(torch.zeros(16, 16, dtype=dtype)) is None:
-        raise SystemExit("the gemv kernel is not available here (see minidalle/gemv.py)")
+        raise SystemExit("the gemv kernel is not available here (see minidalle/inference/gemv.py)")
     onednn = torch.ops.mkldnn
     torch.manual_seed(0)
     for rows in args.rows:

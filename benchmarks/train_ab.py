@@ -45,9 +45,9 @@ def build_runner(config: str, precision: str):
 
     from minidalle.commands.bench import _bench_geometry
     from minidalle.commands.run import load_run_config
-    from minidalle.pipeline import build_model
-    from minidalle.plugins import get_registry
-    from minidalle.trainer import seed_everything
+    from minidalle.train.pipeline import build_model
+    from minidalle.plugin.discovery import get_registry
+    from minidalle.train.trainer import seed_everything
 
     cfg = load_run_config(config, [], "cpu", after=["training.gradient_accumulation=1",
                                                       f"backend.precision={precision}"])

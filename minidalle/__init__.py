@@ -1,7 +1,7 @@
 """minidalle: a pluggable mini DALL-E.
 
 Importing this package is cheap: no torch, no component code. Components are loaded
-through the registry (`minidalle.plugins.get_registry()`) when they are built.
+through the registry (`minidalle.plugin.discovery.get_registry()`) when they are built.
 """
 import pluggy
 

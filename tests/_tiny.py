@@ -85,14 +85,14 @@ class Plugin:
 
 
 def registry():
-    from minidalle.plugins import load_registry
+    from minidalle.plugin.discovery import load_registry
 
     return load_registry(autoload="none", extra_plugins=[Plugin])
 
 
 def use_tiny_registry():
     """Make the process-wide registry include the tiny components (for the CLI)."""
-    import minidalle.plugins as plugins
+    import minidalle.plugin.discovery as plugins
 
     plugins._registry = registry()
     return plugins._registry

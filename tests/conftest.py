@@ -9,7 +9,7 @@ os.environ.setdefault("MINIDALLE_TEST", "1")
 @pytest.fixture(autouse=True)
 def _fresh_registry():
     """Each test starts with a registry loaded from the current environment."""
-    from minidalle.plugins import reset_registry
+    from minidalle.plugin.discovery import reset_registry
 
     reset_registry()
     yield

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from minidalle.model.attention_api import AttentionModule, AttentionPattern, AttentionSpec, pattern_mask
-from minidalle.plugins import get_registry
+from minidalle.plugin.discovery import get_registry
 from minidalle.testing.attention import build_for_test, check_attention, make_spec
 
 

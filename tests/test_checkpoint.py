@@ -12,17 +12,17 @@ import pytest
 import torch
 
 import _tiny
-from minidalle.checkpoint import (
+from minidalle.train.checkpoint import (
     flatten_tree,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     unflatten_tree,
 )
-from minidalle.components.backend_cpu import CpuBackend, CpuConfig
+from minidalle.components.backends.cpu import CpuBackend, CpuConfig
 from minidalle.errors import CheckpointError
-from minidalle.pipeline import Pipeline
-from minidalle.trainer import Trainer, seed_everything
+from minidalle.train.pipeline import Pipeline
+from minidalle.train.trainer import Trainer, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,7 +176,7 @@ SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     import _tiny
-    from minidalle.trainer import train
+    from minidalle.train.trainer import train
 
     out, resume, kill_at, precision = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
     cfg = _tiny.tiny_config(out, "training.epochs=2", "training.checkpoint_every=3", "dataset.size=8",

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from minidalle.components.codec_vqgan import VQGAN, find_config_path, load_vqgan, save_vqgan
+from minidalle.components.codecs.vqgan import VQGAN, find_config_path, load_vqgan, save_vqgan
 from minidalle.errors import CheckpointError
-from minidalle.plugins import load_registry
+from minidalle.plugin.discovery import load_registry
 from minidalle.testing.codec import check_codec, sample_images
 
 DD = dict(double_z=False, z_channels=8, resolution=16, in_channels=3, out_ch=3, ch=32,

@@ -9,7 +9,7 @@ import pytest
 from minidalle import hookimpl
 from minidalle.config import config_to_dict, load_config, load_raw, parse_override, to_toml
 from minidalle.errors import ConfigError
-from minidalle.plugins import load_registry
+from minidalle.plugin.discovery import load_registry
 
 
 @attrs.define
@@ -141,8 +141,8 @@ def test_parse_override_reads_toml_values():
 def test_unavailable_component_is_listed_with_its_reason():
     # ipu needs poptorch (the Poplar SDK): it stays registered, and building it says why not.
     from minidalle.errors import UnavailableComponentError
-    from minidalle.plugins import get_registry
-    from minidalle.registry import module_missing
+    from minidalle.plugin.discovery import get_registry
+    from minidalle.plugin.registry import module_missing
 
     if not module_missing("poptorch"):
         pytest.skip("poptorch is installed here; the unavailable path needs it absent")

@@ -53,7 +53,7 @@ def test_load_image_resizes_and_centre_crops(tmp_path):
 
 
 def _shapes(**kw):
-    from minidalle.components.dataset_shapes import ShapesConfig, build
+    from minidalle.components.datasets.shapes import ShapesConfig, build
 
     split = kw.pop("split", "train")
     seed = kw.pop("seed", 0)
@@ -133,7 +133,7 @@ def test_shapes_caption_dropout():
 
 
 def test_shapes_several_per_image():
-    from minidalle.components.dataset_shapes import POSITIONS, render
+    from minidalle.components.datasets.shapes import POSITIONS, render
 
     POSITION_WORDS = {name: words for name, (_, words) in POSITIONS.items()}
     size, cell = 36, 12
@@ -186,7 +186,7 @@ def test_shapes_config_errors(tmp_path):
 
 
 def test_shapes_analyser_accuracy():
-    from minidalle.components.dataset_shapes import analyse
+    from minidalle.components.datasets.shapes import analyse
 
     for jitter in (0.0, 0.15):
         ds = _shapes(num_samples=500, image_size=32, jitter=jitter, seed=3)
@@ -201,7 +201,7 @@ def test_shapes_analyser_accuracy():
     assert analyse(img.clamp(0, 1)) == item["attributes"]
     assert analyse(torch.zeros(3, 32, 32, dtype=torch.uint8)) is None
     # stray pixels of the shape's colour elsewhere do not move, grow or reshape it
-    from minidalle.components.dataset_shapes import PALETTE
+    from minidalle.components.datasets.shapes import PALETTE
 
     ds = _shapes(num_samples=100, image_size=64, seed=4)
     g = torch.Generator().manual_seed(0)
@@ -240,7 +240,7 @@ def folder(tmp_path):
 
 
 def _folder(root, **kw):
-    from minidalle.components.dataset_folder import FolderConfig, build
+    from minidalle.components.datasets.folder import FolderConfig, build
 
     split = kw.pop("split", "train")
     seed = kw.pop("seed", 0)
@@ -340,7 +340,7 @@ def coco(tmp_path):
 
 
 def _coco(root, **kw):
-    from minidalle.components.dataset_coco import CocoConfig, build
+    from minidalle.components.datasets.coco import CocoConfig, build
 
     split = kw.pop("split", "train")
     seed = kw.pop("seed", 0)
@@ -362,7 +362,7 @@ def test_coco_from_json(coco, caplog):
 
 def test_coco_prepare_then_read_caption_files(coco):
     pytest.importorskip("ftfy", reason="needs ftfy (pip install ftfy)")
-    from minidalle.components.dataset_coco import prepare_captions
+    from minidalle.components.datasets.coco import prepare_captions
 
     summary = prepare_captions(coco, "train")
     assert summary["images"] == 3 and summary["captions"] == 4  # 9, 25 and the missing 77
@@ -408,7 +408,7 @@ class _GridCodec(torch.nn.Module):
 
 
 def test_codes_cache_roundtrip(tmp_path, folder):
-    from minidalle.components.dataset_codes import CodesConfig, build, write_cache
+    from minidalle.components.datasets.codes import CodesConfig, build, write_cache
 
     shapes = _shapes(num_samples=12)
     info = write_cache(shapes, _GridCodec(), tmp_path / "cache", "train", batch_size=5,
@@ -434,7 +434,7 @@ def test_codes_cache_roundtrip(tmp_path, folder):
 
 
 def test_codes_cache_errors(tmp_path, caplog):
-    from minidalle.components.dataset_codes import CodesConfig, build, write_cache
+    from minidalle.components.datasets.codes import CodesConfig, build, write_cache
 
     cfg = CodesConfig(path=str(tmp_path / "cache"))
     with pytest.raises(DataError, match="no codes cache for split 'train'"):

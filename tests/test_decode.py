@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from minidalle.config import Config, ModelConfig
-from minidalle.decode import LeanDecoder
+from minidalle.inference.decode import LeanDecoder
 from minidalle.model import build_model
 from minidalle.model.attention_api import QKVAttention
 
@@ -90,8 +90,8 @@ class _OwnForward(QKVAttention):
 
 def test_only_standard_blocks_take_the_lean_step():
     from minidalle import hookimpl
-    from minidalle.plugins import load_registry
-    from minidalle.sampling import _Decoder
+    from minidalle.plugin.discovery import load_registry
+    from minidalle.inference.sampling import _Decoder
 
     class Plugin:
         @staticmethod

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidalle.distributed import DataParallel, ShardSampler
-from minidalle.trainer import epoch_order
+from minidalle.train.distributed import DataParallel, ShardSampler
+from minidalle.train.trainer import epoch_order
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -84,7 +84,7 @@ def test_process_count_replaces_the_replication_factor(monkeypatch):
 
 
 def test_missing_rendezvous_address_is_a_clear_error(monkeypatch):
-    from minidalle.distributed import DistributedError
+    from minidalle.train.distributed import DistributedError
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -97,7 +97,7 @@ def test_missing_rendezvous_address_is_a_clear_error(monkeypatch):
 def test_gradient_averaging_keeps_unused_parameters_without_gradient():
     import torch.distributed as dist
 
-    from minidalle.distributed import all_reduce_gradients
+    from minidalle.train.distributed import all_reduce_gradients
 
     # A one-process gloo group stands in for the job: the all-reduce sums just this
     # process, so averaging "over 2" halves what is there.
@@ -114,7 +114,7 @@ def test_gradient_averaging_keeps_unused_parameters_without_gradient():
 
 
 def test_cuda_probe_is_cheap_and_names_the_reason():
-    code = ("import sys; from minidalle.components.cuda_probe import unavailable_reason as r; "
+    code = ("import sys; from minidalle.components.backends.cuda_probe import unavailable_reason as r; "
             "print(repr(r())); assert 'torch' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     reason = eval(out.stdout.strip())
@@ -130,7 +130,7 @@ def test_cuda_probe_is_cheap_and_names_the_reason():
 def test_cuda_backend_without_a_gpu_says_why():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: tests/equivalence/test_cuda.py covers the cuda backend")
-    from minidalle.components.backend_cuda import CudaBackend, CudaConfig
+    from minidalle.components.backends.cuda import CudaBackend, CudaConfig
     from minidalle.errors import UnavailableComponentError
 
     with pytest.raises(UnavailableComponentError, match="cuda"):
@@ -138,7 +138,7 @@ def test_cuda_backend_without_a_gpu_says_why():
 
 
 def test_cuda_config_validates_precision():
-    from minidalle.components.backend_cuda import CudaConfig
+    from minidalle.components.backends.cuda import CudaConfig
     from minidalle.config import structure_section
     from minidalle.errors import ConfigError
 
@@ -150,8 +150,8 @@ def test_cuda_config_validates_precision():
 def _fp16_cpu_backend():
     """The cpu backend with the cuda backend's runner and fp16 autocast: the GradScaler
     logic on the CPU (the runner takes its device from the backend)."""
-    from minidalle.components.backend_cpu import CpuBackend
-    from minidalle.components.backend_cuda import CudaRunner
+    from minidalle.components.backends.cpu import CpuBackend
+    from minidalle.components.backends.cuda import CudaRunner
 
     class Fp16Cpu(CpuBackend):
         precision = "fp16"
@@ -202,8 +202,8 @@ def test_fp16_overflow_is_skipped_counted_and_lowers_the_scale():
 def test_skipped_updates_are_counted_in_the_log_and_metrics(tmp_path, capsys):
     import _tiny
 
-    from minidalle.pipeline import Pipeline
-    from minidalle.trainer import Trainer, seed_everything
+    from minidalle.train.pipeline import Pipeline
+    from minidalle.train.trainer import Trainer, seed_everything
 
     cfg = _tiny.tiny_config(tmp_path, "training.max_steps=2", "training.loss_scaling=1099511627776.0",
                             "dataset.name=tiny_codes", "dataset.size=8", "model.text_seq_len=8")
@@ -324,8 +324,8 @@ def reference(tmp_path_factory, plugin_path):
     import importlib
 
     from minidalle.config import load_config
-    from minidalle.plugins import load_registry
-    from minidalle.trainer import train
+    from minidalle.plugin.discovery import load_registry
+    from minidalle.train.trainer import train
 
     sys.path.insert(0, str(plugin_path))
     try:

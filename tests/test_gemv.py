@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidalle import decode, gemv
+from minidalle.inference import decode, gemv
 
 pytestmark = pytest.mark.cpu_paths  # `make test` reruns it with MINIDALLE_CPU forced down
 
@@ -198,7 +198,7 @@ def test_fallback_to_onednn(why, fresh_gemv, monkeypatch, capsys):
 
 
 def _build_in(tmp_path, **env):
-    code = ("from minidalle import gemv; import sys; "
+    code = ("from minidalle.inference import gemv; import sys; "
             "sys.stderr.write('BUILT' if gemv.kernel() is not None else 'NONE')")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

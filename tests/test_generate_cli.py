@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from minidalle import cli, hookimpl
-from minidalle.checkpoint import save_checkpoint
+from minidalle.train.checkpoint import save_checkpoint
 from minidalle.config import config_from_dict, config_to_dict
 
 from _tiny import GreyCodec, TinyTokenizer
@@ -42,8 +42,8 @@ class Plugin:
 
 @pytest.fixture
 def registry():
-    import minidalle.plugins as plugins
-    from minidalle.plugins import load_registry
+    import minidalle.plugin.discovery as plugins
+    from minidalle.plugin.discovery import load_registry
 
     plugins._registry = load_registry(autoload="none", extra_plugins=[Plugin])
     return plugins._registry

@@ -95,7 +95,7 @@ def test_auto_agrees_with_the_measurement_here():
 
 
 def test_cpu_backend_resolves_auto_once(capsys):
-    from minidalle.components.backend_cpu import CpuConfig, build
+    from minidalle.components.backends.cpu import CpuConfig, build
 
     backend = build(CpuConfig())  # precision "auto" is the default
     assert CpuConfig().precision == "auto"

@@ -7,7 +7,7 @@ import pytest
 
 from minidalle.config import load_config
 from minidalle.errors import ConfigError, DataError
-from minidalle.ipu.plan import (
+from minidalle.components.backends.ipu.plan import (
     IPU_MEMORY_BYTES,
     Block,
     build_plan,
@@ -305,7 +305,7 @@ def test_fp16_without_loss_scaling_warns():
 
 
 def test_plan_module_imports_no_torch():
-    code = "import sys, minidalle.ipu.plan, minidalle.ipu; assert 'torch' not in sys.modules"
+    code = "import sys, minidalle.components.backends.ipu.plan, minidalle.components.backends.ipu; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

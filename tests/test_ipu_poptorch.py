@@ -12,7 +12,7 @@ import fake_poptorch  # noqa: E402
 
 from minidalle.config import load_config  # noqa: E402
 from minidalle.errors import ConfigError, UnavailableComponentError  # noqa: E402
-from minidalle.ipu.plan import build_plan  # noqa: E402
+from minidalle.components.backends.ipu.plan import build_plan  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZES = dict(text_vocab=8192, num_image_tokens=1024, fmap_size=16)
@@ -30,7 +30,7 @@ def poptorch(monkeypatch):
 
 
 def test_options_for_l16_pod64(poptorch):
-    from minidalle.ipu.poptorch_layer import make_options
+    from minidalle.components.backends.ipu.poptorch_layer import make_options
 
     opts = make_options(plan_of("l16_pod64.toml"), poptorch)
     assert opts.calls == [
@@ -53,7 +53,7 @@ def test_options_for_l16_pod64(poptorch):
 
 
 def test_options_for_clip_vocab_and_the_optional_switches(poptorch):
-    from minidalle.ipu.poptorch_layer import make_options
+    from minidalle.components.backends.ipu.poptorch_layer import make_options
 
     plan = plan_of("l16_clip_vocab.toml", "backend.ipu_model=true", "backend.synthetic_data=true",
                    "backend.automatic_loss_scaling=true", "backend.optimizer_state_offchip=true",
@@ -74,7 +74,7 @@ def test_options_for_clip_vocab_and_the_optional_switches(poptorch):
 
 
 def test_single_ipu_plan_is_not_pipelined(poptorch):
-    from minidalle.ipu.poptorch_layer import make_options
+    from minidalle.components.backends.ipu.poptorch_layer import make_options
 
     plan = plan_of("l16.toml", "backend.ipus_per_replica=1", "backend.layers_per_ipu=[16]")
     names = [c[0] for c in make_options(plan, poptorch).calls]
@@ -84,7 +84,7 @@ def test_single_ipu_plan_is_not_pipelined(poptorch):
 def test_popdist_options_under_poprun(monkeypatch):
     env = dict(total_replicas=16, local_replicas=4, instances=4, index=2, ipus_per_replica=4)
     poptorch = fake_poptorch.install(monkeypatch, popdist_env=env)
-    from minidalle.ipu.poptorch_layer import import_popdist, instances_from_popdist, make_options
+    from minidalle.components.backends.ipu.poptorch_layer import import_popdist, instances_from_popdist, make_options
 
     popdist = import_popdist()
     plan = plan_of("l16_pod64.toml")
@@ -101,7 +101,7 @@ def test_popdist_options_under_poprun(monkeypatch):
 
 
 def test_optimizer_mapping(poptorch):
-    from minidalle.ipu.poptorch_layer import make_optimizer
+    from minidalle.components.backends.ipu.poptorch_layer import make_optimizer
 
     model = torch.nn.Linear(4, 4)
     cfg = load_config(CONFIGS / "l16.toml")
@@ -125,7 +125,7 @@ def test_optimizer_mapping(poptorch):
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_dataloader_mapping(poptorch):
-    from minidalle.ipu.poptorch_layer import make_dataloader, make_options
+    from minidalle.components.backends.ipu.poptorch_layer import make_dataloader, make_options
 
     plan = plan_of("l16_pod16.toml")
     opts = make_options(plan, poptorch)
@@ -159,8 +159,8 @@ def small_model(depth=4, **model):
 
 def test_transforms_call_poptorch_ops(poptorch):
     from minidalle.config import config_from_dict
-    from minidalle.ipu.poptorch_layer import PoptorchOps
-    from minidalle.ipu.transforms import apply_plan
+    from minidalle.components.backends.ipu.poptorch_layer import PoptorchOps
+    from minidalle.components.backends.ipu.transforms import apply_plan
 
     cfg = config_from_dict({"model": {"depth": 4, "text_seq_len": 8},
                             "training": {"gradient_accumulation": 8},
@@ -182,9 +182,9 @@ def test_transforms_call_poptorch_ops(poptorch):
 
 
 def test_codec_block_wraps_encode(poptorch):
-    from minidalle.ipu.poptorch_layer import PoptorchOps
-    from minidalle.ipu.transforms import annotate_pipeline
-    from minidalle.ipu.plan import Block
+    from minidalle.components.backends.ipu.poptorch_layer import PoptorchOps
+    from minidalle.components.backends.ipu.transforms import annotate_pipeline
+    from minidalle.components.backends.ipu.plan import Block
 
     class Codec(torch.nn.Module):
         num_tokens, fmap_size = 16, 4
@@ -206,7 +206,7 @@ def test_ipu_backend_runs_the_trainer_sequence(poptorch):
     sync_to_host -> close, on the fake (which simulates the host calls on the CPU)."""
     from minidalle.testing.backend import fixed_batch, unit_test_config
     from minidalle.model import build_model
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     backend = get_registry().build("backend", "ipu", {"ipus_per_replica": 1})
     cfg = unit_test_config(training={"gradient_accumulation": 4, "device_iterations": 2})
@@ -242,7 +242,7 @@ def test_ipu_backend_runs_the_trainer_sequence(poptorch):
 
 def test_backend_errors_before_running(poptorch):
     from minidalle.model import build_model
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
     from minidalle.testing.backend import unit_test_config
 
     backend = get_registry().build("backend", "ipu", {"ipus_per_replica": 2,
@@ -256,7 +256,7 @@ def test_backend_errors_before_running(poptorch):
 def test_make_loader_yields_steps(poptorch):
     from minidalle.testing.backend import unit_test_config
     from minidalle.model import build_model
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     backend = get_registry().build("backend", "ipu", {"ipus_per_replica": 1, "dataloader_mode": "sync"})
     cfg = unit_test_config()
@@ -272,7 +272,7 @@ def test_make_loader_yields_steps(poptorch):
 
 def test_without_poptorch_the_backend_says_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "poptorch", None)  # import poptorch -> ImportError
-    from minidalle.ipu.poptorch_layer import import_poptorch
+    from minidalle.components.backends.ipu.poptorch_layer import import_poptorch
 
     with pytest.raises(UnavailableComponentError) as exc:
         import_poptorch()
@@ -281,11 +281,11 @@ def test_without_poptorch_the_backend_says_what_is_missing(monkeypatch):
 
 
 def test_fake_is_gone_after_the_test():
-    from minidalle.ipu import poptorch_installed
+    from minidalle.components.backends.ipu import poptorch_installed
 
     assert "poptorch" not in sys.modules or sys.modules["poptorch"].__version__ != fake_poptorch.__version__
     if not poptorch_installed():
-        from minidalle.plugins import get_registry
+        from minidalle.plugin.discovery import get_registry
 
         assert get_registry().get("backend", "ipu").unavailable_reason(deep=True)
 
@@ -294,7 +294,7 @@ def test_ipu_glue_computes_what_cpu_computes(poptorch):
     """On the fake (a CPU simulation of PopTorch's host call), the ipu backend's glue —
     transforms, Mean reduction over accumulation, loss scaling, optimizer mapping, the
     OutputMode.All loss — gives the cpu reference's losses. This checks our side only."""
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
     from minidalle.testing.backend import check_backend, unit_test_config
 
     cfg = unit_test_config(training={"loss_scaling": 128.0})
@@ -306,9 +306,9 @@ def test_ipu_glue_computes_what_cpu_computes(poptorch):
 
 
 def test_compile_only_stops_after_compiling(poptorch):
-    from minidalle.components.backend_ipu import CompileOnlyDone
+    from minidalle.components.backends.ipu.backend import CompileOnlyDone
     from minidalle.model import build_model
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
     from minidalle.testing.backend import fixed_batch, unit_test_config
 
     backend = get_registry().build("backend", "ipu", {"ipus_per_replica": 1, "compile_only": True})
@@ -327,11 +327,11 @@ def test_trainer_runs_the_ipu_backend_with_its_dataloader(poptorch, tmp_path, ca
     """The whole training loop on the ipu backend (fake PopTorch): poptorch.DataLoader feeds
     the steps, the compile time is logged, weights are copied back for the checkpoint."""
     import _tiny
-    from minidalle.checkpoint import list_checkpoints
-    from minidalle.components.backend_ipu import IpuBackend
-    from minidalle.ipu.plan import IpuConfig
-    from minidalle.pipeline import Pipeline
-    from minidalle.trainer import Trainer, seed_everything
+    from minidalle.train.checkpoint import list_checkpoints
+    from minidalle.components.backends.ipu.backend import IpuBackend
+    from minidalle.components.backends.ipu.plan import IpuConfig
+    from minidalle.train.pipeline import Pipeline
+    from minidalle.train.trainer import Trainer, seed_everything
 
     cfg = _tiny.tiny_config(tmp_path, "training.epochs=2", "training.gradient_accumulation=4")
     seed_everything(cfg.run.seed)
@@ -353,7 +353,7 @@ def test_trainer_runs_the_ipu_backend_with_its_dataloader(poptorch, tmp_path, ca
 def test_setup_model_keeps_fp32_linears_off_onednn(poptorch):
     """PopTorch traces standard ops only: the model's linears must call F.linear."""
     from minidalle.model import build_model
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
     from minidalle.testing.backend import unit_test_config
 
     backend = get_registry().build("backend", "ipu", {"ipus_per_replica": 1, "fp16": False})

@@ -12,7 +12,7 @@ import pytest
 from minidalle.cli import main
 from minidalle.commands.new_plugin import KINDS_INFO, create, names_for
 from minidalle.errors import MinidalleError
-from minidalle.hookspecs import KINDS
+from minidalle.plugin.hookspecs import KINDS
 
 INSTALLED_KINDS = ("attention", "dataset", "tokenizer")  # pip-installed into the venv
 
@@ -95,7 +95,7 @@ def test_generated_plugins_install_list_and_pass_their_own_tests(tmp_path):
 
         # The others run from their src/ directories, not installed.
         others = [str(dirs[k] / "src") for k in KINDS if k not in INSTALLED_KINDS]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(others))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(others + [os.environ.get("PYTHONPATH", "")]))
         env.pop("MINIDALLE_PLUGINS", None)
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",

@@ -6,7 +6,7 @@ import torch
 
 from minidalle.config import TrainingConfig
 from minidalle.errors import ConfigError
-from minidalle.optim import LrSchedule, build_optimizer
+from minidalle.train.optim import LrSchedule, build_optimizer
 
 
 def _opt(**kw):

@@ -80,7 +80,7 @@ def test_plan_of_a_cpu_config(capsys, tmp_path):
 
 def test_list_and_run_without_poptorch(capsys):
     pytest.importorskip("torch")
-    from minidalle.ipu import poptorch_installed
+    from minidalle.components.backends.ipu import poptorch_installed
 
     if poptorch_installed():
         pytest.skip("PopTorch is installed here: this checks the message shown without it")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from minidalle.errors import UnknownComponentError
-from minidalle.plugins import load_registry
+from minidalle.plugin.discovery import load_registry
 
 FIXTURES = Path(__file__).parent / "plugin_fixtures"
 HEAVY = ("torch", "torchvision", "webdataset", "youtokentome", "taming", "poptorch")
@@ -158,7 +158,7 @@ def test_third_party_config_class_validates_its_section(installed, tmp_path):
 
 def test_installed_plugin_component_builds(installed):
     code = (
-        "from minidalle.plugins import get_registry\n"
+        "from minidalle.plugin.discovery import get_registry\n"
         "reg = get_registry()\n"
         "ds = reg.build('dataset', 'fixture_solid', {'size': 4}, image_size=8)\n"
         "item = ds[1]\n"
@@ -166,7 +166,7 @@ def test_installed_plugin_component_builds(installed):
         "tok = reg.build('tokenizer', 'fixture_chars')\n"
         "print(tok.decode(tok.encode(['hi'], 5)[0]))\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(installed["ok"]), MINIDALLE_PLUGINS="fixture_good")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(installed["ok"]), os.environ.get("PYTHONPATH")])), MINIDALLE_PLUGINS="fixture_good")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -232,7 +232,7 @@ def test_extra_plugin_object_and_duplicate_within_one_registry():
 
 
 def test_every_kind_has_a_hook_and_builtins():
-    from minidalle import hookspecs
+    from minidalle.plugin import hookspecs
 
     assert set(hookspecs.KINDS) >= {"tokenizer", "codec", "attention", "dataset", "backend"}
     registry = load_registry(autoload="none")
@@ -272,7 +272,7 @@ def test_list_imports_no_heavy_module(installed):
         f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
         "print(json.dumps({'rc': rc, 'heavy': heavy}))\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(installed["ok"]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(installed["ok"]), os.environ.get("PYTHONPATH")])))
     env.pop("MINIDALLE_PLUGINS", None)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)

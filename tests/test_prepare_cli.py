@@ -7,7 +7,8 @@ import attrs
 import pytest
 import torch
 
-from minidalle import hookimpl, plugins
+from minidalle import hookimpl
+from minidalle.plugin import discovery as plugins
 from minidalle.cli import main
 
 
@@ -57,9 +58,9 @@ def _config(tmp_path, body="", name="c.toml"):
 
 
 def test_prepare_codes(tmp_path, registry, capsys):
-    from minidalle.components.dataset_codes import CodesConfig, build
-    from minidalle.components.dataset_shapes import ShapesConfig
-    from minidalle.components.dataset_shapes import build as build_shapes
+    from minidalle.components.datasets.codes import CodesConfig, build
+    from minidalle.components.datasets.shapes import ShapesConfig
+    from minidalle.components.datasets.shapes import build as build_shapes
 
     cfg = _config(tmp_path)
     assert main(["prepare", "codes", str(cfg), "--batch-size", "7", "--split", "train",
@@ -122,7 +123,7 @@ def test_prepare_coco(tmp_path, capsys):
 
 def test_tokenizer_train(tmp_path, registry, capsys):
     pytest.importorskip("youtokentome", reason="needs youtokentome")
-    from minidalle.components.tokenizer_yttm import YttmTokenizer
+    from minidalle.components.tokenizers.yttm import YttmTokenizer
 
     model = tmp_path / "tok" / "bpe.yttm"
     cfg = _config(tmp_path)

@@ -32,8 +32,8 @@ def _opens(path: Path) -> tuple[int, int]:
 def test_analyser_reads_real_quickstart_images():
     """The analyser must score >= 98% on real images of the quickstart's own dataset, on
     seen and withheld combinations alike, before fidelity means anything."""
-    from minidalle.components.dataset_shapes import is_excluded, parse_combination
-    from minidalle.evaluation import analyser_for, dataset_split, score
+    from minidalle.components.datasets.shapes import is_excluded, parse_combination
+    from minidalle.recipes.quickstart.evaluation import analyser_for, dataset_split, score
 
     cfg = load_config(QUICKSTART)
     size = cfg.extra["codec_training"]["image_size"]
@@ -56,13 +56,13 @@ def test_analyser_reads_real_quickstart_images():
 
 
 def test_score_counts_mismatches():
-    from minidalle.components.dataset_shapes import render
-    from minidalle.evaluation import score
+    from minidalle.components.datasets.shapes import render
+    from minidalle.recipes.quickstart.evaluation import score
 
     want = {"shape": "circle", "colour": "red", "position": "top left", "size": "large"}
     other = dict(want, colour="blue")
     images = [render(want, 32), render(other, 32), torch.zeros(3, 32, 32, dtype=torch.uint8)]
-    from minidalle.components.dataset_shapes import analyse
+    from minidalle.components.datasets.shapes import analyse
 
     result = score(images, [want, want, want], analyse)
     assert result["accuracy"] == pytest.approx(1 / 3)
@@ -71,7 +71,7 @@ def test_score_counts_mismatches():
 
 
 def test_loss_plot_without_history(tmp_path):
-    from minidalle.evaluation import plot_losses
+    from minidalle.recipes.quickstart.evaluation import plot_losses
 
     path = plot_losses([], [], tmp_path / "loss.png")
     assert _opens(path)[0] > 100
@@ -185,7 +185,7 @@ def test_evaluate_errors_are_one_line(tmp_path, capsys):
 
 def test_codec_stage_checks_paths(tmp_path):
     from minidalle.errors import ConfigError
-    from minidalle.stages import StageContext, STAGES
+    from minidalle.recipes.stages import StageContext, STAGES
 
     cfg = load_config(MINI, ["codec_training.out=elsewhere/vqgan.ckpt"])
     with pytest.raises(ConfigError, match="differs from codec.path"):

@@ -56,7 +56,7 @@ def test_run_trains_then_skips_then_reruns_from(tmp_path, tiny_registry, capsys)
 
 
 def test_unfinished_run_needs_resume(tmp_path, tiny_registry, capsys):
-    from minidalle.trainer import METRICS_FILE
+    from minidalle.train.trainer import METRICS_FILE
 
     cfg = _config(tmp_path)
     assert main(["run", str(cfg), "--set", "training.epochs=2"]) == 0
@@ -102,7 +102,7 @@ def test_unknown_stage_and_bad_from(tmp_path, tiny_registry, capsys):
 
 def test_stage_mechanism_reruns_later_stages(tmp_path):
     from minidalle.config import RunConfig
-    from minidalle.stages import STAGES, register_stage, run_stages
+    from minidalle.recipes.stages import STAGES, register_stage, run_stages
 
     done = []
     marker = lambda name: tmp_path / f"{name}.done"
@@ -172,6 +172,6 @@ def test_bench_rejects_bad_bench_section(tmp_path, capsys):
 
 
 def test_command_modules_do_not_import_torch():
-    code = ("import sys, minidalle.commands.run, minidalle.commands.bench, minidalle.stages; "
+    code = ("import sys, minidalle.commands.run, minidalle.commands.bench, minidalle.recipes.stages; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

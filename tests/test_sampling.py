@@ -5,7 +5,7 @@ import torch
 from minidalle.config import Config, ModelConfig
 from minidalle.model import build_model
 from minidalle.model.attention_api import AttentionModule
-from minidalle.sampling import (
+from minidalle.inference.sampling import (
     generate_image_codes,
     generate_text_ids,
     sample_logits,
@@ -123,7 +123,7 @@ class _Plugin:
 
 
 def test_module_without_cache_falls_back_with_a_warning():
-    from minidalle.plugins import load_registry
+    from minidalle.plugin.discovery import load_registry
 
     registry = load_registry(autoload="none", extra_plugins=[_Plugin])
     m = tiny(["full", "running_mean"], registry=registry, dtype=torch.float64)
@@ -160,7 +160,7 @@ def test_bf16_cached_step_close_to_fp32():
 def test_generate_texts_with_a_tokenizer():
     from _tiny import TinyTokenizer
 
-    from minidalle.sampling import generate_texts
+    from minidalle.inference.sampling import generate_texts
 
     cfg = Config(model=ModelConfig(dim=32, depth=1, heads=2, dim_head=8, text_seq_len=8))
     torch.manual_seed(0)

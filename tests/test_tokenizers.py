@@ -25,7 +25,7 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def yttm_model(tmp_path_factory):
-    from minidalle.components.tokenizer_yttm import train
+    from minidalle.components.tokenizers.yttm import train
 
     path = tmp_path_factory.mktemp("yttm") / "bpe.yttm"
     train(CAPTIONS, 120, path)
@@ -33,7 +33,7 @@ def yttm_model(tmp_path_factory):
 
 
 def test_yttm_conforms(yttm_model):
-    from minidalle.plugins import load_registry
+    from minidalle.plugin.discovery import load_registry
 
     tok = load_registry(autoload="none").get("tokenizer", "yttm").build({"path": str(yttm_model)})
     assert tok.vocab_size == 120
@@ -41,7 +41,7 @@ def test_yttm_conforms(yttm_model):
 
 
 def test_yttm_ids_and_padding(yttm_model):
-    from minidalle.components.tokenizer_yttm import YttmTokenizer
+    from minidalle.components.tokenizers.yttm import YttmTokenizer
 
     tok = YttmTokenizer(yttm_model)
     ids = tok.encode(["a red circle", "a red circle at the top left"], 12)
@@ -59,7 +59,7 @@ def test_yttm_ids_and_padding(yttm_model):
 
 
 def test_yttm_too_long_caption_names_it(yttm_model):
-    from minidalle.components.tokenizer_yttm import YttmTokenizer
+    from minidalle.components.tokenizers.yttm import YttmTokenizer
 
     tok = YttmTokenizer(yttm_model)
     with pytest.raises(DataError, match="two dogs playing on a sunny beach"):
@@ -68,7 +68,7 @@ def test_yttm_too_long_caption_names_it(yttm_model):
 
 
 def test_yttm_bad_files(tmp_path):
-    from minidalle.components.tokenizer_yttm import YttmTokenizer, train
+    from minidalle.components.tokenizers.yttm import YttmTokenizer, train
 
     with pytest.raises(DataError, match="not found"):
         YttmTokenizer(tmp_path / "missing.yttm")
@@ -88,7 +88,7 @@ def test_yttm_bad_files(tmp_path):
 
 def make_clip_vocab(path, texts, num_merges=80):
     """A tiny vocabulary in the format of bpe_simple_vocab_16e6.txt.gz (learned greedily)."""
-    from minidalle.components.tokenizer_clip import ClipTokenizer, bytes_to_unicode
+    from minidalle.components.tokenizers.clip import ClipTokenizer, bytes_to_unicode
 
     bmap = bytes_to_unicode()
     words = Counter()
@@ -134,7 +134,7 @@ def clip_vocab(tmp_path_factory):
 
 
 def test_clip_conforms(clip_vocab):
-    from minidalle.plugins import load_registry
+    from minidalle.plugin.discovery import load_registry
 
     tok = load_registry(autoload="none").get("tokenizer", "clip").build({"bpe_path": str(clip_vocab)})
     assert tok.vocab_size == 512 + 80 + 2 + 1  # bytes, bytes</w>, merges, 2 specials, +1 for padding
@@ -143,7 +143,7 @@ def test_clip_conforms(clip_vocab):
 
 def test_clip_known_ids(tmp_path):
     pytest.importorskip("ftfy", reason="needs ftfy")
-    from minidalle.components.tokenizer_clip import ClipTokenizer
+    from minidalle.components.tokenizers.clip import ClipTokenizer
 
     path = tmp_path / "v.txt.gz"
     path.write_bytes(gzip.compress(b"#version: 0.2\nt h\nth e</w>\n"))
@@ -158,7 +158,7 @@ def test_clip_known_ids(tmp_path):
 
 def test_clip_vocab_missing_or_bundled(tmp_path, monkeypatch):
     pytest.importorskip("ftfy", reason="needs ftfy")
-    from minidalle.components import tokenizer_clip
+    from minidalle.components.tokenizers import clip as tokenizer_clip
 
     monkeypatch.setattr(tokenizer_clip, "BUNDLED", (("no_such_package_xyz", ""),))
     with pytest.raises(DataError, match="open_clip_torch"):
@@ -183,7 +183,7 @@ def test_clip_vocab_missing_or_bundled(tmp_path, monkeypatch):
 
 def test_clip_real_vocabulary_ids():
     pytest.importorskip("ftfy", reason="needs ftfy")
-    from minidalle.components.tokenizer_clip import ClipTokenizer, find_bundled_vocab
+    from minidalle.components.tokenizers.clip import ClipTokenizer, find_bundled_vocab
 
     path = find_bundled_vocab()
     if path is None:

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from minidalle import hookimpl
-from minidalle.codec_training import EmaCodebook, restart_dead_codes, train_codec, usage_stats
-from minidalle.components.codec_vqgan import load_vqgan
+from minidalle.components.codecs.vqgan_training import EmaCodebook, restart_dead_codes, train_codec, usage_stats
+from minidalle.components.codecs.vqgan import load_vqgan
 from minidalle.config import config_from_dict
 from minidalle.errors import ConfigError, DataError
-from minidalle.plugins import load_registry
+from minidalle.plugin.discovery import load_registry
 from minidalle.testing.codec import check_codec
 
 SIZE = 16
@@ -193,7 +193,8 @@ def test_ema_codebook_follows_assigned_encoder_outputs():
 
 
 def test_cli_train_codec_and_its_one_line_errors(registry, tmp_path, monkeypatch, capsys):
-    from minidalle import cli, plugins
+    from minidalle import cli
+    from minidalle.plugin import discovery as plugins
 
     monkeypatch.setattr(plugins, "_registry", registry)
     cfg = tmp_path / "c.toml"

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import _tiny
-from minidalle.backend import StepResult, samples_per_step
-from minidalle.checkpoint import load_checkpoint
-from minidalle.components.backend_cpu import CpuBackend, CpuConfig
-from minidalle.master_weights import MasterWeightsRunner
-from minidalle.pipeline import Pipeline
-from minidalle.trainer import Trainer, seed_everything, split_indices, train
+from minidalle.train.backend import StepResult, samples_per_step
+from minidalle.train.checkpoint import load_checkpoint
+from minidalle.components.backends.cpu import CpuBackend, CpuConfig
+from minidalle.train.master_weights import MasterWeightsRunner
+from minidalle.train.pipeline import Pipeline
+from minidalle.train.trainer import Trainer, seed_everything, split_indices, train
 
 
 def _trainer(cfg, *, precision="fp32", **kw):
@@ -264,7 +264,7 @@ def test_micro_batches_are_loaded_as_the_runner_consumes_them(tmp_path):
 
     cfg_b = _tiny.tiny_config(tmp_path / "b", "training.gradient_accumulation=4", "training.max_steps=2")
     trainer_b, pipe_b = _trainer(cfg_b)
-    from minidalle.trainer import epoch_order
+    from minidalle.train.trainer import epoch_order
 
     backend = trainer_b.backend
     model = backend.setup_model(trainer_b.model)

@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--peak-sizes", default="2048,3072", metavar="N,N",
                    help="square matrix sizes tried for the peak (torch.mm and oneDNN); the best counts (default 2048,3072)")
     p.add_argument("--generate", action="store_true",
-                   help="also time sampling (minidalle.generate_bench)")
+                   help="also time sampling (minidalle.bench.generate)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=run)
 
@@ -213,9 +213,9 @@ def bench_training(cfg, *, steps: int, warmup: int, registry=None, probe=None) -
 
     import torch
 
-    from minidalle.pipeline import build_model
-    from minidalle.plugins import get_registry
-    from minidalle.trainer import seed_everything
+    from minidalle.train.pipeline import build_model
+    from minidalle.plugin.discovery import get_registry
+    from minidalle.train.trainer import seed_everything
 
     registry = registry or get_registry()
     geo = _bench_geometry(cfg)
@@ -366,9 +366,9 @@ def run(args) -> int:
     if other is not None and args.compare:
         r["compare"] = _compare_precision(cfg, other, r, args)
     if args.generate:
-        from minidalle.registry import resolve
+        from minidalle.plugin.registry import resolve
 
-        gen = resolve("minidalle.generate_bench:run_generate_bench")(cfg, args)
+        gen = resolve("minidalle.bench.generate:run_generate_bench")(cfg, args)
         if isinstance(gen, dict):
             r["generate"] = gen
     if args.json_out:

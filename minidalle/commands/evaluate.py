@@ -30,7 +30,7 @@ def run(args) -> int:
     cfg = None
     if args.overrides:
         cfg = _config_with_overrides(run_dir, args.overrides)
-    from minidalle.evaluation import evaluate_run
+    from minidalle.recipes.quickstart.evaluation import evaluate_run
 
     log = (lambda line: None) if args.json else print
     metrics = evaluate_run(run_dir, cfg=cfg, log=log)
@@ -41,7 +41,7 @@ def run(args) -> int:
 
 def _config_with_overrides(run_dir, overrides):
     """The run's stored config with ``--set`` applied (only evaluate/generate keys)."""
-    from minidalle.checkpoint import load_checkpoint
+    from minidalle.train.checkpoint import load_checkpoint
     from minidalle.config import apply_overrides, config_from_dict
     from minidalle.errors import ConfigError
 

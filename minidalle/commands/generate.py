@@ -62,8 +62,8 @@ def _settings(args, g):
 
 def load_generator(checkpoint, registry=None):
     """(cfg, tokenizer, codec, model) from a checkpoint directory, model in eval mode."""
-    from minidalle.checkpoint import load_checkpoint
-    from minidalle.pipeline import build_codec, build_tokenizer, token_factors
+    from minidalle.train.checkpoint import load_checkpoint
+    from minidalle.train.pipeline import build_codec, build_tokenizer, token_factors
     from minidalle.model import build_model
 
     ck = load_checkpoint(checkpoint, registry=registry)
@@ -123,7 +123,7 @@ def generate(args, registry=None) -> list:
     from tqdm import tqdm
 
     from minidalle import images as img_io
-    from minidalle.sampling import generate_image_codes
+    from minidalle.inference.sampling import generate_image_codes
 
     if getattr(args, "threads", None):
         if args.threads < 1:
@@ -181,7 +181,7 @@ def generate(args, registry=None) -> list:
 
 
 def _reranker(name, cfg, registry):
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     if name is None and cfg.reranker is None:
         return None

@@ -5,7 +5,7 @@ import json
 
 
 def add_parser(sub):
-    from minidalle.hookspecs import KINDS
+    from minidalle.plugin.hookspecs import KINDS
 
     p = sub.add_parser("list", help="list registered components and plugin errors")
     p.add_argument("kind", nargs="?", choices=KINDS, help="only this kind")
@@ -14,7 +14,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     registry = get_registry()
     rows = []

@@ -64,7 +64,7 @@ def plugin_files(kind: str, name: str) -> dict[str, str]:
     from importlib import resources
 
     from minidalle import __version__
-    from minidalle.hookspecs import HOOKS
+    from minidalle.plugin.hookspecs import HOOKS
 
     summary, usage = KINDS_INFO[kind]
     values = names_for(name)
@@ -93,7 +93,7 @@ def create(kind: str, name: str, directory=None):
     from pathlib import Path
 
     from minidalle.errors import MinidalleError
-    from minidalle.plugins import load_registry
+    from minidalle.plugin.discovery import load_registry
 
     if kind not in KINDS_INFO:
         raise MinidalleError(f"new-plugin: unknown kind {kind!r} (kinds: {', '.join(sorted(KINDS_INFO))})")

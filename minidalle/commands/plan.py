@@ -50,7 +50,7 @@ def resolve_text_vocab(cfg, given, notes):
         return cfg.model.text_vocab, "model.text_vocab"
     if cfg.tokenizer is None:
         raise ConfigError(f"{cfg.source}: tokenizer: missing section; pass --text-vocab N")
-    from minidalle.pipeline import build_tokenizer
+    from minidalle.train.pipeline import build_tokenizer
 
     try:
         return build_tokenizer(cfg).vocab_size, "tokenizer"
@@ -82,7 +82,7 @@ def resolve_codec(cfg, notes):
     from minidalle.errors import ConfigError, MinidalleError
 
     if cfg.codec is not None:
-        from minidalle.pipeline import build_codec
+        from minidalle.train.pipeline import build_codec
 
         try:
             codec = build_codec(cfg)
@@ -92,10 +92,10 @@ def resolve_codec(cfg, notes):
                 raise
             import torch
 
-            from minidalle.components.codec_vqgan import VQGAN
+            from minidalle.components.codecs.vqgan import VQGAN
 
             if "codec_training" in cfg.extra:  # a codec stage will train it
-                from minidalle.codec_training import read_settings
+                from minidalle.components.codecs.vqgan_training import read_settings
 
                 ct = read_settings(cfg)
                 shape = dict(ddconfig=ct.ddconfig(), n_embed=ct.n_embed, embed_dim=ct.embed_dim,
@@ -109,7 +109,7 @@ def resolve_codec(cfg, notes):
             notes.append(f"codec not loaded ({_note_error(exc)}): {note}")
             return codec.num_tokens, codec.fmap_size, _encoder_params(codec), source
     try:
-        from minidalle.pipeline import build_dataset, image_geometry
+        from minidalle.train.pipeline import build_dataset, image_geometry
 
         tokens, fmap = image_geometry(None, build_dataset(cfg))
         return tokens, fmap, 0, "dataset"
@@ -126,7 +126,7 @@ def resolve_dataset_size(cfg, given, notes):
     if cfg.dataset is None:
         notes.append("no [dataset]: pass --dataset-size N for steps per epoch")
         return None, None
-    from minidalle.pipeline import build_dataset
+    from minidalle.train.pipeline import build_dataset
 
     try:
         n = len(build_dataset(cfg))
@@ -161,7 +161,7 @@ def plan_dict(cfg, plan, sizes) -> dict:
 
 
 def render(cfg, plan, sizes, notes) -> str:
-    from minidalle.ipu.plan import IPU_MEMORY_BYTES
+    from minidalle.components.backends.ipu.plan import IPU_MEMORY_BYTES
 
     lines = [f"Config: {cfg.source}"]
     vocab, tokens, fmap = sizes["text_vocab"], sizes["num_image_tokens"], sizes["fmap_size"]
@@ -243,7 +243,7 @@ def render(cfg, plan, sizes, notes) -> str:
 
 def run(args) -> int:
     from minidalle.config import load_config
-    from minidalle.ipu.plan import build_plan
+    from minidalle.components.backends.ipu.plan import build_plan
 
     cfg = load_config(args.config, args.overrides)
     notes: list[str] = []

@@ -32,7 +32,7 @@ def add_parser(sub):
 def run_coco(args) -> int:
     from pathlib import Path
 
-    from minidalle.components.dataset_coco import SPLITS, annotations_path, prepare_captions
+    from minidalle.components.datasets.coco import SPLITS, annotations_path, prepare_captions
     from minidalle.errors import DataError
 
     root = Path(args.root)
@@ -73,10 +73,10 @@ def run_codes(args) -> int:
 def prepare_codes(cfg, out, *, splits=("train",), batch_size: int = 32, device: str = "cpu",
                   progress: bool = True, registry=None) -> list[dict]:
     """Encode ``cfg``'s dataset with ``cfg``'s codec into the cache folder ``out``."""
-    from minidalle.components.dataset_codes import write_cache
+    from minidalle.components.datasets.codes import write_cache
     from minidalle.config import unstructure
     from minidalle.errors import ConfigError
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     registry = registry or get_registry()
     where = cfg.source or "config"

@@ -58,7 +58,7 @@ def _child_argv(args) -> list[str]:
 def _check_backend(cfg) -> None:
     """An unusable backend is reported before any stage runs or writes anything."""
     from minidalle.errors import UnavailableComponentError
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     component = get_registry().get("backend", cfg.backend.name)
     reason = component.unavailable_reason(deep=True)
@@ -80,7 +80,7 @@ def run(args) -> int:
     import os
 
     from minidalle.errors import ConfigError
-    from minidalle.stages import run_stages
+    from minidalle.recipes.stages import run_stages
 
     cfg = load_run_config(args.config, args.overrides, args.backend)
     if args.nproc is not None:
@@ -91,7 +91,7 @@ def run(args) -> int:
                               "the process count; leave --nproc out")
         if args.nproc > 1:
             _check_before_launch(cfg, args.nproc)
-            from minidalle.distributed import launch
+            from minidalle.train.distributed import launch
 
             return launch(args.nproc, _child_argv(args))
     if "transformer" in cfg.run.stages:

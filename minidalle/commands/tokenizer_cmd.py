@@ -42,9 +42,9 @@ def run(args) -> int:
 
 def train_tokenizer(cfg, *, vocab_size: int, out, split: str = "train", registry=None):
     """Train a yttm model on ``cfg``'s dataset captions; returns (tokenizer, caption count)."""
-    from minidalle.components.tokenizer_yttm import train
+    from minidalle.components.tokenizers.yttm import train
     from minidalle.errors import ConfigError
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     registry = registry or get_registry()
     if cfg.dataset is None:

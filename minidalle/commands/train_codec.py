@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import json
 
-    from minidalle.codec_training import train_codec
+    from minidalle.components.codecs.vqgan_training import train_codec
     from minidalle.config import load_config
 
     overrides = list(args.overrides)

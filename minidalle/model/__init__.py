@@ -27,7 +27,7 @@ __all__ = [
 
 def build_attention(name: str, params, spec: AttentionSpec, registry=None):
     """Build one layer's attention module from the registry."""
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     registry = registry or get_registry()
     obj = registry.get("attention", name).build(params, spec=spec)

@@ -33,7 +33,7 @@ def build_for_test(attention, config=None, spec: AttentionSpec | None = None, re
     """A module from a registered name, a factory, a pattern or a module class."""
     spec = spec or make_spec()
     if isinstance(attention, str):
-        from minidalle.plugins import get_registry
+        from minidalle.plugin.discovery import get_registry
 
         registry = registry or get_registry()
         obj = registry.get("attention", attention).build(config, spec=spec)

@@ -48,7 +48,7 @@ def unit_test_config(**sections):
 def fixed_batch(cfg, *, text_vocab: int, num_image_tokens: int, fmap_size: int, seed: int = 0,
                 samples: int | None = None) -> dict:
     """One (text, codes) pair repeated ``samples`` times (default: one step's samples)."""
-    from minidalle.backend import samples_per_step
+    from minidalle.train.backend import samples_per_step
 
     g = torch.Generator().manual_seed(seed)
     seq = cfg.model.text_seq_len
@@ -85,7 +85,7 @@ def check_backend(make_backend: Callable, *, steps: int = 10, atol: float = 1e-6
     Returns ``{"reference": [...], "backend": [...], "max_loss_diff", "max_weight_diff"}``.
     """
     from minidalle.model import build_model
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     registry = registry or get_registry()
     cfg = cfg or unit_test_config()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from minidalle.plugins import load_registry
+from minidalle.plugin.discovery import load_registry
 from minidalle.testing.backend import UNIT_TEST, check_backend, unit_test_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,10 +40,10 @@ def test_unit_test_constants_are_the_recipe_file():
 
 def transformed_cpu(plan_overrides):
     """The cpu backend running the model with the IPU plan's transforms (CpuOps)."""
-    from minidalle.components.backend_cpu import CpuBackend
-    from minidalle.components.backend_ipu import plan_for_model
-    from minidalle.ipu.plan import IpuConfig
-    from minidalle.ipu.transforms import SerializedEmbedding, SerializedLinear, apply_plan
+    from minidalle.components.backends.cpu import CpuBackend
+    from minidalle.components.backends.ipu.backend import plan_for_model
+    from minidalle.components.backends.ipu.plan import IpuConfig
+    from minidalle.components.backends.ipu.transforms import SerializedEmbedding, SerializedLinear, apply_plan
 
     class TransformedCpu(CpuBackend):
         def setup_model(self, model):
@@ -61,7 +61,7 @@ def transformed_cpu(plan_overrides):
 def test_cpu_transforms_match_the_plain_model():
     """Serialized embedding/projection + stage and recomputation annotations."""
     backend = transformed_cpu({"ipus_per_replica": 1, "embedding_serialization_factor": 8})
-    from minidalle.components.backend_cpu import CpuConfig
+    from minidalle.components.backends.cpu import CpuConfig
 
     report = check_backend(lambda: backend(CpuConfig(precision="fp32")), steps=STEPS, atol=1e-6, weights_atol=1e-6,
                            sizes=SIZES)
@@ -89,7 +89,7 @@ def _skip_reason(name, component):
 
 @pytest.mark.parametrize("name", _backend_names())
 def test_backend_matches_cpu(name):
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     registry = get_registry()
     reason = _skip_reason(name, registry.get("backend", name))

@@ -25,13 +25,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def _cuda(**params):
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     return lambda: get_registry().build("backend", "cuda", dict(params))
 
 
 def _cpu(**params):
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     return lambda: get_registry().build("backend", "cpu", dict(params))
 
@@ -59,7 +59,7 @@ def test_fp16_with_dynamic_loss_scaling_stays_close_to_fp32():
 
 def _one_step(backend, cfg):
     from minidalle.model import build_model
-    from minidalle.plugins import get_registry
+    from minidalle.plugin.discovery import get_registry
 
     torch.manual_seed(cfg.run.seed)
     model = backend.setup_model(build_model(cfg, registry=get_registry(), **SIZES))

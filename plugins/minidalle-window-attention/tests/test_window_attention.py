@@ -15,7 +15,7 @@ from minidalle.config import config_from_dict
 from minidalle.errors import ConfigError
 from minidalle.model import build_model
 from minidalle.model.attention_api import AttentionSpec, pattern_mask
-from minidalle.plugins import load_registry
+from minidalle.plugin.discovery import load_registry
 from minidalle_window_attention.attention import WindowConfig, WindowPattern, build
 
 REPO = Path(__file__).resolve().parents[3]
@@ -146,7 +146,7 @@ def test_cached_sampling_matches_uncached(registry):
 def test_sampling_with_and_without_cache_agree(registry):
     """minidalle's sampler: the same seed gives the same codes and per-step logits with
     the key/value cache as with full recomputation."""
-    from minidalle.sampling import generate_image_codes
+    from minidalle.inference.sampling import generate_image_codes
 
     model = tiny_model(registry)
     text = torch.randint(1, 20, (2, 6))

@@ -1,0 +1,1 @@
+"""minidalle.components.tokenizers."""

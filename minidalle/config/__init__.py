@@ -1,0 +1,458 @@
+"""TOML configs: read with tomli, merged through ``extends``, structured into attrs classes.
+
+A config file has fixed sections (``[run]``, ``[model]``, ``[training]``, ...) and component
+sections (``[tokenizer]``, ``[codec]``, ``[dataset]``, ``[backend]``, ``[reranker]``) whose
+``name`` picks a registered component and whose other keys are validated against that
+component's own attrs config class. ``[attention.NAME]`` holds the parameters of attention
+``NAME`` used in ``model.attn_types``.
+
+Every error is a :class:`ConfigError` naming the file and the dotted key.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+import attrs
+import cattrs
+import tomli
+import tomli_w
+
+from minidalle.errors import ConfigError, MinidalleError
+
+COMPONENT_SECTIONS = ("tokenizer", "codec", "dataset", "backend", "reranker")
+OVERRIDE_ORIGIN = "--set"
+
+
+class FieldError(ValueError):
+    """Raised by validators; ``structure_section`` prefixes the dotted path."""
+
+
+def one_of(*choices):
+    """attrs validator: the value must be one of ``choices``."""
+
+    def check(instance, attribute, value):
+        if value not in choices:
+            raise FieldError(
+                f"{attribute.name}: expected one of {', '.join(map(repr, choices))}, got {value!r}"
+            )
+
+    return check
+
+
+def positive(instance, attribute, value):
+    if value is not None and value <= 0:
+        raise FieldError(f"{attribute.name}: expected a positive number, got {value!r}")
+
+
+def non_negative(instance, attribute, value):
+    if value is not None and value < 0:
+        raise FieldError(f"{attribute.name}: expected a number >= 0, got {value!r}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@attrs.define
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "output/run"  # relative paths are relative to the working directory
+    seed: int = 42
+    # Stages `minidalle run` executes in order (see minidalle/recipes/stages.py).
+    stages: list[str] = attrs.field(factory=lambda: ["transformer"])
+
+
+@attrs.define
+class ModelConfig:
+    dim: int = attrs.field(default=512, validator=positive)
+    depth: int = attrs.field(default=16, validator=positive)
+    heads: int = attrs.field(default=16, validator=positive)
+    dim_head: int = attrs.field(default=64, validator=positive)
+    text_seq_len: int = attrs.field(default=80, validator=positive)
+    # None: taken from the tokenizer / codec.
+    text_vocab: Union[int, None] = None
+    attn_types: list[str] = attrs.field(factory=lambda: ["full"])
+    loss_img_weight: float = attrs.field(default=7.0, validator=non_negative)
+    ff_mult: int = attrs.field(default=4, validator=positive)
+    attn_dropout: float = attrs.field(default=0.0, validator=non_negative)
+    ff_dropout: float = attrs.field(default=0.0, validator=non_negative)
+    sandwich_norm: bool = False
+    byteio: bool = False
+
+
+@attrs.define
+class TrainingConfig:
+    epochs: int = attrs.field(default=1, validator=positive)
+    max_steps: Union[int, None] = attrs.field(default=None, validator=positive)
+    batch_size: int = attrs.field(default=1, validator=positive)  # micro-batch
+    gradient_accumulation: int = attrs.field(default=1, validator=positive)
+    device_iterations: int = attrs.field(default=1, validator=positive)
+    replication_factor: int = attrs.field(default=1, validator=positive)
+    optimizer: str = attrs.field(default="adamw", validator=one_of("adam", "adamw"))
+    lr: float = attrs.field(default=3e-4, validator=positive)
+    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.999])
+    eps: float = attrs.field(default=1e-8, validator=positive)
+    weight_decay: float = attrs.field(default=0.0, validator=non_negative)
+    lr_scheduler: str = attrs.field(
+        default="none", validator=one_of("none", "multi_step", "reduce_on_plateau", "cosine")
+    )
+    lr_milestones: list[int] = attrs.field(factory=list)  # multi_step, in optimizer steps
+    lr_gamma: float = attrs.field(default=0.5, validator=positive)  # multi_step and plateau factor
+    lr_patience: int = attrs.field(default=10, validator=non_negative)  # reduce_on_plateau
+    min_lr: float = attrs.field(default=0.0, validator=non_negative)
+    warmup_steps: int = attrs.field(default=0, validator=non_negative)
+    loss_scaling: float = attrs.field(default=1.0, validator=positive)
+    max_grad_norm: Union[float, None] = attrs.field(default=None, validator=positive)
+    truncate_captions: bool = True
+    dataloader_workers: int = attrs.field(default=0, validator=non_negative)
+    checkpoint_every: Union[int, None] = attrs.field(default=None, validator=positive)
+    keep_checkpoints: int = attrs.field(default=3, validator=positive)
+    log_every: int = attrs.field(default=1, validator=positive)
+    val_fraction: float = attrs.field(default=0.0, validator=non_negative)
+    # Validation loss every N steps; None: at the end of each epoch (only with val_fraction > 0).
+    val_every: Union[int, None] = attrs.field(default=None, validator=positive)
+    tensorboard: bool = False
+    wandb: bool = False
+
+
+@attrs.define
+class GenerateConfig:
+    filter_thres: float = attrs.field(default=0.5, validator=non_negative)
+    top_p: Union[float, None] = attrs.field(default=None, validator=positive)
+    temperature: float = attrs.field(default=1.0, validator=positive)
+    num_images: int = attrs.field(default=4, validator=positive)
+    batch_size: int = attrs.field(default=8, validator=positive)
+    prime_fraction: float = attrs.field(default=0.4375, validator=non_negative)
+    use_cache: bool = True
+    precision: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16"))
+    prompts: list[str] = attrs.field(factory=list)
+
+
+@attrs.define
+class ComponentSpec:
+    """A component section: the registered ``name`` and its validated parameters."""
+
+    name: str
+    params: Any = None  # instance of the component's config class, or None
+
+
+@attrs.define
+class Config:
+    run: RunConfig = attrs.field(factory=RunConfig)
+    model: ModelConfig = attrs.field(factory=ModelConfig)
+    training: TrainingConfig = attrs.field(factory=TrainingConfig)
+    generate: GenerateConfig = attrs.field(factory=GenerateConfig)
+    tokenizer: Union[ComponentSpec, None] = None
+    codec: Union[ComponentSpec, None] = None
+    dataset: Union[ComponentSpec, None] = None
+    backend: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("cpu"))
+    reranker: Union[ComponentSpec, None] = None
+    # attention name -> its validated parameters (None when it takes none)
+    attention: dict[str, Any] = attrs.field(factory=dict)
+    # extra sections owned by stages (e.g. [codec_training]); kept as plain tables and
+    # validated by the stage that reads them
+    extra: dict[str, dict] = attrs.field(factory=dict)
+    source: str = ""  # the file it came from, for messages
+
+
+# Sections kept as plain tables for the stage/command that owns them to validate.
+EXTRA_SECTIONS = ("codec_training", "tokenizer_training", "evaluate", "ipu", "bench")
+
+# --------------------------------------------------------------------------- converter
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a float", bool: "a boolean", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _got(value) -> str:
+    return f"{value!r}" if not isinstance(value, str) else f'"{value}"'
+
+
+def _strict(tp):
+    def structure(value, _):
+        ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise FieldError(f"expected {_type_name(tp)}, got {_got(value)}")
+        return value
+
+    return structure
+
+
+def _list_hook(tp, converter):
+    (item_type,) = get_args(tp) or (Any,)
+
+    def structure(value, _):
+        if not isinstance(value, list):
+            raise FieldError(f"expected a list, got {_got(value)}")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(converter.structure(item, item_type))
+            except FieldError as exc:
+                raise FieldError(f"[{i}]: {exc}") from None
+        return out
+
+    return structure
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    for tp in (int, float, bool, str):
+        conv.register_structure_hook(tp, _strict(tp))
+    conv.register_structure_hook_factory(
+        lambda tp: get_origin(tp) is list, lambda tp: _list_hook(tp, conv)
+    )
+    return conv
+
+
+converter = _make_converter()
+
+
+def _flatten_errors(exc: BaseException, path: str) -> list[str]:
+    """Turn cattrs' exception groups into ``dotted.path: message`` lines."""
+    if isinstance(exc, cattrs.errors.ForbiddenExtraKeysError):
+        return [f"{path}{'.' if path else ''}{k}: unknown key" for k in sorted(exc.extra_fields)]
+    if isinstance(exc, BaseExceptionGroup):
+        lines = []
+        for sub in exc.exceptions:
+            note = next(iter(getattr(sub, "__notes__", []) or []), "")
+            name = getattr(note, "name", None)
+            sub_path = f"{path}.{name}" if path and name else (name or path)
+            lines.extend(_flatten_errors(sub, sub_path))
+        return lines
+    if isinstance(exc, KeyError) and exc.args:
+        return [f"{path}: missing required key"]
+    msg = str(exc)
+    if isinstance(exc, FieldError) and msg.startswith("["):  # list item
+        return [f"{path}{msg}"]
+    if isinstance(exc, FieldError) and not msg.startswith("expected"):  # from a validator
+        return [f"{path}.{msg}" if path else msg]
+    return [f"{path}: {msg}"] if path else [msg]
+
+
+def structure_section(params: dict, cls, where: str = ""):
+    """Validate the table ``params`` against attrs class ``cls``; errors name ``where.key``."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: expected a table, got {_got(params)}")
+    try:
+        return converter.structure(params, cls)
+    except FieldError as exc:  # from a validator: "field: message"
+        raise ConfigError(f"{where}.{exc}" if where else str(exc)) from None
+    except (cattrs.BaseValidationError, cattrs.errors.ForbiddenExtraKeysError) as exc:
+        raise ConfigError(_flatten_errors(exc, where)[0]) from None
+    except TypeError as exc:  # e.g. missing required argument
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def unstructure(obj) -> Any:
+    return converter.unstructure(obj)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        return tomli.loads(text)
+    except tomli.TOMLDecodeError as exc:
+        # tomli's message ends with "(at line L, column C)"
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` wins; tables merge key by key, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _leaf_origins(data: dict, origin: str, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_leaf_origins(value, origin, dotted + "."))
+        out[dotted] = origin
+    return out
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
+    path = path.resolve() if path.exists() else path
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"{seen[-1]}: extends: cycle: {chain}")
+    data = _read_toml(path)
+    parent_ref = data.pop("extends", None)
+    origins: dict[str, str] = {}
+    if parent_ref is not None:
+        if not isinstance(parent_ref, str):
+            raise ConfigError(f"{path}: extends: expected a string, got {_got(parent_ref)}")
+        parent_path = path.parent / parent_ref
+        if not parent_path.exists():
+            raise ConfigError(f"{path}: extends: file not found: {parent_path}")
+        parent, origins = _load_chain(parent_path, (*seen, path))
+        data = deep_merge(parent, data)
+    origins.update(_leaf_origins(_read_toml(path), str(path)))
+    origins.pop("extends", None)
+    return data, origins
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value``: value is read as TOML (numbers, booleans, lists), else as a string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.lr=1e-4")
+    try:
+        value = tomli.loads(f"v = {raw.strip()}")["v"]
+    except tomli.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides, origins: dict[str, str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides or ():
+        keys, value = parse_override(item)
+        node = data
+        for i, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: {'.'.join(keys[: i + 1])} is not a table")
+            node = child
+        node[keys[-1]] = value
+        origins[".".join(keys)] = OVERRIDE_ORIGIN
+    return data
+
+
+def load_raw(path, overrides=()) -> tuple[dict, dict[str, str]]:
+    """The merged table of ``path`` (with its ``extends`` chain) and ``--set`` overrides,
+    plus the file each dotted key came from."""
+    data, origins = _load_chain(Path(path), ())
+    data = apply_overrides(data, overrides, origins)
+    return data, origins
+
+
+def _origin(origins: dict[str, str], dotted: str, default: str) -> str:
+    parts = dotted.split(".")
+    while parts:
+        key = ".".join(parts)
+        if key in origins:
+            return origins[key]
+        parts.pop()
+    return default
+
+
+def _with_origin(exc: ConfigError, origins: dict, default: str) -> ConfigError:
+    msg = str(exc)
+    dotted = msg.split(":", 1)[0].split("[", 1)[0]
+    return ConfigError(f"{_origin(origins, dotted, default)}: {msg}")
+
+
+def config_from_dict(data: dict, source: str = "<config>", origins: dict | None = None, registry=None) -> Config:
+    """Validate a merged table into a :class:`Config` (component sections included)."""
+    from minidalle.plugin.discovery import get_registry
+
+    origins = origins or {}
+    registry = registry or get_registry()
+    data = copy.deepcopy(data)
+    known = {f.name for f in attrs.fields(Config)} - {"extra", "source", "attention"}
+    known |= {"attention", *EXTRA_SECTIONS}
+    try:
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
+        kwargs: dict[str, Any] = {"source": source}
+        for key, cls in (("run", RunConfig), ("model", ModelConfig), ("training", TrainingConfig),
+                         ("generate", GenerateConfig)):
+            kwargs[key] = structure_section(data.get(key, {}), cls, key)
+        for kind in COMPONENT_SECTIONS:
+            table = data.get(kind, {"name": "cpu"} if kind == "backend" else None)
+            if table is None:
+                continue
+            if not isinstance(table, dict):
+                raise ConfigError(f"{kind}: expected a table, got {_got(table)}")
+            table = dict(table)
+            name = table.pop("name", None)
+            if not isinstance(name, str):
+                raise ConfigError(f"{kind}.name: expected the name of a registered {kind}"
+                                  f" (see `minidalle list {kind}`)")
+            component = _get(registry, kind, name, f"{kind}.name")
+            kwargs[kind] = ComponentSpec(name, component.make_config(table, where=kind))
+        attention_tables = data.get("attention", {})
+        if not isinstance(attention_tables, dict):
+            raise ConfigError(f"attention: expected a table of attention names")
+        attention = {}
+        for i, name in enumerate(kwargs["model"].attn_types):
+            component = _get(registry, "attention", name, f"model.attn_types[{i}]")
+            attention[name] = component.make_config(attention_tables.get(name, {}), where=f"attention.{name}")
+        for name in attention_tables:
+            if name not in attention:
+                raise ConfigError(f"attention.{name}: not used in model.attn_types")
+        kwargs["attention"] = attention
+        kwargs["extra"] = {k: data[k] for k in EXTRA_SECTIONS if k in data}
+        return Config(**kwargs)
+    except ConfigError as exc:
+        raise _with_origin(exc, origins, source) from None
+    except MinidalleError as exc:  # unknown / unavailable component
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _get(registry, kind, name, where):
+    from minidalle.errors import UnknownComponentError
+
+    try:
+        return registry.get(kind, name)
+    except UnknownComponentError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_config(path, overrides=(), registry=None) -> Config:
+    data, origins = load_raw(path, overrides)
+    return config_from_dict(data, str(path), origins, registry)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The resolved config as a plain table (what `config show` prints, what checkpoints keep)."""
+    out: dict[str, Any] = {}
+    for key in ("run", "model", "training", "generate"):
+        out[key] = unstructure(getattr(cfg, key))
+    for kind in COMPONENT_SECTIONS:
+        spec = getattr(cfg, kind)
+        if spec is not None:
+            params = unstructure(spec.params) if spec.params is not None else {}
+            out[kind] = {"name": spec.name, **params}
+    attention = {n: unstructure(p) for n, p in cfg.attention.items() if p is not None}
+    if attention:
+        out["attention"] = attention
+    out.update(copy.deepcopy(cfg.extra))
+    return _drop_none(out)
+
+
+def _drop_none(value):
+    # TOML has no null: a None value means "the default", so it is left out.
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))

@@ -1,0 +1,187 @@
+"""A lean decoding step for cached sampling: the transformer as plain tensor functions.
+
+A cached step feeds one position per sequence, so every weight matrix is read once for a
+matrix-vector product: the step is bound by memory bandwidth plus per-op overhead.
+:class:`LeanDecoder` does the arithmetic of ``DALLE.hidden(tokens, cache=...)`` with
+
+- weights packed once for the :mod:`minidalle.inference.gemv` kernel (bf16 or fp32, 1-8 rows) or,
+  where it does not apply, prepacked for oneDNN on CPU (its bf16 matrix-vector product runs
+  ~1.7x faster than ``F.linear``'s; all accumulate in fp32),
+- LayerScale folded into the output projections and the residual add fused into them,
+- no ``nn.Module`` calls.
+
+It shares the model's :class:`~minidalle.model.dalle.KVCache`, so the prompt goes through
+the module forward and the one-position steps through this class. Only standard blocks
+qualify: ``Block`` with ``FeedForward`` and a :class:`QKVAttention` whose ``forward`` is
+not overridden (every pattern attention; its ``attend`` is called as is).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minidalle import hardware
+from minidalle.inference import gemv
+from minidalle.model.attention_api import QKVAttention, update_kv_cache
+from minidalle.model.transformer import Block, FeedForward, geglu
+
+
+def _use_onednn(weight: torch.Tensor) -> bool:
+    """Prepacked oneDNN products for this weight: each op they need runs here (the probe
+    tried them; on a CPU without AVX-512, oneDNN's bf16 reorder and product fail)."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and all(hardware.onednn_works(op, weight.dtype) for op in ("linear", "reorder", "linear_add")))
+
+
+class _Linear:
+    """``x @ weight.T + bias (+ residual)``: bf16 or fp32 with at most ``gemv.MAX_ROWS`` rows
+    (in the weight's dtype) through the :mod:`minidalle.inference.gemv` kernel where it builds, otherwise the weight prepacked for
+    oneDNN on CPU (beside the kernel: made from its packed copy at the first call that needs it)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.bias = bias
+        self.packed = gemv.pack(weight, bias)
+        self.gemv = None if self.packed is None else gemv.kernel().linear  # ~1 us a call
+        self.onednn = _use_onednn(weight)
+        self.weight = None if self.packed is not None else self._prepare(weight)
+
+    def _prepare(self, weight):
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.onednn else weight
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.gemv is not None and x.dtype == self.packed.dtype
+                and x.numel() <= gemv.MAX_ROWS * x.shape[-1]):
+            return self.gemv(x, self.packed, self.bias, residual)
+        if self.weight is None:
+            self.weight = self._prepare(gemv.unpack(self.packed))
+        if not self.onednn:
+            y = F.linear(x, self.weight, self.bias)
+            return y if residual is None else y + residual
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+
+
+def _norm(m: nn.Module):
+    """A LayerNorm as ``(weight, bias, eps)``; None for Identity."""
+    return None if isinstance(m, nn.Identity) else (m.weight, m.bias, m.eps)
+
+
+def _layer_norm(x, norm):
+    return F.layer_norm(x, x.shape[-1:], norm[0], norm[1], norm[2])
+
+
+def _scaled_linear(linear: nn.Linear, scale: torch.Tensor | None) -> _Linear:
+    """``linear`` with a per-output ``scale`` folded in: ``s * (W a + b) = (s W) a + s b``."""
+    w, b = linear.weight, linear.bias
+    if scale is not None:
+        s = scale.float()[:, None]
+        w = (w.float() * s).to(w.dtype)
+        b = None if b is None else (b.float() * s[:, 0]).to(b.dtype)
+    return _Linear(w, b)
+
+
+class _LayerWeights:
+    """One block's weights, ready for decoding steps (no reference to the modules)."""
+
+    def __init__(self, block: Block):
+        attn, ff = block.attn, block.ff
+        self.heads, self.dim_head, self.max_len = attn.spec.heads, attn.spec.dim_head, attn.spec.max_len
+        self.norm_attn, self.norm_ff = _norm(block.norm_attn), _norm(block.norm_ff)
+        self.post_attn, self.post_ff = _norm(block.post_attn_norm), _norm(block.post_ff_norm)
+        self.scale_attn, self.scale_ff = block.scale_attn, block.scale_ff
+        self.qkv = _Linear(attn.to_qkv.weight, attn.to_qkv.bias)
+        # A sandwich norm sits between the projection and the scale: no folding then.
+        self.out = _scaled_linear(attn.to_out, None if self.post_attn else block.scale_attn)
+        self.ff_in = _Linear(ff.proj_in.weight, ff.proj_in.bias)
+        self.ff_out = _scaled_linear(ff.proj_out, None if self.post_ff else block.scale_ff)
+
+    def step(self, x: torch.Tensor, attend, offset: int, cache: dict) -> torch.Tensor:
+        """``x`` ``[B, dim]`` at position ``offset`` -> the block's output."""
+        b, h, d = x.shape[0], self.heads, self.dim_head
+        qkv = self.qkv(_layer_norm(x, self.norm_attn))
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            qkv = qkv.float()  # as QKVAttention.forward: fp32 attention and cache on CPU
+        q, k, v = qkv.view(b, 3, h, 1, d).unbind(1)
+        k, v = update_kv_cache(cache, k, v, offset, self.max_len)
+        a = attend(q, k, v, offset).view(b, h * d).to(x.dtype)
+        x = self._add(x, self.out, a, self.post_attn, self.scale_attn)
+        return self._add(x, self.ff_out, geglu(self.ff_in(_layer_norm(x, self.norm_ff))),
+                         self.post_ff, self.scale_ff)
+
+    @staticmethod
+    def _add(x, linear, a, norm, scale):
+        if norm is None:  # scale folded into the weights
+            return linear(a, residual=x)
+        return torch.addcmul(x, _layer_norm(linear(a), norm), scale)
+
+
+class _Weights:
+    def __init__(self, model):
+        self.layers = [_LayerWeights(block) for block in model.transformer.layers]
+        n = model.num_text_tokens
+        self.norm_out = _norm(model.norm_out)
+        b = model.to_logits.bias
+        self.image_head = _Linear(model.to_logits.weight[n:].contiguous(),
+                                  None if b is None else b[n:].contiguous())
+
+
+# model -> (its parameter tensors then, their versions then, weights). Holding the tensors
+# keeps their memory, so an unchanged data_ptr and version mean unchanged values; an
+# optimizer step bumps the version, ``.to(dtype)`` and ``load_state_dict`` change one of them.
+_built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights(model) -> _Weights:
+    params = [p.detach() for p in model.parameters()]
+    versions = [p._version for p in params]
+    hit = _built.get(model)
+    if hit is not None and hit[1] == versions and len(hit[0]) == len(params) and all(
+            a.data_ptr() == b.data_ptr() and a.dtype == b.dtype for a, b in zip(hit[0], params)):
+        return hit[2]
+    _built.pop(model, None)  # free the old weights first
+    with torch.no_grad():
+        weights = _Weights(model)
+    _built[model] = (params, versions, weights)
+    return weights
+
+
+class LeanDecoder:
+    """One-position decoding steps of ``model`` with its current weights.
+
+    The prepared weights are kept per model and rebuilt when a parameter changes (an
+    optimizer step, ``load_state_dict``, ``.to(dtype)``).
+    """
+
+    def __init__(self, model):
+        if not self.supports(model):
+            raise ValueError("LeanDecoder: the model has non-standard blocks")
+        self.model = model
+        self.attends = [block.attn.attend for block in model.transformer.layers]
+        self.weights = _weights(model)
+
+    @staticmethod
+    def supports(model) -> bool:
+        return all(
+            type(block) is Block and type(block.ff) is FeedForward
+            and isinstance(block.attn, QKVAttention) and type(block.attn).forward is QKVAttention.forward
+            for block in model.transformer.layers
+        )
+
+    @torch.no_grad()
+    def hidden(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """As ``model.hidden(tokens, cache=cache)`` for ``tokens`` ``[B, 1]``: ``[B, 1, dim]``."""
+        offset = cache.offset
+        x = self.model.embed(tokens, offset)[:, 0]
+        for layer, attend, layer_cache in zip(self.weights.layers, self.attends, cache.layers):
+            x = layer.step(x, attend, offset, layer_cache)
+        cache.offset += 1
+        return x[:, None]
+
+    @torch.no_grad()
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """As ``model.image_logits(h)``."""
+        return self.weights.image_head(_layer_norm(h, self.weights.norm_out))

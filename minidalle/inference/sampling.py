@@ -1,0 +1,165 @@
+"""Autoregressive sampling of images (and texts) with a key/value cache.
+
+With the cache each new token costs one position's work; without it (or when an attention
+module does not support the cache) the whole prefix is recomputed at every step.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from minidalle.inference.decode import LeanDecoder
+
+
+def top_k_filter(logits: torch.Tensor, thres: float) -> torch.Tensor:
+    """Keep the top ``max(1, int((1 - thres) * vocab))`` logits, the rest -inf."""
+    k = max(1, int((1.0 - thres) * logits.shape[-1]))
+    if k >= logits.shape[-1]:
+        return logits
+    val, _ = logits.topk(k, dim=-1)
+    return logits.masked_fill(logits < val[..., -1:], float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of logits whose probability sums to >= top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this one already enough
+    drop[..., 0] = False
+    drop = drop.scatter(-1, order, drop)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_logits(logits: torch.Tensor, *, filter_thres: float = 0.5, top_p: float | None = None,
+                  temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of ``logits`` ``[B, V]``: top-k, then top-p, then temperature."""
+    logits = logits.float() / temperature  # top-k does not depend on the temperature
+    if filter_thres > 0:
+        logits = top_k_filter(logits, filter_thres)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _generator(seed: int | None, device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def _can_cache(model, use_cache: bool) -> bool:
+    if use_cache and not model.supports_cache:
+        names = sorted({type(layer.attn).__name__ for layer in model.transformer.layers
+                        if not getattr(layer.attn, "supports_cache", False)})
+        warnings.warn(f"attention {', '.join(names)} does not support the key/value cache: "
+                      "sampling recomputes the whole prefix at every step (slow)", stacklevel=3)
+        return False
+    return use_cache
+
+
+class _Decoder:
+    """Feeds sequence ids to the model and returns the last position's hidden state,
+    cached (incremental) or by recomputing the whole prefix. Cached one-position steps of
+    standard models go through :class:`~minidalle.inference.decode.LeanDecoder`."""
+
+    def __init__(self, model, use_cache: bool):
+        self.model = model
+        self.cache = model.new_cache() if use_cache else None
+        self.lean = LeanDecoder(model) if use_cache and LeanDecoder.supports(model) else None
+        self.seq = None
+
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            self.seq = tokens if self.seq is None else torch.cat([self.seq, tokens], dim=1)
+            return self.model.hidden(self.seq)[:, -1:]
+        if self.lean is not None and tokens.shape[1] == 1:
+            return self.lean.hidden(tokens, self.cache)
+        return self.model.hidden(tokens, cache=self.cache)[:, -1:]
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return (self.lean or self.model).image_logits(h)
+
+
+@torch.no_grad()
+def generate_image_codes(
+    model, text: torch.Tensor, *, filter_thres: float = 0.5, top_p: float | None = None,
+    temperature: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
+    prime_codes: torch.Tensor | None = None, use_cache: bool = True,
+    progress: Callable[[int], None] | None = None, on_logits: Callable | None = None,
+) -> torch.Tensor:
+    """Sample image codes ``[B, image_seq_len]`` for text ids ``[B, text_seq_len]``.
+
+    ``prime_codes`` ``[B, k]`` fixes the first k codes (priming with an image).
+    ``progress(n)`` is called after each sampled token; ``on_logits(step, logits)`` sees the
+    image logits of every step (used by the tests).
+    """
+    model.eval()
+    device = text.device
+    generator = generator or _generator(seed, device)
+    decoder = _Decoder(model, _can_cache(model, use_cache))
+    prefix = model.prepare_text(text)
+    codes = prefix.new_empty(text.shape[0], 0)
+    if prime_codes is not None:
+        codes = prime_codes.to(device=device, dtype=torch.long)
+        prefix = torch.cat([prefix, codes], dim=1)
+    h = decoder.feed(prefix)
+    for step in range(codes.shape[1], model.image_seq_len):
+        logits = decoder.image_logits(h)[:, -1].float()
+        if on_logits is not None:
+            on_logits(step, logits)
+        sample = sample_logits(logits, filter_thres=filter_thres, top_p=top_p,
+                               temperature=temperature, generator=generator)
+        codes = torch.cat([codes, sample[:, None]], dim=1)
+        if progress is not None:
+            progress(1)
+        if step + 1 < model.image_seq_len:
+            h = decoder.feed(sample[:, None])
+    return codes
+
+
+@torch.no_grad()
+def generate_text_ids(
+    model, text: torch.Tensor, *, filter_thres: float = 0.5, top_p: float | None = None,
+    temperature: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Continue text ids ``[B, t]`` (a prefix, no padding) to ``[B, text_seq_len]``.
+
+    A sampled padding id (``>= text_vocab``) ends a caption; it is returned as 0.
+    """
+    model.eval()
+    generator = generator or _generator(seed, text.device)
+    decoder = _Decoder(model, _can_cache(model, use_cache))
+    seq = F.pad(text, (1, 0), value=0)  # <bos>
+    out = text
+    h = decoder.feed(seq)
+    while out.shape[1] < model.text_seq_len:
+        logits = model.text_logits(h)[:, -1].float()
+        sample = sample_logits(logits, filter_thres=filter_thres, top_p=top_p,
+                               temperature=temperature, generator=generator)
+        out = torch.cat([out, sample[:, None]], dim=1)
+        if out.shape[1] < model.text_seq_len:
+            h = decoder.feed(sample[:, None])
+    # Padding ids are per position; once a caption pads, the rest of it is padding.
+    is_pad = (out >= model.text_vocab).long().cummax(dim=1).values.bool()
+    return out.masked_fill(is_pad, 0)
+
+
+def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
+    """Complete each prompt into a caption (``kwargs`` as :func:`generate_text_ids`)."""
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer.encode([prompt], model.text_seq_len, truncate=True)[0]
+        ids = ids[ids != 0][None]
+        if ids.shape[1] >= model.text_seq_len:
+            texts.append(tokenizer.decode(ids[0]))
+            continue
+        out = generate_text_ids(model, ids, **kwargs)
+        texts.append(tokenizer.decode(out[0]))
+    return texts

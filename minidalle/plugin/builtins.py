@@ -1,0 +1,67 @@
+"""Built-in components, registered through the same hooks as any third-party plugin.
+
+Factories and config classes are lazy ``"module:attr"`` strings so that listing components
+imports nothing heavy.
+"""
+from minidalle import hookimpl
+
+C = "minidalle.components"
+
+
+@hookimpl
+def minidalle_tokenizers(register):
+    register("yttm", f"{C}.tokenizers.yttm:build", config=f"{C}.tokenizers.yttm:YttmConfig",
+             summary="youtokentome BPE: load a model file or train one from captions",
+             requires=("youtokentome",))
+    register("clip", f"{C}.tokenizers.clip:build", config=f"{C}.tokenizers.clip:ClipConfig",
+             summary="CLIP simple byte-level BPE (bpe_simple_vocab_16e6.txt.gz)",
+             requires=("ftfy", "regex"))
+
+
+@hookimpl
+def minidalle_codecs(register):
+    register("vqgan", f"{C}.codecs.vqgan:build", config=f"{C}.codecs.vqgan:VqganConfig",
+             summary="taming-transformers VQGAN checkpoint (.ckpt + .yaml), frozen",
+             requires=("taming", "yaml"))
+
+
+@hookimpl
+def minidalle_attention(register):
+    for name, summary in (
+        ("full", "causal attention over all earlier positions"),
+        ("axial_row", "image tokens see all text and earlier tokens of their image row"),
+        ("axial_col", "image tokens see all text and earlier tokens of their image column"),
+        ("conv_like", "image tokens see all text and earlier tokens in a k x k window"),
+    ):
+        register(name, f"{C}.attention:{name}", config=f"{C}.attention:config_for_{name}",
+                 summary=summary)
+
+
+@hookimpl
+def minidalle_datasets(register):
+    register("coco", f"{C}.datasets.coco:build", config=f"{C}.datasets.coco:CocoConfig",
+             summary="MS COCO 2017 captions (annotations JSON + image folder)")
+    register("folder", f"{C}.datasets.folder:build", config=f"{C}.datasets.folder:FolderConfig",
+             summary="a folder of images, each with a .txt caption file beside it")
+    register("shapes", f"{C}.datasets.shapes:build", config=f"{C}.datasets.shapes:ShapesConfig",
+             summary="procedural coloured shapes with captions (offline, any size)")
+    register("codes", f"{C}.datasets.codes:build", config=f"{C}.datasets.codes:CodesConfig",
+             summary="a cache of (caption, image codes) written by `minidalle prepare codes`")
+
+
+@hookimpl
+def minidalle_backends(register):
+    register("cpu", f"{C}.backends.cpu:build", config=f"{C}.backends.cpu:CpuConfig",
+             summary="the reference: fp32 deterministic, bf16 autocast on request")
+    register("cuda", f"{C}.backends.cuda:build", config=f"{C}.backends.cuda:CudaConfig",
+             summary="NVIDIA GPU: fp32, bf16 autocast, fp16 with dynamic loss scaling",
+             check=f"{C}.backends.cuda_probe:unavailable_reason")
+    register("ipu", f"{C}.backends.ipu.backend:build", config="minidalle.components.backends.ipu.plan:IpuConfig",
+             summary="Graphcore IPU through PopTorch (pipelined, replicated)",
+             # not `requires`: the check's reason names the Poplar SDK and --backend cpu
+             check="minidalle.components.backends.ipu:unavailable_reason")
+
+
+@hookimpl
+def minidalle_rerankers(register):
+    pass  # none built in: a CLIP plugin registers one (see CONTRIBUTING.md)

@@ -1,0 +1,1 @@
+"""minidalle.recipes.quickstart."""

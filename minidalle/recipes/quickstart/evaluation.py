@@ -1,0 +1,398 @@
+"""Evaluation of a quickstart-style run: does the model draw what the prompt says?
+
+``evaluate_run(run_dir)`` (what ``minidalle evaluate RUN_DIR`` and the ``evaluate`` stage
+call) measures, from the run's final checkpoint and the config stored in it:
+
+* **analyser accuracy**: the pixel analyser (:func:`minidalle.components.datasets.shapes.
+  analyse`) must recover shape, colour and position from real dataset images at least
+  ``min_analyser_accuracy`` (98%) of the time, or no fidelity is reported (a DataError);
+* **prompt fidelity**: the share of generated images whose shape, colour and position, as
+  the analyser reads them, match the prompt's; separately for prompts of combinations seen
+  in training (the ``val`` split) and of withheld ones (the ``heldout`` split, the
+  combinations in ``dataset.exclude``). The analyser's score on codec reconstructions of
+  the same kind of images is reported too: the best fidelity this codec allows;
+* **codec**: held-out PSNR and codebook use, from the metrics JSON that ``train-codec``
+  writes beside the codec checkpoint (and measured here when it is missing);
+* **losses**: the last training and validation losses of ``metrics.jsonl``.
+
+It writes ``metrics.json`` and ``loss.png`` (training and validation loss by step) into the
+run directory, each through a temporary file and a rename.
+
+Settings come from the config's ``[evaluate]`` table (:class:`EvaluateConfig`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Union
+
+import attrs
+
+from minidalle.config import non_negative, positive, structure_section
+from minidalle.errors import ConfigError, DataError
+from minidalle.fileio import atomic_write
+
+SECTION = "evaluate"
+METRICS_JSON = "metrics.json"
+LOSS_PNG = "loss.png"
+SAMPLES_PNG = "samples.png"
+RECONSTRUCTIONS_PNG = "reconstructions.png"
+ATTRIBUTES = ("shape", "colour", "position")  # what fidelity checks (size is reported apart)
+
+
+@attrs.define
+class EvaluateConfig:
+    # real dataset images (val split) the analyser is checked on before anything else
+    analyser_images: int = attrs.field(default=300, validator=positive)
+    min_analyser_accuracy: float = attrs.field(default=0.98, validator=non_negative)
+    # prompts drawn from the val split (seen combinations) and the heldout split (withheld)
+    seen_prompts: int = attrs.field(default=64, validator=non_negative)
+    withheld_prompts: int = attrs.field(default=64, validator=non_negative)
+    images_per_prompt: int = attrs.field(default=1, validator=positive)
+    batch_size: int = attrs.field(default=64, validator=positive)
+    seed: Union[int, None] = None  # default: run.seed
+    # the `samples` stage: rows of samples.png and images per row, reconstructions shown
+    grid_seen: int = attrs.field(default=4, validator=non_negative)
+    grid_withheld: int = attrs.field(default=4, validator=non_negative)
+    grid_images: int = attrs.field(default=6, validator=positive)
+    reconstructions: int = attrs.field(default=16, validator=positive)
+
+
+def read_settings(cfg) -> EvaluateConfig:
+    try:
+        return structure_section(cfg.extra.get(SECTION, {}), EvaluateConfig, SECTION)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.source}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- files
+
+
+
+
+def write_json(path: Path, data: dict) -> Path:
+    text = json.dumps(data, indent=2) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# --------------------------------------------------------------------------- the analyser
+
+
+def _shapes_params(cfg):
+    if cfg.dataset is None or cfg.dataset.name != "shapes":
+        name = cfg.dataset.name if cfg.dataset is not None else "none"
+        raise ConfigError(f"{cfg.source}: dataset.name: evaluate measures prompt fidelity with "
+                          f"the shapes analyser; it needs the `shapes` dataset, got {name!r}")
+    return cfg.dataset.params
+
+
+def analyser_for(cfg) -> Callable:
+    """``analyse(image) -> attributes or None`` for the config's shapes dataset."""
+    from minidalle.components.datasets.shapes import analyse
+
+    p = _shapes_params(cfg)
+    return lambda image: analyse(image, colours=p.colours, shapes=p.shapes,
+                                 background=tuple(p.background))
+
+
+def matches(found: dict | None, expected: dict, keys=ATTRIBUTES) -> bool:
+    return found is not None and all(found.get(k) == expected[k] for k in keys)
+
+
+def score(images, expected: list[dict], analyse: Callable) -> dict:
+    """Share of ``images`` whose attributes match ``expected`` (all three, and each one)."""
+    found = [analyse(img) for img in images]
+    n = max(len(expected), 1)
+    out = {"images": len(expected),
+           "accuracy": sum(matches(f, e) for f, e in zip(found, expected)) / n}
+    for key in (*ATTRIBUTES, "size"):
+        out[key] = sum(f is not None and f.get(key) == e.get(key)
+                       for f, e in zip(found, expected)) / n
+    return out
+
+
+def dataset_split(cfg, split: str, image_size: int, registry=None):
+    from minidalle.train.pipeline import build_dataset
+
+    return build_dataset(cfg, split=split, image_size=image_size, registry=registry)
+
+
+def check_analyser(cfg, image_size: int, n: int, registry=None) -> dict:
+    """The analyser's score on ``n`` real images of the val split."""
+    ds = dataset_split(cfg, "val", image_size, registry)
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return score([it["image"] for it in items], [it["attributes"] for it in items], analyser_for(cfg))
+
+
+def has_withheld(cfg) -> bool:
+    return bool(_shapes_params(cfg).exclude)
+
+
+def prompts(cfg, split: str, n: int, image_size: int, *, distinct: bool = False,
+            registry=None) -> list[dict]:
+    """``n`` items (caption, attributes, image) of ``split``; ``distinct``: unique captions.
+
+    ``val`` holds the combinations seen in training, ``heldout`` the withheld ones.
+    """
+    if n == 0 or (split == "heldout" and not has_withheld(cfg)):
+        return []
+    ds = dataset_split(cfg, split, image_size, registry)
+    out, seen = [], set()
+    for i in range(len(ds)):
+        if len(out) >= n:
+            break
+        item = ds[i]
+        if distinct and item["caption"] in seen:
+            continue
+        seen.add(item["caption"])
+        out.append(item)
+    return out
+
+
+# --------------------------------------------------------------------------- the trained run
+
+
+class LoadedRun:
+    """A run's final model with its config, tokenizer and codec, ready to draw images."""
+
+    def __init__(self, run_dir, registry=None) -> None:
+        import torch
+
+        from minidalle.train.checkpoint import load_checkpoint
+        from minidalle.train.pipeline import build_codec, build_model, build_tokenizer, token_factors
+
+        ck = load_checkpoint(run_dir, registry=registry)
+        self.checkpoint = ck.path
+        self.step = ck.step
+        self.cfg = cfg = ck.config
+        self.tokenizer = build_tokenizer(cfg, registry)
+        self.codec = build_codec(cfg, registry)
+        if self.codec is None:
+            raise ConfigError(f"{ck.path}: the run's config has no [codec]: cannot draw images")
+        self.image_size = int(self.codec.image_size)
+        vocab = cfg.model.text_vocab or self.tokenizer.vocab_size
+        self.model = build_model(cfg, text_vocab=vocab, num_image_tokens=self.codec.num_tokens,
+                                 fmap_size=self.codec.fmap_size, registry=registry,
+                                 image_token_factors=token_factors(self.codec))
+        missing, unexpected = self.model.load_state_dict(ck.state_dict, strict=False)
+        missing = [k for k in missing if not k.startswith("codec.")]
+        if missing or unexpected:
+            from minidalle.errors import CheckpointError
+
+            raise CheckpointError(f"{ck.path}: weights do not fit the model of its config "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.model.eval()
+        self.torch = torch
+
+    def draw(self, captions: list[str], *, seed: int, batch_size: int = 64,
+             generate=None) -> "torch.Tensor":
+        """uint8 images ``[N, 3, S, S]`` drawn for ``captions`` (in order)."""
+        from minidalle.inference.sampling import generate_image_codes
+
+        torch = self.torch
+        g = generate or self.cfg.generate
+        cast = (torch.autocast("cpu", dtype=torch.bfloat16) if g.precision == "bf16"
+                else _nullcontext())
+        gen = torch.Generator().manual_seed(int(seed))
+        out = []
+        for i in range(0, len(captions), batch_size):
+            chunk = captions[i:i + batch_size]
+            text = self.tokenizer.encode(chunk, self.cfg.model.text_seq_len, truncate=True)
+            with torch.no_grad():
+                with cast:
+                    codes = generate_image_codes(self.model, text, filter_thres=g.filter_thres,
+                                                 top_p=g.top_p, temperature=g.temperature,
+                                                 generator=gen, use_cache=g.use_cache)
+                images = self.codec.decode(codes).float()  # the codec in fp32
+            out.append((images.clamp(0, 1) * 255).round().to(torch.uint8))
+        return torch.cat(out) if out else torch.zeros(0, 3, self.image_size, self.image_size,
+                                                       dtype=torch.uint8)
+
+    def reconstruct(self, images) -> "torch.Tensor":
+        """uint8 images through the codec (encode, decode)."""
+        torch = self.torch
+        with torch.no_grad():
+            x = images.float() / 255
+            rec = self.codec.decode(self.codec.encode(x)).float()
+        return (rec.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- codec, losses
+
+
+def codec_metrics(cfg, run: LoadedRun | None = None, registry=None) -> dict:
+    """PSNR and codebook use of the run's codec (train-codec's metrics JSON, else measured)."""
+    if cfg.codec is None:
+        return {}
+    path = getattr(cfg.codec.params, "path", None)
+    if path:
+        mpath = Path(path).with_name(Path(path).stem + ".metrics.json")
+        if mpath.is_file():
+            try:
+                data = json.loads(mpath.read_text(encoding="utf-8"))
+                return {k: data[k] for k in ("psnr", "usage", "perplexity", "n_embed", "num_tokens",
+                                             "codebook_usage", "fmap_size", "train_seconds")
+                        if k in data}
+            except (OSError, ValueError):
+                pass  # measured below
+    if run is None:
+        return {}
+    import torch
+
+    from minidalle.components.codecs.vqgan_training import psnr, usage_stats
+
+    ds = dataset_split(cfg, "val", run.image_size, registry)
+    x = torch.stack([ds[i]["image"] for i in range(min(128, len(ds)))]).float() / 255
+    with torch.no_grad():
+        codes = run.codec.encode(x)
+        rec = run.codec.decode(codes).float()
+    n = int(run.codec.num_tokens)
+    usage, perplexity = usage_stats(torch.bincount(codes.flatten(), minlength=n))
+    return {"psnr": round(psnr(rec, x).mean().item(), 3), "usage": round(usage, 4),
+            "perplexity": round(perplexity, 2), "num_tokens": n, "fmap_size": int(run.codec.fmap_size)}
+
+
+def loss_history(run_dir) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, val) lists of (step, loss) from the trainer's ``metrics.jsonl``."""
+    from minidalle.train.trainer import load_metrics
+
+    train, val = [], []
+    for r in load_metrics(run_dir):
+        if "loss" in r and "step" in r:
+            train.append((int(r["step"]), float(r["loss"])))
+        if "val_loss" in r and "step" in r:
+            val.append((int(r["step"]), float(r["val_loss"])))
+    return train, val
+
+
+def loss_summary(train, val) -> dict:
+    out = {"steps": train[-1][0] if train else 0}
+    if train:
+        tail = [l for _, l in train[-20:]]
+        out["train_loss"] = round(sum(tail) / len(tail), 4)  # mean of the last 20 steps
+        out["first_train_loss"] = round(train[0][1], 4)
+    if val:
+        out["val_loss"] = round(val[-1][1], 4)
+    return out
+
+
+def plot_losses(train, val, path: Path, title: str = "") -> Path:
+    """``loss.png``: training loss (and its running mean) and validation loss by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="training")
+        k = max(1, len(losses) // 50)
+        if k > 1:  # running mean, so the trend is visible through the noise
+            smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                      for i in range(len(losses))]
+            ax.plot(steps, smooth, color="tab:blue", linewidth=1.5, label=f"training (mean of {k})")
+    if val:
+        steps, losses = zip(*val)
+        ax.plot(steps, losses, "o-", color="tab:orange", markersize=3, linewidth=1.5,
+                label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    values = [l for _, l in train + val]
+    if values and min(values) > 0 and max(values) / min(values) > 5:
+        ax.set_yscale("log")  # a loss falling over decades
+    ax.set_title(title or "loss")
+    ax.grid(True, alpha=0.3)
+    if train or val:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no losses recorded", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    try:
+        return atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the whole thing
+
+
+def evaluate_run(run_dir, *, cfg=None, registry=None, log: Callable[[str], None] = print) -> dict:
+    """Evaluate the run in ``run_dir``; write ``metrics.json`` and ``loss.png``; return metrics.
+
+    ``cfg``: the config whose ``[evaluate]`` settings to use (default: the checkpoint's).
+    """
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    run = LoadedRun(run_dir, registry)
+    cfg = cfg or run.cfg
+    ev = read_settings(cfg)
+    seed = cfg.run.seed if ev.seed is None else ev.seed
+    metrics: dict = {"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "step": run.step}
+
+    check = check_analyser(run.cfg, run.image_size, ev.analyser_images, registry)
+    metrics["analyser"] = check
+    if check["accuracy"] < ev.min_analyser_accuracy:
+        raise DataError(f"the shapes analyser recovers only {check['accuracy']:.1%} of "
+                        f"{check['images']} real images (needs {ev.min_analyser_accuracy:.0%}): "
+                        "prompt fidelity would not mean anything at this image size")
+
+    fidelity = {}
+    for group, split, n in (("seen", "val", ev.seen_prompts), ("withheld", "heldout", ev.withheld_prompts)):
+        items = prompts(run.cfg, split, n, run.image_size, registry=registry)
+        if not items:
+            continue
+        captions = [it["caption"] for it in items for _ in range(ev.images_per_prompt)]
+        expected = [it["attributes"] for it in items for _ in range(ev.images_per_prompt)]
+        t = time.perf_counter()
+        images = run.draw(captions, seed=seed + (0 if group == "seen" else 1), batch_size=ev.batch_size,
+                          generate=cfg.generate)
+        result = score(images, expected, analyser_for(run.cfg))
+        result["prompts"] = len(items)
+        result["seconds"] = round(time.perf_counter() - t, 1)
+        # the best this codec allows: the analyser on reconstructions of real images
+        recon = run.reconstruct(__import__("torch").stack([it["image"] for it in items]))
+        result["codec_ceiling"] = score(recon, [it["attributes"] for it in items],
+                                        analyser_for(run.cfg))["accuracy"]
+        fidelity[group] = result
+    metrics["fidelity"] = fidelity
+    metrics["codec"] = codec_metrics(run.cfg, run, registry)
+    train, val = loss_history(run_dir)
+    metrics["loss"] = loss_summary(train, val)
+    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    plot_losses(train, val, run_dir / LOSS_PNG, title=f"{run.cfg.run.name}: loss")
+    write_json(run_dir / METRICS_JSON, metrics)
+    for line in summary_lines(metrics):
+        log(line)
+    log(f"wrote {run_dir / METRICS_JSON} and {run_dir / LOSS_PNG}")
+    return metrics
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    lines = []
+    a = metrics.get("analyser", {})
+    if a:
+        lines.append(f"analyser on {a['images']} real images: {a['accuracy']:.1%}")
+    for group, r in metrics.get("fidelity", {}).items():
+        lines.append(f"prompt fidelity ({group} combinations): {r['accuracy']:.1%} of {r['images']} "
+                     f"images (shape {r['shape']:.0%}, colour {r['colour']:.0%}, position "
+                     f"{r['position']:.0%}; codec ceiling {r['codec_ceiling']:.0%})")
+    c = metrics.get("codec", {})
+    if c:
+        lines.append(f"codec: PSNR {c.get('psnr', float('nan')):.2f} dB, codebook use "
+                     f"{c.get('usage', 0):.0%} (perplexity {c.get('perplexity', 0):.1f} of "
+                     f"{c.get('num_tokens', c.get('n_embed', '?'))} codes)")
+    l = metrics.get("loss", {})
+    if l.get("steps"):
+        val = f", validation {l['val_loss']:.4f}" if "val_loss" in l else ""
+        lines.append(f"loss after {l['steps']} steps: training {l.get('train_loss', float('nan')):.4f}{val}")
+    return lines

@@ -1,0 +1,1 @@
+"""minidalle.train."""
