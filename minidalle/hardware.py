@@ -236,11 +236,12 @@ def bf16_native() -> bool:
 def bf16_verdict() -> tuple[bool, str]:
     """(whether bf16 should be used for speed, the reason in words)."""
     ratio = bf16_speed()
+    speed = f"bf16 products run at {ratio:.2f}x fp32" if ratio >= 0.1 else f"bf16 products run at {ratio:.3f}x fp32"
     if not bf16_native():
-        return False, f"bf16 products run at {ratio:.2f}x fp32 on this CPU (no native bf16: {cpu_level()})"
+        return False, f"{speed} on this CPU (no native bf16: {cpu_level()})"
     if ratio < BF16_MIN_SPEEDUP:
-        return False, f"bf16 products run at {ratio:.2f}x fp32 on this CPU"
-    return True, f"bf16 products run at {ratio:.2f}x fp32 on this CPU (native bf16: {cpu_level()})"
+        return False, f"{speed} on this CPU"
+    return True, f"{speed} on this CPU (native bf16: {cpu_level()})"
 
 
 _said: set = set()
