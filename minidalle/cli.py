@@ -18,6 +18,7 @@ from minidalle.errors import MinidalleError
 COMMAND_MODULES = (
     "list_cmd", "config_cmd", "run", "plan", "generate", "evaluate", "bench", "prepare",
     "tokenizer_cmd", "train_codec", "new_plugin",
+    "import_cmd",
 )
 
 
