@@ -197,10 +197,9 @@ def export_run(run_dir, out_path, *, registry=None, warn: Callable[[str], None] 
     extra = set(state) - {o for o, _, _ in pairs}
     if extra:
         raise ConfigError(f"{where}: weight {sorted(extra)[0]!r} has no DALLE-pytorch counterpart")
+    # name_pairs lists DALLE-pytorch's parameters() order: its Adam numbering
     weights = {t: mapping.to_theirs(state[o], kind) for o, t, kind in pairs}
-    order = list(weights)  # DALLE-pytorch's parameters() order, as name_pairs lists them
-    order = _their_order(order)
-    weights = {k: weights[k] for k in order}
+    order = list(weights)
     hparams = dict(num_text_tokens=text_vocab, text_seq_len=m.text_seq_len, dim=m.dim, depth=m.depth,
                    heads=m.heads, dim_head=m.dim_head, reversible=False,
                    loss_img_weight=m.loss_img_weight, attn_types=tuple(m.attn_types),
@@ -220,13 +219,6 @@ def export_run(run_dir, out_path, *, registry=None, warn: Callable[[str], None] 
     out_path = Path(out_path)
     atomic_write(out_path, lambda f: torch.save(obj, f))
     return out_path
-
-
-def _their_order(keys: list[str]) -> list[str]:
-    """DALLE-pytorch registers text_pos_emb, image_pos_emb, transformer, to_logits, then
-    text_emb and image_emb: its ``parameters()`` (and Adam's numbering) follow that order."""
-    last = ["text_emb.weight", "image_emb.weight"]
-    return [k for k in keys if k not in last] + last
 
 
 def _their_optimizer(ck, pairs, order, ours, warn):

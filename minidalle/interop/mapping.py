@@ -35,29 +35,30 @@ GRAPHCORE = Layout("model.", "transformer.layers.{i}", "0.fn.fn", "1.fn.fn.net")
 
 
 def name_pairs(layout: Layout, depth: int, sandwich: bool) -> list[tuple[str, str, str]]:
-    """``(minidalle key, source key, kind)`` of every weight; kind says how the shape
-    changes: ``same``, ``scale`` (LayerScale), ``row`` / ``col`` (axial embedding)."""
-    pairs = [("text_emb.weight", "text_emb.weight", "same"),
-             ("text_pos_emb.weight", "text_pos_emb.weight", "same"),
-             ("image_emb.weight", "image_emb.weight", "same"),
+    """``(minidalle key, source key, kind)`` of every weight, in DALLE-pytorch's
+    ``parameters()`` order; kind says how the shape changes: ``same``, ``scale``
+    (LayerScale), ``row`` / ``col`` (axial embedding)."""
+    pairs = [("text_pos_emb.weight", "text_pos_emb.weight", "same"),
              ("image_pos_emb.row", "image_pos_emb.weights_0", "row"),
              ("image_pos_emb.col", "image_pos_emb.weights_1", "col")]
+
+    def norm(ours, theirs):
+        return [(f"{ours}.weight", f"{theirs}.weight", "same"), (f"{ours}.bias", f"{theirs}.bias", "same")]
+
     for i in range(depth):
         ours, theirs = f"transformer.layers.{i}", layout.layer.format(i=i)
         attn, ff = f"{theirs}.{layout.attn}", f"{theirs}.{layout.ff}"
-        parts = [("norm_attn", f"{theirs}.0.fn.norm"), ("attn.to_out", f"{attn}.to_out.0"),
-                 ("norm_ff", f"{theirs}.1.fn.norm"), ("ff.proj_in", f"{ff}.0"),
-                 ("ff.proj_out", f"{ff}.3")]
+        pairs += [(f"{ours}.scale_attn", f"{theirs}.0.scale", "scale"), *norm(f"{ours}.norm_attn", f"{theirs}.0.fn.norm")]
         if sandwich:
-            parts += [("post_attn_norm", f"{theirs}.0.fn.norm_out"),
-                      ("post_ff_norm", f"{theirs}.1.fn.norm_out")]
-        for o, t in parts:
-            pairs += [(f"{ours}.{o}.weight", f"{t}.weight", "same"), (f"{ours}.{o}.bias", f"{t}.bias", "same")]
+            pairs += norm(f"{ours}.post_attn_norm", f"{theirs}.0.fn.norm_out")
         pairs += [(f"{ours}.attn.to_qkv.weight", f"{attn}.to_qkv.weight", "same"),
-                  (f"{ours}.scale_attn", f"{theirs}.0.scale", "scale"),
-                  (f"{ours}.scale_ff", f"{theirs}.1.scale", "scale")]
-    pairs += [("norm_out.weight", "to_logits.0.weight", "same"), ("norm_out.bias", "to_logits.0.bias", "same"),
-              ("to_logits.weight", "to_logits.1.weight", "same"), ("to_logits.bias", "to_logits.1.bias", "same")]
+                  *norm(f"{ours}.attn.to_out", f"{attn}.to_out.0"),
+                  (f"{ours}.scale_ff", f"{theirs}.1.scale", "scale"), *norm(f"{ours}.norm_ff", f"{theirs}.1.fn.norm")]
+        if sandwich:
+            pairs += norm(f"{ours}.post_ff_norm", f"{theirs}.1.fn.norm_out")
+        pairs += [*norm(f"{ours}.ff.proj_in", f"{ff}.0"), *norm(f"{ours}.ff.proj_out", f"{ff}.3")]
+    pairs += [*norm("norm_out", "to_logits.0"), *norm("to_logits", "to_logits.1"),
+              ("text_emb.weight", "text_emb.weight", "same"), ("image_emb.weight", "image_emb.weight", "same")]
     return [(o, layout.prefix + t, kind) for o, t, kind in pairs]
 
 
