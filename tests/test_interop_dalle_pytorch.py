@@ -306,3 +306,42 @@ def test_export_round_trip(tmp_path, dalle_pytorch, registry):
     for k in ("num_text_tokens", "text_seq_len", "dim", "depth", "heads", "dim_head", "attn_types",
               "sandwich_norm", "rotary_emb", "shift_tokens"):
         assert back["hparams"][k] == hparams[k], k
+
+
+def _as_graphcore(weights: dict) -> dict:
+    """DALLE-pytorch 1.6.6 keys renamed as Graphcore's WrappedDALLE names them: its blocks
+    are ``nn.Sequential(LayerScale(PreNorm(attn)), LayerScale(PreNorm(ff)))`` without the
+    cache wrappers, under ``model.`` (models/pipeline_dalle.py, models/transformer.py)."""
+    out = {}
+    for key, value in weights.items():
+        key = key.replace("transformer.layers.layers.", "transformer.layers.").replace(".0.fn.fn.fn.", ".0.fn.fn.")
+        out["model." + key] = value
+    return out
+
+
+@pytest.mark.parametrize("attn_types,sandwich", [(("full", "axial_row", "axial_col"), False),
+                                                 (("axial_col", "full"), True)])
+def test_graphcore_layout_equals_dalle_pytorch(tmp_path, dalle_pytorch, registry, attn_types, sandwich):
+    """Graphcore's attention, blocks and embeddings are DALLE-pytorch's (conv_like aside, see
+    test_interop.py): its state dict, imported, computes DALLE-pytorch's logits."""
+    from minidalle.commands.generate import load_generator
+    from minidalle.interop import graphcore
+
+    theirs, hparams = _their_model(dalle_pytorch, attn_types, sandwich=sandwich, depth=3)
+    gc_hparams = {k: hparams[k] for k in ("num_text_tokens", "text_seq_len", "dim", "depth", "heads",
+                                          "dim_head", "loss_img_weight", "attn_types", "ff_dropout",
+                                          "attn_dropout", "sandwich_norm")}
+    gc_hparams.update(embedding_ipu_id=0, embedding_serialization_factor=1, layers_per_ipu=[0, 0, 2, 1],
+                      cls_ipu_id=None, fp16=False, byteio=False)
+    ckpt = tmp_path / "dalle_7.pt"
+    torch.save({"hparams": gc_hparams, "vae_params": None, "epoch": 7,
+                "weights": _as_graphcore(theirs.state_dict()), "opt_state": None}, ckpt)
+    run = graphcore.import_checkpoint(ckpt, tmp_path / "run", tokenizer="tiny_chars", codec="grey",
+                                      registry=registry, warn=lambda m: None)
+    ours = load_generator(run, registry)[3]
+    theirs.eval()
+    text, codes = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(text, codes), theirs(text.clone(), codes), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(text, codes, return_loss=True),
+                                   theirs(text.clone(), codes, return_loss=True), rtol=1e-5, atol=1e-5)
