@@ -345,3 +345,24 @@ def test_graphcore_layout_equals_dalle_pytorch(tmp_path, dalle_pytorch, registry
         torch.testing.assert_close(ours(text, codes), theirs(text.clone(), codes), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours(text, codes, return_loss=True),
                                    theirs(text.clone(), codes, return_loss=True), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_input_output_embedding_is_untied_equal(tmp_path, dalle_pytorch, registry):
+    torch.manual_seed(0)
+    theirs, hparams = _their_model(dalle_pytorch, ["full", "axial_row"], depth=2)
+    hparams["share_input_output_emb"] = True
+    torch.manual_seed(1)
+    theirs = dalle_pytorch.DALLE(vae=theirs.vae, **hparams)
+    opt = _train_a_step(theirs)
+    warnings = []
+    run = dp_interop.import_checkpoint(_save(theirs, hparams, tmp_path / "dalle.pt", opt), tmp_path / "run",
+                                       tokenizer="tiny_chars", codec="grey", registry=registry,
+                                       warn=warnings.append)
+    from minidalle.commands.generate import load_generator
+
+    ours = load_generator(run, registry)[3]
+    theirs.eval()
+    text, codes = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(text, codes), theirs(text.clone(), codes), rtol=1e-5, atol=1e-5)
+    assert any("share_input_output_emb" in w for w in warnings)
