@@ -203,6 +203,23 @@ def test_refuses_what_minidalle_lacks(tmp_path, registry, capsys, key, value):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_absent_feature_keys_are_read_from_the_weights(tmp_path, registry, capsys):
+    """A checkpoint from before rotary_emb / shift_tokens existed has neither key: the
+    weights tell (DALLE.__init__'s defaults, both on, would misreport it)."""
+    ckpt = _dp_checkpoint(tmp_path)
+    obj = torch.load(ckpt, weights_only=True)
+    del obj["hparams"]["rotary_emb"], obj["hparams"]["shift_tokens"]
+    torch.save(obj, ckpt)
+    run = dp_interop.import_checkpoint(ckpt, tmp_path / "run", codec="grey", registry=registry,
+                                       warn=lambda m: None)
+    assert (run / "config.toml").exists()
+    obj["weights"]["transformer.pos_emb"] = torch.zeros(1, 22, 6)
+    torch.save(obj, ckpt)
+    rc = cli.main(["import", "dalle-pytorch", str(ckpt), "--out", str(tmp_path / "run2"), "--codec", "grey"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "hparams.rotary_emb (absent" in err
+
+
 def test_codec_messages(tmp_path, registry, capsys):
     # a taming VQGAN: [codec] is vqgan, its file must be given
     ckpt = _dp_checkpoint(tmp_path)
@@ -295,3 +312,39 @@ def test_conv_like_windows_match_the_sources(anchor, dilation):
     mask = ConvLikePattern(5, dilation, anchor).mask(t, f)
     assert torch.equal(mask[t:, t:], _reference_window(t, f, anchor, 5, dilation))
     assert mask[t:, :t].all()  # image sees all text
+
+
+def test_ipu_library_objects_become_placeholders(tmp_path, registry, monkeypatch):
+    """poptorch.optim may leave its own objects in opt_state: they are read as inert
+    placeholders (nothing imported or run), the rest of the checkpoint imports."""
+    import sys
+    import types
+
+    fake = types.ModuleType("poptorch.optim")
+
+    class VariableAttributes:
+        def __init__(self, names):
+            self.names = names
+
+    VariableAttributes.__module__, VariableAttributes.__qualname__ = "poptorch.optim", "VariableAttributes"
+    fake.VariableAttributes = VariableAttributes
+    monkeypatch.setitem(sys.modules, "poptorch", types.ModuleType("poptorch"))
+    monkeypatch.setitem(sys.modules, "poptorch.optim", fake)
+    ours = _minidalle_model(registry, ("full",), False)
+    weights = _graphcore_weights(ours, 1, False)
+    opt, _ = _graphcore_optimizer(weights)
+    opt_state = opt.state_dict()
+    opt_state["variable_attrs"] = VariableAttributes(["weight_decay"])
+    ckpt = tmp_path / "dalle_1.pt"
+    torch.save({"hparams": _graphcore_hparams(("full",), False), "vae_params": None, "weights": weights,
+                "opt_state": opt_state}, ckpt)
+    monkeypatch.delitem(sys.modules, "poptorch.optim")
+    monkeypatch.delitem(sys.modules, "poptorch")
+    warnings = []
+    run = graphcore.import_checkpoint(ckpt, tmp_path / "run", codec="grey", registry=registry,
+                                      warn=warnings.append)
+    assert any("poptorch.optim.VariableAttributes" in w for w in warnings)
+    assert "poptorch" not in sys.modules  # nothing was imported
+    from minidalle.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run).training_state["optimizer"]["state"]  # the Adam state came through

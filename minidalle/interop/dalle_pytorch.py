@@ -40,7 +40,20 @@ def _version(value) -> tuple[int, ...] | None:
         return None
 
 
-def model_table(hp: dict, version, where: str) -> tuple[dict, dict]:
+def _shown_by_weights(key: str, weights) -> bool | None:
+    """Whether the weights show a feature whose hparams key is absent (checkpoints of
+    versions before the key existed): rotary embeddings keep a ``transformer.pos_emb``
+    buffer, token shifting wraps every layer twice more."""
+    if not isinstance(weights, dict):
+        return None
+    if key == "rotary_emb":
+        return "transformer.pos_emb" in weights
+    if key == "shift_tokens":
+        return any(".fn.fn.fn.fn." in k for k in weights)
+    return None
+
+
+def model_table(hp: dict, version, where: str, weights=None) -> tuple[dict, dict]:
     """(``[model]``, ``[attention]``) of an hparams dict; refuses what minidalle lacks."""
     unknown = sorted(set(hp) - set(DEFAULTS) - {"dim", "depth"})
     if unknown:
@@ -51,9 +64,12 @@ def model_table(hp: dict, version, where: str) -> tuple[dict, dict]:
             raise ConfigError(f"{where}: hparams.{key}: expected an integer, got {hp.get(key)!r}")
     get = lambda key: hp.get(key, DEFAULTS[key])  # noqa: E731
     for key, what in UNSUPPORTED.items():
-        if get(key):
-            raise ConfigError(f"{where}: hparams.{key} = {get(key)!r}: {what}, which minidalle's "
-                              f"model does not have (retrain with {key} off to import)")
+        shown = None if key in hp else _shown_by_weights(key, weights)
+        on = get(key) if shown is None else shown
+        if on:
+            value = f"= {get(key)!r}" if key in hp else "(absent: on by default, and the weights show it)"
+            raise ConfigError(f"{where}: hparams.{key} {value}: {what}, which minidalle's model "
+                              f"does not have (train with {key} off to import)")
     depth = hp["depth"]
     for key in ("shared_attn_ids", "shared_ff_ids"):
         if not mapping.distinct_ids(get(key), depth):
@@ -111,7 +127,7 @@ def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = 
     if isinstance(weights, dict) and any(k.startswith("model.transformer.") for k in weights):
         raise CheckpointError(f"{path}: its weights are under 'model.': Graphcore's mini DALL-E "
                               "format; use `minidalle import graphcore`")
-    model, attention = model_table(hp, obj.get("version"), where)
+    model, attention = model_table(hp, obj.get("version"), where, weights)
     shared = bool(hp.get("share_input_output_emb"))
     if shared and isinstance(weights, dict):
         weights = _untie(weights, hp)

@@ -78,7 +78,7 @@ def _join_text_embedding(weights: dict, prefix: str) -> dict:
 def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = None,
          overrides=(), warn: Callable[[str], None] = print) -> mapping.Imported:
     path = Path(path)
-    obj = mapping.torch_load(path, "Graphcore mini DALL-E")
+    obj = mapping.torch_load(path, "Graphcore mini DALL-E", warn)
     hp, weights, where = obj["hparams"], obj["weights"], str(path)
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path}: 'weights' is a {type(weights).__name__}, not a state dict")

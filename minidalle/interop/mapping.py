@@ -133,8 +133,31 @@ def distinct_ids(value, depth: int) -> bool:
     return len(set(ids)) == depth
 
 
-def torch_load(path: Path, what: str) -> dict:
-    """``torch.load(weights_only=True)`` with one-line errors."""
+# Objects of IPU libraries that Graphcore's optimizer (poptorch.optim) may leave in
+# ``opt_state``: read as inert placeholders, never imported or run.
+IPU_MODULES = ("poptorch", "popart", "popdist", "horovod")
+
+
+class Placeholder:
+    """Stands in for an object of an IPU library: keeps its arguments and state, does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _unsupported_global(exc: Exception) -> str | None:
+    import re
+
+    m = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return m.group(1) if m and m.group(1).split(".")[0] in IPU_MODULES else None
+
+
+def torch_load(path: Path, what: str, warn: Callable[[str], None] | None = None) -> dict:
+    """``torch.load(weights_only=True)`` with one-line errors. Globals of IPU libraries
+    (see :data:`IPU_MODULES`) become :class:`Placeholder` objects; any other global is refused."""
     import pickle
 
     import torch
@@ -142,14 +165,26 @@ def torch_load(path: Path, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling refused"
-        raise CheckpointError(f"{path}: not loadable without running code from it "
-                              f"(torch.load weights_only=True): {first[:200]}") from None
-    except Exception as exc:  # zip / EOF / format errors of torch.load
-        raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc}") from None
+    placeholders: list[str] = []
+    while True:
+        stubs = [(type(name.rsplit(".", 1)[-1], (Placeholder,), {}), name) for name in placeholders]
+        try:
+            with torch.serialization.safe_globals(stubs):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except pickle.UnpicklingError as exc:
+            name = _unsupported_global(exc)
+            if name and name not in placeholders and len(placeholders) < 32:
+                placeholders.append(name)
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling refused"
+            raise CheckpointError(f"{path}: not loadable without running code from it "
+                                  f"(torch.load weights_only=True): {first[:200]}") from None
+        except Exception as exc:  # zip / EOF / format errors of torch.load
+            raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc}") from None
+    if placeholders and warn is not None:
+        warn(f"{len(placeholders)} IPU-library object(s) in the file read as inert placeholders "
+             f"({', '.join(placeholders[:3])})")
     if not isinstance(obj, dict) or "hparams" not in obj or "weights" not in obj:
         keys = sorted(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: not a {what} checkpoint (expected a dict with 'hparams' and "
@@ -217,7 +252,10 @@ def remap_adam_state(opt_state, source_groups: list[list[str]], pairs, our_names
         if not isinstance(st, dict) or not {"exp_avg", "exp_avg_sq", "step"} <= set(st):
             return drop(f"not Adam's (keys {sorted(st) if isinstance(st, dict) else st!r})")
         i = position[ours]
-        entry = {"step": torch.tensor(float(st["step"]), dtype=torch.float32)}
+        try:
+            entry = {"step": torch.tensor(float(st["step"]), dtype=torch.float32)}
+        except (TypeError, ValueError, RuntimeError):
+            return drop(f"the step count of {theirs!r} is not a number")
         for key, value in st.items():
             if key == "step":
                 continue
