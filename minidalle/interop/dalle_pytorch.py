@@ -122,7 +122,7 @@ def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = 
          overrides=(), warn: Callable[[str], None] = print) -> mapping.Imported:
     """The minidalle config table and weights of a DALLE-pytorch checkpoint."""
     path = Path(path)
-    obj = mapping.torch_load(path, "DALLE-pytorch")
+    obj = mapping.torch_load(path, "DALLE-pytorch", warn)
     hp, weights, where = obj["hparams"], obj["weights"], str(path)
     if isinstance(weights, dict) and any(k.startswith("model.transformer.") for k in weights):
         raise CheckpointError(f"{path}: its weights are under 'model.': Graphcore's mini DALL-E "
@@ -133,7 +133,7 @@ def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = 
         weights = _untie(weights, hp)
     pairs = mapping.name_pairs(mapping.DALLE_PYTORCH, model["depth"], model["sandwich_norm"])
     state = mapping.translate_weights(weights, pairs, ignore=IGNORED, where=where)
-    _check_sizes(state, model, where)
+    mapping.check_sizes(state, model, where)
     default_codec, why = _codec_source(obj)
     f, n = state["image_pos_emb.row"].shape[0], state["image_emb.weight"].shape[0]
     table = {"model": model,
@@ -155,21 +155,6 @@ def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = 
             "epoch": obj.get("epoch"), "vae_class_name": obj.get("vae_class_name")}
     return mapping.Imported(source=path, table=table, state_dict=state, pairs=pairs, optimizer=opt,
                             source_groups=groups, info=info)
-
-
-def _check_sizes(state: dict, model: dict, where: str) -> None:
-    """The hparams agree with the weights (a mismatch means a different network)."""
-    t = model["text_seq_len"]
-    got = {"text_seq_len": state["text_pos_emb.weight"].shape[0] - 1,
-           "num_text_tokens": state["text_emb.weight"].shape[0] - t,
-           "dim": state["text_emb.weight"].shape[1],
-           "heads * dim_head": state["transformer.layers.0.attn.to_qkv.weight"].shape[0] // 3,
-           "ff_mult (4)": state["transformer.layers.0.ff.proj_out.weight"].shape[1] // model["dim"]}
-    want = {"text_seq_len": t, "num_text_tokens": model["text_vocab"], "dim": model["dim"],
-            "heads * dim_head": model["heads"] * model["dim_head"], "ff_mult (4)": 4}
-    for key, value in want.items():
-        if got[key] != value:
-            raise CheckpointError(f"{where}: hparams say {key} = {value}, the weights {got[key]}")
 
 
 def import_checkpoint(path, out_dir, *, tokenizer=None, codec=None, overrides=(), registry=None,

@@ -90,6 +90,7 @@ def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = 
     weights = _join_text_embedding(weights, layout.prefix)
     pairs = mapping.name_pairs(layout, model["depth"], model["sandwich_norm"])
     state = mapping.translate_weights(weights, pairs, ignore=(layout.prefix + "vae.",), where=where)
+    mapping.check_sizes(state, model, where)
     f, n = state["image_pos_emb.row"].shape[0], state["image_emb.weight"].shape[0]
     if hp.get("fp16"):
         warn("hparams.fp16 is on: the weights are read as fp32 (minidalle keeps fp32 master weights)")

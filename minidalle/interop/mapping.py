@@ -109,6 +109,21 @@ def translate_weights(weights: dict, pairs, *, ignore: tuple[str, ...], where: s
     return out
 
 
+def check_sizes(state: dict, model: dict, where: str) -> None:
+    """The hparams agree with the weights (a mismatch means a different network)."""
+    t = model["text_seq_len"]
+    got = {"text_seq_len": state["text_pos_emb.weight"].shape[0] - 1,
+           "num_text_tokens": state["text_emb.weight"].shape[0] - t,
+           "dim": state["text_emb.weight"].shape[1],
+           "heads * dim_head": state["transformer.layers.0.attn.to_qkv.weight"].shape[0] // 3,
+           "ff_mult (4)": state["transformer.layers.0.ff.proj_out.weight"].shape[1] // model["dim"]}
+    want = {"text_seq_len": t, "num_text_tokens": model["text_vocab"], "dim": model["dim"],
+            "heads * dim_head": model["heads"] * model["dim_head"], "ff_mult (4)": 4}
+    for key, value in want.items():
+        if got[key] != value:
+            raise CheckpointError(f"{where}: hparams say {key} = {value}, the weights {got[key]}")
+
+
 def attn_type_list(value, depth: int, where: str) -> list[str]:
     """``attn_types`` as DALLE-pytorch reads it (a name or a sequence, cycled over depth)."""
     if value is None:
