@@ -269,21 +269,30 @@ def test_format_mixup_and_existing_run(tmp_path, registry):
 
 
 def test_plan_works_on_an_imported_run(tmp_path, registry, capsys):
+    """Graphcore's placement becomes [backend] ipu, and `plan` plans it."""
+    import json
+
     ours = _minidalle_model(registry, ("axial_row", "axial_col"), True)
     ckpt = tmp_path / "dalle_1.pt"
-    torch.save({"hparams": _graphcore_hparams(("axial_row", "axial_col"), True), "vae_params": None,
-                "weights": _graphcore_weights(ours, 2, True)}, ckpt)
+    hparams = _graphcore_hparams(("axial_row", "axial_col"), True)
+    hparams.update(layers_per_ipu=[0, 1, 1, 0], cls_ipu_id=3)
+    torch.save({"hparams": hparams, "vae_params": None, "weights": _graphcore_weights(ours, 2, True)}, ckpt)
     rc = cli.main(["import", "graphcore", str(ckpt), "--out", str(tmp_path / "run"), "--codec", "grey",
                    "--tokenizer", "tiny_chars"])
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
-    rc = cli.main(["plan", str(tmp_path / "run" / "config.toml"), "--dataset-size", "64", "--json"])
+    rc = cli.main(["plan", str(tmp_path / "run" / "config.toml"), "--dataset-size", "64", "--json",
+                   "--set", "training.gradient_accumulation=8"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    import json
-
     plan = json.loads(out)
+    assert plan["layers_per_ipu"] == [0, 1, 1, 0] and plan["output_ipu"] == 3
     assert sum(s["trainable_params"] for s in plan["stages"]) == sum(p.numel() for p in ours.parameters())
+    # without IPUs: --backend cpu leaves the placement out
+    rc = cli.main(["import", "graphcore", str(ckpt), "--out", str(tmp_path / "cpu"), "--codec", "grey",
+                   "--backend", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert 'name = "cpu"' in (tmp_path / "cpu" / "config.toml").read_text()
 
 
 def _reference_window(text_len, f, anchor, k=5, d=1):

@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--codec", metavar="NAME",
                    help="the [codec] (default: vqgan when the checkpoint names a taming VQGAN; "
                         "give its file with --set codec.path=last.ckpt)")
+    p.add_argument("--backend", metavar="NAME",
+                   help="the [backend] (default: cpu; for Graphcore, ipu with the checkpoint's "
+                        "layers_per_ipu placement)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set a value of the written config, e.g. --set codec.path=vqgan.ckpt, "
                         "--set dataset.name=folder (repeatable)")
@@ -54,7 +57,7 @@ def run_import(args) -> int:
     else:
         from minidalle.interop.graphcore import import_checkpoint
     out = import_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, codec=args.codec,
-                            overrides=args.overrides, warn=_warn)
+                            backend=args.backend, overrides=args.overrides, warn=_warn)
     print(f"imported {args.checkpoint} into {out}")
     import tomli
 
@@ -63,7 +66,11 @@ def run_import(args) -> int:
         _warn("no [tokenizer]: generate and run need the one the checkpoint was trained with; "
               "import again with --tokenizer NAME (resume checks it against the checkpoint's)")
     print(f"  generate:  minidalle generate --checkpoint {out} --text \"...\"")
-    print(f"  fine-tune: minidalle run {out / 'config.toml'} --resume --set dataset.name=...")
+    on_ipu = table.get("backend", {}).get("name") == "ipu"
+    print(f"  fine-tune: minidalle run {out / 'config.toml'} --resume --set dataset.name=..."
+          + ("  (add --backend cpu without IPUs)" if on_ipu else ""))
+    if on_ipu:
+        print(f"  IPU plan:  minidalle plan {out / 'config.toml'}")
     return 0
 
 

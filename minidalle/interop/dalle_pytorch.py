@@ -119,7 +119,7 @@ def _short(params) -> str:
 
 
 def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = None,
-         overrides=(), warn: Callable[[str], None] = print) -> mapping.Imported:
+         backend: str | None = None, overrides=(), warn: Callable[[str], None] = print) -> mapping.Imported:
     """The minidalle config table and weights of a DALLE-pytorch checkpoint."""
     path = Path(path)
     obj = mapping.torch_load(path, "DALLE-pytorch", warn)
@@ -145,6 +145,8 @@ def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = 
         table["tokenizer"] = tok
     if attention:
         table["attention"] = attention
+    if backend is not None:
+        table["backend"] = {"name": backend}
     opt = obj.get("opt_state")
     if shared and opt:
         warn("optimizer state dropped (share_input_output_emb: one table in DALLE-pytorch, "
@@ -157,9 +159,9 @@ def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = 
                             source_groups=groups, info=info)
 
 
-def import_checkpoint(path, out_dir, *, tokenizer=None, codec=None, overrides=(), registry=None,
-                      warn: Callable[[str], None] = print) -> Path:
-    imported = read(path, tokenizer=tokenizer, codec=codec, overrides=overrides, warn=warn)
+def import_checkpoint(path, out_dir, *, tokenizer=None, codec=None, backend=None, overrides=(),
+                      registry=None, warn: Callable[[str], None] = print) -> Path:
+    imported = read(path, tokenizer=tokenizer, codec=codec, backend=backend, overrides=overrides, warn=warn)
     return mapping.write_run(imported, out_dir, overrides, registry=registry, warn=warn)
 
 

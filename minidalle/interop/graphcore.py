@@ -10,7 +10,9 @@ from DALLE-pytorch 1.0: keys ``model.text_emb.weight`` (or
 ``.0.fn.fn.to_qkv.weight``, ``.0.fn.fn.to_out.0.*``, ``.1.scale``, ``.1.fn.norm.*``,
 ``.1.fn.norm_out.*``, ``.1.fn.fn.net.0.*``, ``.1.fn.fn.net.3.*``, ``model.to_logits.0.*``,
 ``model.to_logits.1.*``; ``model.vae.*`` (the VQGAN) is not read. Its conv_like window is
-centred on the query. The VAE is always a taming VQGAN (``--vqgan_model_path``).
+centred on the query. The VAE is always a taming VQGAN (``--vqgan_model_path``). The IPU
+placement (``layers_per_ipu``, ``embedding_ipu_id``, ``cls_ipu_id``,
+``embedding_serialization_factor``, ``fp16``) becomes ``[backend] name = "ipu"``.
 """
 from __future__ import annotations
 
@@ -28,8 +30,24 @@ DEFAULTS = dict(num_text_tokens=10000, text_seq_len=256, heads=8, dim_head=64, a
                 ff_dropout=0.0, sparse_attn=False, attn_types=None, loss_img_weight=7,
                 sandwich_norm=False, embedding_ipu_id=0, embedding_serialization_factor=1,
                 layers_per_ipu=None, cls_ipu_id=None, fp16=False, byteio=False)
-# Placement and precision on IPUs: no effect on the function; not carried over.
+# Placement and precision on IPUs: no effect on the function; they become the keys of
+# minidalle's `[backend] name = "ipu"` (see ipu_backend).
 IPU_ONLY = ("embedding_ipu_id", "embedding_serialization_factor", "layers_per_ipu", "cls_ipu_id", "fp16")
+
+
+def ipu_backend(hp: dict) -> dict | None:
+    """Graphcore's pipeline placement as minidalle's ``[backend] name = "ipu"`` keys, or None
+    when the hparams hold no ``layers_per_ipu``."""
+    layers = hp.get("layers_per_ipu")
+    if not isinstance(layers, (list, tuple)) or not layers:
+        return None
+    table = {"name": "ipu", "ipus_per_replica": len(layers), "layers_per_ipu": [int(n) for n in layers],
+             "embedding_ipu": int(hp.get("embedding_ipu_id") or 0),
+             "embedding_serialization_factor": int(hp.get("embedding_serialization_factor") or 1),
+             "fp16": bool(hp.get("fp16"))}
+    if hp.get("cls_ipu_id") is not None:
+        table["output_ipu"] = int(hp["cls_ipu_id"])
+    return table
 
 
 def model_table(hp: dict, where: str) -> tuple[dict, dict]:
@@ -76,7 +94,7 @@ def _join_text_embedding(weights: dict, prefix: str) -> dict:
 
 
 def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = None,
-         overrides=(), warn: Callable[[str], None] = print) -> mapping.Imported:
+         backend: str | None = None, overrides=(), warn: Callable[[str], None] = print) -> mapping.Imported:
     path = Path(path)
     obj = mapping.torch_load(path, "Graphcore mini DALL-E", warn)
     hp, weights, where = obj["hparams"], obj["weights"], str(path)
@@ -93,7 +111,7 @@ def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = 
     mapping.check_sizes(state, model, where)
     f, n = state["image_pos_emb.row"].shape[0], state["image_emb.weight"].shape[0]
     if hp.get("fp16"):
-        warn("hparams.fp16 is on: the weights are read as fp32 (minidalle keeps fp32 master weights)")
+        warn("hparams.fp16 is on: the weights are read as fp32 ([backend] ipu keeps fp16 = true)")
     table = {"model": model, "training": mapping.adam_settings(obj.get("opt_state")),
              "codec": mapping.codec_section(codec, "vqgan", overrides, where=where,
                                             why="Graphcore's example encodes images with",
@@ -103,6 +121,11 @@ def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = 
         table["tokenizer"] = tok
     if attention:
         table["attention"] = attention
+    ipu = ipu_backend(hp)
+    if backend is not None and (ipu is None or backend != "ipu"):
+        table["backend"] = {"name": backend}  # the IPU placement belongs to the ipu backend
+    elif ipu is not None:
+        table["backend"] = ipu
     # get_optimizer (models/optimization.py): group 0 = parameters of 2+ dimensions,
     # group 1 = 1-D parameters, each in parameters() order.
     order = mapping.source_param_order(weights, (layout.prefix + "vae.",))
@@ -118,7 +141,7 @@ def read(path: Path | str, *, tokenizer: str | None = None, codec: str | None = 
                             source_groups=groups, info=info)
 
 
-def import_checkpoint(path, out_dir, *, tokenizer=None, codec=None, overrides=(), registry=None,
-                      warn: Callable[[str], None] = print) -> Path:
-    imported = read(path, tokenizer=tokenizer, codec=codec, overrides=overrides, warn=warn)
+def import_checkpoint(path, out_dir, *, tokenizer=None, codec=None, backend=None, overrides=(),
+                      registry=None, warn: Callable[[str], None] = print) -> Path:
+    imported = read(path, tokenizer=tokenizer, codec=codec, backend=backend, overrides=overrides, warn=warn)
     return mapping.write_run(imported, out_dir, overrides, registry=registry, warn=warn)
