@@ -49,9 +49,9 @@ def _install() -> Path:
                        check=True, capture_output=True, timeout=600)
     except (subprocess.SubprocessError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        detail = getattr(exc, "stderr", b"") or b""
+        lines = (getattr(exc, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()
         pytest.skip(f"needs {', '.join(PACKAGES)} (pip install --no-deps failed: "
-                    f"{detail.decode(errors='replace').strip().splitlines()[-1:] or exc})")
+                    f"{lines[-1] if lines else exc})")
     (tmp / ".complete").touch()
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
