@@ -17,7 +17,7 @@ from minidalle.errors import MinidalleError
 # Module names under minidalle.commands, in the order `--help` lists them.
 COMMAND_MODULES = (
     "list_cmd", "config_cmd", "run", "plan", "generate", "evaluate", "bench", "prepare",
-    "tokenizer_cmd", "train_codec", "new_plugin", "env_cmd",
+    "tokenizer_cmd", "train_codec", "new_plugin", "env_cmd", "import_cmd",
 )
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from minidalle.config import positive
+from minidalle.config import one_of, positive
 from minidalle.model.attention_api import (
     AttentionPattern,
     AttentionSpec,
@@ -41,19 +41,27 @@ class AxialPattern(AttentionPattern):
 
 
 class ConvLikePattern(AttentionPattern):
-    """A ``kernel_size`` x ``kernel_size`` window (with ``dilation``) centred on the query,
-    restricted to earlier positions (DALLE-pytorch's SparseConvCausalAttention)."""
+    """A ``kernel_size`` x ``kernel_size`` window (with ``dilation``), restricted to earlier
+    positions. ``anchor="centre"``: the window is centred on the query (DALLE-pytorch before
+    1.5.0 and Graphcore's example); ``"corner"``: the query is the window's bottom-right
+    corner, so the window reaches ``(kernel_size - 1) * dilation`` rows up and columns left
+    (DALLE-pytorch 1.5.0 and later, whose SparseConvCausalAttention pads causally)."""
 
-    def __init__(self, kernel_size: int = 5, dilation: int = 1):
+    def __init__(self, kernel_size: int = 5, dilation: int = 1, anchor: str = "centre"):
         self.kernel_size = kernel_size
         self.dilation = dilation
+        self.anchor = anchor
 
     def mask(self, text_len, fmap_size):
         idx, is_image, row, col = positions(text_len, fmap_size)
-        reach = (self.kernel_size // 2) * self.dilation
         dr = row[:, None] - row[None, :]
         dc = col[:, None] - col[None, :]
-        window = (dr.abs() <= reach) & (dc.abs() <= reach)
+        if self.anchor == "corner":
+            reach = (self.kernel_size - 1) * self.dilation
+            window = (dr >= 0) & (dr <= reach) & (dc >= 0) & (dc <= reach)
+        else:
+            reach = (self.kernel_size // 2) * self.dilation
+            window = (dr.abs() <= reach) & (dc.abs() <= reach)
         window &= (dr % self.dilation == 0) & (dc % self.dilation == 0)
         return causal_mask(text_len, fmap_size) & (~is_image[:, None] | ~is_image[None, :] | window)
 
@@ -234,6 +242,9 @@ def _odd(instance, attribute, value):
 class ConvLikeConfig:
     kernel_size: int = attrs.field(default=5, validator=[positive, _odd])
     dilation: int = attrs.field(default=1, validator=positive)
+    # "centre": window centred on the query; "corner": the query at its bottom-right corner
+    # (DALLE-pytorch >= 1.5.0). See ConvLikePattern.
+    anchor: str = attrs.field(default="centre", validator=one_of("centre", "corner"))
 
 
 # Config classes looked up by builtins.py (None: the variant takes no parameters).
@@ -257,4 +268,4 @@ def axial_col(config=None, *, spec: AttentionSpec):
 
 def conv_like(config: ConvLikeConfig | None = None, *, spec: AttentionSpec):
     config = config or ConvLikeConfig()
-    return PatternAttention(spec, ConvLikePattern(config.kernel_size, config.dilation))
+    return PatternAttention(spec, ConvLikePattern(config.kernel_size, config.dilation, config.anchor))
