@@ -76,9 +76,13 @@ def test_cuda_config_takes_the_speed_keys_and_checks_them():
 def _compiled_cpu_backend(compile: bool):
     """The cpu backend with the cuda backend's runner and its compile keys."""
     from minidalle.components.backend_cpu import CpuBackend
-    from minidalle.components.backend_cuda import CudaConfig, CudaRunner
+    from minidalle.components.backend_cuda import CudaConfig, CudaRunner, set_axial_sdpa
 
     class CompiledCpu(CpuBackend):
+        def setup_model(self, model):
+            set_axial_sdpa(model, True)  # as CudaBackend.setup_model with its default
+            return super().setup_model(model)
+
         def prepare(self, model, optimizer, training):
             self.config = CudaConfig(compile=compile, compile_mode="default")
             return CudaRunner(self, model, optimizer, training)
@@ -99,12 +103,14 @@ def test_compile_key_trains_through_torch_compile(monkeypatch):
     calls = []
     real = torch.compile
 
-    def compile_eagerly(model, **kwargs):  # dynamo traces the model; no C++ build on the CPU
+    def compile_eagerly(model, **kwargs):
+        # Dynamo and AOTAutograd trace forward and backward as inductor would; no C++ build.
         calls.append(kwargs)
-        return real(model, backend="eager", **kwargs)
+        return real(model, backend="aot_eager", **kwargs)
 
     monkeypatch.setattr(torch, "compile", compile_eagerly)
-    cfg, model = _model(["axial_row"])
+    torch._dynamo.utils.counters.clear()
+    cfg, model = _model(["axial_row", "full"])
     batch = fixed_batch(cfg, **SIZES)
     import copy
 
@@ -114,6 +120,8 @@ def test_compile_key_trains_through_torch_compile(monkeypatch):
     assert calls == [{"mode": "default"}]
     assert compiled == pytest.approx(plain, abs=1e-5)
     assert max(float((w_plain[k] - w_compiled[k]).abs().max()) for k in w_plain) < 1e-4
+    # One graph: a break (e.g. a hand-written backward Dynamo cannot trace) costs speed.
+    assert not torch._dynamo.utils.counters["graph_break"]
     torch._dynamo.reset()
 
 
