@@ -1,7 +1,7 @@
 """``minidalle bench CONFIG``: time training steps on synthetic token data.
 
 Prints samples/sec, this machine's measured matmul peak (fp32 and bf16; the best square
-product of torch.mm and of oneDNN), the model FLOPs utilisation (MFU) against the peak of
+product of torch.mm and of oneDNN; on cuda, torch.mm on the GPU), the model FLOPs utilisation (MFU) against the peak of
 the precision used (overall, and per step against the peak re-measured right after it),
 and peak memory.
 
