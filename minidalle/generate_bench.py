@@ -3,9 +3,9 @@
 Times drawing one image (every image position) with and without the key/value cache, in
 fp32 and with bf16 weights, then 8 images drawn together (``--generate-images N``). The
 model has CONFIG's shape with random weights (speed does not depend on the weights);
-vocabulary sizes as for ``bench``. It runs on the config's backend device: on ``cuda``
-the timings synchronise the GPU, and cached steps replay a CUDA graph when the backend's
-``cuda_graphs`` is on (``minidalle/graph_decode.py``).
+vocabulary sizes as for ``bench``. With the ``cuda`` backend it runs on its GPU: the
+timings synchronise the GPU, and cached steps replay a CUDA graph when the backend's
+``cuda_graphs`` is on (``minidalle/graph_decode.py``); with any other backend, on the CPU.
 """
 from __future__ import annotations
 
@@ -34,15 +34,17 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
 
     registry = registry or get_registry()
     geo = _bench_geometry(cfg)
-    backend = registry.build("backend", cfg.backend.name, cfg.backend.params)
-    device = backend.device
-    graphs = device.type == "cuda" and getattr(backend.config, "cuda_graphs", False)
+    # On the cuda backend's GPU; anything else (cpu, or an ipu config) times the CPU.
+    backend = registry.build("backend", "cuda", cfg.backend.params) if cfg.backend.name == "cuda" else None
+    device = backend.device if backend is not None else torch.device("cpu")
+    graphs = backend is not None and backend.config.cuda_graphs
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     many = getattr(args, "generate_images", 8) or 8
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, text_vocab=geo["text_vocab"], num_image_tokens=geo["num_image_tokens"],
                         fmap_size=geo["fmap_size"], registry=registry).eval()
-    model = backend.setup_model(model)
+    if backend is not None:
+        model = backend.setup_model(model)  # on the GPU, with the backend's attention options
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     text = torch.randint(1, geo["text_vocab"], (max(many, 2), cfg.model.text_seq_len), generator=g)
