@@ -51,7 +51,8 @@ class StaticStep:
     """
 
     def __init__(self, model, batch: int, *, graph: bool):
-        self.model = model
+        # A weak reference: the step is a value of a WeakKeyDictionary keyed by the model.
+        self._model = weakref.ref(model)
         self.graph_wanted = graph
         self.graph: torch.cuda.CUDAGraph | None = None
         p = model.text_emb.weight
@@ -68,6 +69,10 @@ class StaticStep:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
         self.pos = torch.zeros((), dtype=torch.long, device=p.device)
         self.out_hidden = self.out_logits = None
+
+    @property
+    def model(self):
+        return self._model()
 
     @classmethod
     def get(cls, model, batch: int, *, graph: bool) -> "StaticStep":

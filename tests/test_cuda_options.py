@@ -184,3 +184,18 @@ def test_bench_reports_a_batch_that_does_not_fit_in_one_line(monkeypatch, capsys
     err = capsys.readouterr().err
     assert "--batch-size 512: does not fit in memory (CUDA out of memory. Tried to allocate 20.00 GiB)" in err
     assert "Traceback" not in err
+
+
+def test_fixed_shape_steps_go_with_their_model():
+    import gc
+
+    from minidalle import graph_decode
+    from minidalle.sampling import generate_image_codes
+
+    _, model = _model(["full"])
+    generate_image_codes(model.eval(), torch.ones(1, 8, dtype=torch.long), seed=0, cuda_graph=True)
+    assert model in graph_decode._steps
+    before = len(graph_decode._steps)
+    del model
+    gc.collect()
+    assert len(graph_decode._steps) == before - 1
