@@ -21,7 +21,7 @@
 # Python: $PYTHON -m minidalle when PYTHON is set, else .venv/bin/minidalle.
 # Exit status: 0 all steps ran and every target was met; 1 a step failed; 3 every step ran
 # but a target was missed (not judged in a dry run).
-set -u
+set -u  # (empty arrays are written ${A[@]+"${A[@]}"}: bash before 4.4 calls them unbound)
 
 DRY=0
 OUT=""
@@ -164,9 +164,9 @@ for bs in "${SWEEP[@]}"; do
         break
     fi
     peak=(--no-peak)
-    [ $FIRST = 1 ] && peak=("${PEAK[@]}")  # the matmul peaks once, with the first batch
+    [ $FIRST = 1 ] && peak=(${PEAK[@]+"${PEAK[@]}"})  # the matmul peaks once, with the first batch
     run_step "sweep_bf16_b$bs" "$budget" "${MD[@]}" bench "${L16[@]}" --backend "$BACKEND" \
-        --precision bf16 --batch-size "$bs" "${BENCH_STEPS[@]}" "${peak[@]}" \
+        --precision bf16 --batch-size "$bs" "${BENCH_STEPS[@]}" ${peak[@]+"${peak[@]}"} \
         --json "$OUT/sweep/bf16_b$bs.json"
     FIRST=0
     [ $LAST_RC = 0 ] || break
@@ -184,7 +184,7 @@ log "   best bf16 batch: ${BEST_BS:-none} (${BEST_SPS} samples/s)"
 echo "${BEST_BS}" > "$OUT/sweep/best_batch.txt"
 
 run_step generate 90 "${MD[@]}" bench "${L16[@]}" --backend "$BACKEND" --precision bf16 \
-    --batch-size 1 --steps 1 --warmup 0 --no-peak --generate --generate-images "$IMAGES" "${UNCACHED[@]}" \
+    --batch-size 1 --steps 1 --warmup 0 --no-peak --generate --generate-images "$IMAGES" ${UNCACHED[@]+"${UNCACHED[@]}"} \
     --json "$OUT/generate.json"
 
 QS="$OUT/quickstart"
@@ -202,7 +202,7 @@ if [ -n "$BEST_BS" ]; then
     fi
     # compiling L16 takes about a minute: not started with less left
     MIN_S=$([ $DRY = 1 ] && echo 10 || echo 60) run_step compiled 180 "${MD[@]}" bench "${L16[@]}" --backend "$BACKEND" --precision bf16 \
-        "${COMPILE[@]}" --batch-size "$BEST_BS" "${BENCH_STEPS[@]}" --no-peak \
+        ${COMPILE[@]+"${COMPILE[@]}"} --batch-size "$BEST_BS" "${BENCH_STEPS[@]}" --no-peak \
         --json "$OUT/compiled.json"
 else
     log "== fp32, compiled: not run (no bf16 batch ran)"
