@@ -113,6 +113,10 @@ def build_rows(out: Path, dry_run: bool) -> list[dict]:
                      "target": target, "result": result})
 
     env = read_env(out)
+    mode = env.get("mode", "?")
+    if dry_run:
+        mode += ": tiny models, the figures are not L16's and the targets are not judged"
+    rows.append({"figure": "mode", "value": mode, "target": "", "result": "-"})
     rows.append({"figure": "GPU (nvidia-smi: name, driver, memory)", "value": env.get("gpu", "?"),
                  "target": "", "result": "-"})
     rows.append({"figure": "torch", "value": env.get("torch", "?"), "target": "", "result": "-"})
