@@ -1,8 +1,11 @@
 """Sampling speed: what ``minidalle bench CONFIG --generate`` prints.
 
 Times drawing one image (every image position) with and without the key/value cache, in
-fp32 and with bf16 weights, then 8 images drawn together. The model has CONFIG's shape with
-random weights (speed does not depend on the weights); vocabulary sizes as for ``bench``.
+fp32 and with bf16 weights, then 8 images drawn together (``--generate-images N``). The
+model has CONFIG's shape with random weights (speed does not depend on the weights);
+vocabulary sizes as for ``bench``. With the ``cuda`` backend it runs on its GPU: the
+timings synchronise the GPU, and cached steps replay a CUDA graph when the backend's
+``cuda_graphs`` is on (``minidalle/inference/graph_decode.py``); with any other backend, on the CPU.
 """
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ import copy
 import time
 
 
-def _time(fn) -> float:
+def _time(fn, sync=lambda: None) -> float:
+    sync()
     start, cpu = time.perf_counter(), time.process_time()
     fn()
+    sync()
     wall = time.perf_counter() - start
     # CPU time shows when other processes share the cores (wall >> cpu / threads)
     _time.last_cpu = time.process_time() - cpu
@@ -29,30 +34,41 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
 
     registry = registry or get_registry()
     geo = _bench_geometry(cfg)
+    # On the cuda backend's GPU; anything else (cpu, or an ipu config) times the CPU.
+    backend = registry.build("backend", "cuda", cfg.backend.params) if cfg.backend.name == "cuda" else None
+    device = backend.device if backend is not None else torch.device("cpu")
+    graphs = backend is not None and backend.config.cuda_graphs
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    many = getattr(args, "generate_images", 8) or 8
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, text_vocab=geo["text_vocab"], num_image_tokens=geo["num_image_tokens"],
                         fmap_size=geo["fmap_size"], registry=registry).eval()
+    if backend is not None:
+        model = backend.setup_model(model)  # on the GPU, with the backend's attention options
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
-    text = torch.randint(1, geo["text_vocab"], (8, cfg.model.text_seq_len), generator=g)
+    text = torch.randint(1, geo["text_vocab"], (max(many, 2), cfg.model.text_seq_len), generator=g)
     text[:, -cfg.model.text_seq_len // 4 :] = 0
+    text = text.to(device)
     uncached = not getattr(args, "no_uncached", False)
 
     def draw(m, n, cache):
-        return lambda: generate_image_codes(m, text[:n], seed=0, use_cache=cache)
+        return lambda: generate_image_codes(m, text[:n], seed=0, use_cache=cache, cuda_graph=graphs)
 
-    # warm-up: a short primed run on each model (first calls allocate)
-    prime = torch.zeros(8, model.image_seq_len - 4, dtype=torch.long)
+    # warm-up: a short primed run on each model (first calls allocate; capture the graphs)
+    prime = torch.zeros(many, model.image_seq_len - 4, dtype=torch.long, device=device)
     for m in (model, model_bf16):
-        generate_image_codes(m, text[:1], seed=0, prime_codes=prime[:1])
-        generate_image_codes(m, text, seed=0, prime_codes=prime)
+        generate_image_codes(m, text[:1], seed=0, prime_codes=prime[:1], cuda_graph=graphs)
+        generate_image_codes(m, text[:many], seed=0, prime_codes=prime, cuda_graph=graphs)
 
-    r: dict = {"image_tokens": model.image_seq_len, "threads": torch.get_num_threads()}
-    print(f"Generate: {model.image_seq_len} image tokens per image, "
+    r: dict = {"image_tokens": model.image_seq_len, "threads": torch.get_num_threads(),
+               "device": str(device), "cuda_graphs": graphs, "images_together": many}
+    print(f"Generate: {model.image_seq_len} image tokens per image, on {device}"
+          f"{' (cached steps from CUDA graphs)' if graphs else ''}, "
           f"{torch.get_num_threads()} threads", flush=True)
 
     def timed(key, fn, label, extra=lambda: ""):
-        r[key] = _time(fn)
+        r[key] = _time(fn, sync)
         r[key.replace("_s", "_cpu_s")] = _time.last_cpu
         print(f"  {label}: {r[key]:.2f} s (CPU time {_time.last_cpu:.2f} s){extra()}", flush=True)
 
@@ -66,8 +82,11 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
         timed("uncached_bf16_s", draw(model_bf16, 1, False), "1 image, uncached, bf16 weights",
               lambda: f"; cached is {r['uncached_bf16_s'] / r['cached_bf16_s']:.1f}x faster in bf16")
         r["speedup_bf16"] = r["uncached_bf16_s"] / r["cached_bf16_s"]
-    timed("cached_8_fp32_s", draw(model, 8, True), "8 images together, cached, fp32 weights")
-    timed("cached_8_bf16_s", draw(model_bf16, 8, True), "8 images together, cached, bf16 weights")
+    for kind, m in (("fp32", model), ("bf16", model_bf16)):
+        key = f"cached_{many}_{kind}_s"
+        timed(key, draw(m, many, True), f"{many} images together, cached, {kind} weights",
+              lambda: f"; {many / r[key]:.1f} images/s")
+        r[f"images_per_sec_{kind}"] = many / r[key]
 
     # How close bf16 weights stay to fp32: image-token probabilities along one sequence.
     with torch.no_grad():
@@ -94,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--no-uncached", action="store_true", help="skip the slow uncached runs")
+    p.add_argument("--generate-images", type=int, default=8, metavar="N",
+                   help="images drawn together in the batched timing (default 8)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:

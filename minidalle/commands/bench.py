@@ -1,7 +1,7 @@
 """``minidalle bench CONFIG``: time training steps on synthetic token data.
 
 Prints samples/sec, this machine's measured matmul peak (fp32 and bf16; the best square
-product of torch.mm and of oneDNN), the model FLOPs utilisation (MFU) against the peak of
+product of torch.mm and of oneDNN; on cuda, torch.mm on the GPU), the model FLOPs utilisation (MFU) against the peak of
 the precision used (overall, and per step against the peak re-measured right after it),
 and peak memory.
 
@@ -50,10 +50,15 @@ def add_parser(sub) -> None:
                    help="backend to time (default cpu; the config's [backend] params are kept "
                         "when it names the same one)")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
-    p.add_argument("--peak-sizes", default="2048,3072", metavar="N,N",
-                   help="square matrix sizes tried for the peak (torch.mm and oneDNN); the best counts (default 2048,3072)")
+    p.add_argument("--peak-sizes", metavar="N,N",
+                   help="square matrix sizes tried for the peak (torch.mm and oneDNN); the best counts "
+                        "(default 2048,3072; on cuda 4096,8192 with torch.mm)")
     p.add_argument("--generate", action="store_true",
                    help="also time sampling (minidalle.bench.generate)")
+    p.add_argument("--generate-images", type=int, default=8, metavar="N",
+                   help="images drawn together in the batched sampling timing (default 8)")
+    p.add_argument("--no-uncached", action="store_true",
+                   help="with --generate: skip the (slow) uncached sampling timings")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=run)
 
@@ -95,10 +100,11 @@ def flops_per_sample(model, cfg) -> dict:
             "flops_per_sample": dense + attn}
 
 
-def matmul_peak(dtype_name: str, sizes=(2048, 3072), reps: int = 5) -> tuple[float, int, str]:
+def matmul_peak(dtype_name: str, sizes=(2048, 3072), reps: int = 5, device: str = "cpu") -> tuple[float, int, str]:
     """Best measured FLOP/s of a square matrix product over ``sizes`` and over the two CPU
     matmul libraries PyTorch carries: ``torch.mm`` (MKL for fp32, oneDNN for bf16) and
     oneDNN's linear (what the model's fp32 layers use, ``minidalle.model.linear``).
+    On a CUDA ``device``: ``torch.mm`` (cuBLAS; fp32 honours the backend's TF32 setting).
     Returns (FLOP/s, size, library)."""
     import time
 
@@ -107,6 +113,8 @@ def matmul_peak(dtype_name: str, sizes=(2048, 3072), reps: int = 5) -> tuple[flo
     from minidalle.model.linear import onednn_available, onednn_product
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    if torch.device(device).type == "cuda":
+        return _cuda_matmul_peak(dtype, sizes, reps, torch.device(device))
     products = {"torch.mm": torch.mm}
     if onednn_available(dtype):  # the probe tried it: oneDNN's bf16 product fails without AVX-512
         products["oneDNN linear"] = onednn_product  # a @ b.T: b as the [out, in] weight of a linear layer
@@ -124,6 +132,29 @@ def matmul_peak(dtype_name: str, sizes=(2048, 3072), reps: int = 5) -> tuple[flo
                 if rate > best:
                     best, best_n, best_lib = rate, n, lib
     return best, best_n, best_lib
+
+
+def _cuda_matmul_peak(dtype, sizes, reps: int, device) -> tuple[float, int, str]:
+    """``torch.mm`` on the GPU: each timing is 10 back-to-back products between two
+    synchronisations (one product of 8192 takes about a millisecond)."""
+    import time
+
+    import torch
+
+    best, best_n = 0.0, 0
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        torch.mm(a, b)  # warm-up (cuBLAS picks its kernel)
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            t = time.perf_counter()
+            for _ in range(10):
+                torch.mm(a, b)
+            torch.cuda.synchronize(device)
+            best, best_n = max((best, best_n), (20 * n**3 / (time.perf_counter() - t), n))
+        del a, b
+    return best, best_n, "torch.mm (cuBLAS)"
 
 
 def _reset_peak_rss() -> bool:
@@ -265,7 +296,7 @@ def bench_training(cfg, *, steps: int, warmup: int, registry=None, probe=None) -
     result = {
         "load_average_before": load_before, "load_average_after": _loadavg(),
         "threads": torch.get_num_threads(), "cpu_seconds_per_step": cpu_seconds / steps,
-        "backend": backend.describe(), "samples_per_step": n, "steps": steps, "warmup": warmup,
+        "backend": backend.describe(), "device": str(backend.device), "samples_per_step": n, "steps": steps, "warmup": warmup,
         "step_seconds_mean": total / max(steps, 1), "step_seconds_min": min(times) if times else None,
         "step_seconds": times, "probes": probes,
         "samples_per_sec": n * steps / total if total else None,
@@ -292,12 +323,14 @@ def run(args) -> int:
         after.append(f"backend.precision={args.precision}")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be >= 1 and --warmup >= 0")
+    cfg = load_run_config(args.config, args.overrides, args.backend, after=after)
+    on_cuda = cfg.backend.name == "cuda"
+    peak_sizes = args.peak_sizes or ("4096,8192" if on_cuda else "2048,3072")
     try:
-        sizes = tuple(int(s) for s in args.peak_sizes.split(","))
+        sizes = tuple(int(s) for s in peak_sizes.split(","))
         assert sizes and min(sizes) > 0
     except (ValueError, AssertionError):
-        raise ConfigError(f"--peak-sizes: expected positive integers like 2048,3072, got {args.peak_sizes!r}") from None
-    cfg = load_run_config(args.config, args.overrides, args.backend, after=after)
+        raise ConfigError(f"--peak-sizes: expected positive integers like 2048,3072, got {peak_sizes!r}") from None
     requested = getattr(cfg.backend.params, "precision", "fp32")
     precision, other = requested, None
     if cfg.backend.name == "cpu":
@@ -315,7 +348,14 @@ def run(args) -> int:
     if not args.no_peak and cfg.backend.name == "cpu":
         probe_size = min(sizes) if _fast_enough(peak_name) else 256
         probe = lambda: matmul_peak(peak_name, (probe_size,), reps=2)[0]  # noqa: E731
-    r = bench_training(cfg, steps=args.steps, warmup=args.warmup, probe=probe)
+    import torch
+
+    try:
+        r = bench_training(cfg, steps=args.steps, warmup=args.warmup, probe=probe)
+    except (torch.OutOfMemoryError, MemoryError) as e:  # the GPU's (or the host's) memory
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--batch-size {cfg.training.batch_size}: does not fit in memory "
+                          f"({first})") from None
     gib = 1024**3
     print(f"Model: {r['params_total'] / 1e6:.1f}M parameters, {r['params_matmul'] / 1e6:.1f}M in matmuls, "
           f"sequence {r['seq_len']}, {r['flops_per_sample'] / 1e9:.1f} GFLOP per sample "
@@ -329,22 +369,22 @@ def run(args) -> int:
     print(f"Loss: {r['loss_last']:.6f} ")
     achieved = r["samples_per_sec"] * r["flops_per_sample"]
     print(f"Model FLOP/s: {achieved / 1e9:.1f} GFLOP/s")
-    if not args.no_peak and cfg.backend.name == "cpu":
-        import torch
-
+    if not args.no_peak and cfg.backend.name in ("cpu", "cuda"):
         from minidalle import hardware
 
         for name in ("fp32", "bf16"):
-            if not _fast_enough(name) and name != peak_name:
+            if not on_cuda and not _fast_enough(name) and name != peak_name:
                 print(f"Matmul peak {name}: not measured ({hardware.bf16_verdict()[1]})")
                 continue
-            peak, size, lib = matmul_peak(name, sizes if _fast_enough(name) else (256,))
+            name_sizes = sizes if on_cuda or _fast_enough(name) else (256,)
+            peak, size, lib = matmul_peak(name, name_sizes, reps=20 if on_cuda else 5, device=r["device"])
             r[f"matmul_peak_{name}"] = peak
             r[f"matmul_peak_{name}_library"] = lib
-            print(f"Matmul peak {name}: {peak / 1e9:.1f} GFLOP/s ({lib} {size}x{size}, "
-                  f"{torch.get_num_threads()} threads; best of torch.mm and oneDNN)")
+            where = r["device"] if on_cuda else f"{torch.get_num_threads()} threads; best of torch.mm and oneDNN"
+            print(f"Matmul peak {name}: {peak / 1e9:.1f} GFLOP/s ({lib} {size}x{size}, {where})")
         r["mfu"] = achieved / r[f"matmul_peak_{peak_name}"]
         print(f"MFU: {100 * r['mfu']:.1f}% of the measured {peak_name} matmul peak")
+    if not args.no_peak and cfg.backend.name == "cpu":
         # The clock of a shared or virtual machine drifts by 10-20% over a minute: each
         # step against the peak measured right after it tells the drift from the code.
         flops_step = r["samples_per_step"] * r["flops_per_sample"]

@@ -28,6 +28,11 @@ def load_run_config(path, overrides=(), backend: str | None = None, registry=Non
     (``after``: more ``KEY=VALUE`` overrides applied after the backend swap)."""
     from minidalle.config import apply_overrides, config_from_dict, load_raw
 
+    if backend is not None:
+        # `--backend cuda --set backend.precision=bf16`: the --set belongs to the new backend
+        late = [o for o in overrides if o.split("=", 1)[0].strip().startswith("backend.")]
+        overrides = [o for o in overrides if o not in late]
+        after = [*late, *after]
     data, origins = load_raw(path, overrides)
     if backend is not None:
         current = data.get("backend") if isinstance(data.get("backend"), dict) else {}

@@ -73,7 +73,12 @@ class AxialAttention(PatternAttention):
     the image queries score against the text keys (one matmul) and against their own row or
     column (a batched 16 x 16 matmul), so the work is what the pattern allows. Decoding
     steps (one position at a time) use the generic masked path of PatternAttention.
+    ``masked_sdpa = True`` (the cuda backend's ``axial_sdpa``) sends whole sequences there
+    too: one fused ``scaled_dot_product_attention`` with the boolean mask, which on a GPU
+    beats the many small products of the per-line path.
     """
+
+    masked_sdpa = False
 
     def __init__(self, spec: AttentionSpec, axis: int):
         super().__init__(spec, AxialPattern(axis))
@@ -83,14 +88,15 @@ class AxialAttention(PatternAttention):
 
     def attend_projection(self, qkv):
         # fp32 without dropout: the hand-written path (_AxialCore); else attend() below
-        if self.spec.text_len < qkv.shape[1] and not self.dropout_p and qkv.dtype == torch.float32:
+        if (self.spec.text_len < qkv.shape[1] and not self.dropout_p and qkv.dtype == torch.float32
+                and not self.masked_sdpa):
             return _AxialCore.apply(qkv, self.axis, self.spec.text_len, self.spec.fmap_size)
         return None
 
     def attend(self, q, k, v, offset):
         t, f = self.spec.text_len, self.spec.fmap_size
         b, h, n, d = q.shape
-        if offset != 0 or n != k.shape[-2]:
+        if offset != 0 or n != k.shape[-2] or self.masked_sdpa:
             return super().attend(q, k, v, offset)
         if n <= t:
             return sdpa(q, k, v, is_causal=True, dropout_p=self.dropout_p)

@@ -68,22 +68,32 @@ class _Decoder:
     cached (incremental) or by recomputing the whole prefix. Cached one-position steps of
     standard models go through :class:`~minidalle.inference.decode.LeanDecoder`."""
 
-    def __init__(self, model, use_cache: bool):
+    def __init__(self, model, use_cache: bool, static: bool = False, batch: int = 1):
         self.model = model
         self.cache = model.new_cache() if use_cache else None
         self.lean = LeanDecoder(model) if use_cache and LeanDecoder.supports(model) else None
         self.seq = None
+        self.static = None  # the fixed-shape step of minidalle.inference.graph_decode
+        if static and use_cache:
+            from minidalle.inference import graph_decode
+
+            if graph_decode.supports(model):
+                device = model.text_emb.weight.device
+                self.static = graph_decode.StaticStep.get(model, batch, graph=device.type == "cuda")
+                self.static.attach(self.cache)
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             self.seq = tokens if self.seq is None else torch.cat([self.seq, tokens], dim=1)
             return self.model.hidden(self.seq)[:, -1:]
+        if self.static is not None and tokens.shape[1] == 1 and self.cache.offset >= self.model.text_len:
+            return self.static.hidden(tokens, self.cache)
         if self.lean is not None and tokens.shape[1] == 1:
             return self.lean.hidden(tokens, self.cache)
         return self.model.hidden(tokens, cache=self.cache)[:, -1:]
 
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return (self.lean or self.model).image_logits(h)
+        return (self.static or self.lean or self.model).image_logits(h)
 
 
 @torch.no_grad()
@@ -92,8 +102,13 @@ def generate_image_codes(
     temperature: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
     prime_codes: torch.Tensor | None = None, use_cache: bool = True,
     progress: Callable[[int], None] | None = None, on_logits: Callable | None = None,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Sample image codes ``[B, image_seq_len]`` for text ids ``[B, text_seq_len]``.
+
+    ``cuda_graph``: cached image steps of fixed shape (:mod:`minidalle.inference.graph_decode`),
+    replayed from a CUDA graph when the model is on a GPU, run eagerly elsewhere; ignored
+    for models it does not support.
 
     ``prime_codes`` ``[B, k]`` fixes the first k codes (priming with an image).
     ``progress(n)`` is called after each sampled token; ``on_logits(step, logits)`` sees the
@@ -102,7 +117,7 @@ def generate_image_codes(
     model.eval()
     device = text.device
     generator = generator or _generator(seed, device)
-    decoder = _Decoder(model, _can_cache(model, use_cache))
+    decoder = _Decoder(model, _can_cache(model, use_cache), static=cuda_graph, batch=text.shape[0])
     prefix = model.prepare_text(text)
     codes = prefix.new_empty(text.shape[0], 0)
     if prime_codes is not None:

@@ -41,8 +41,10 @@ class _GEGLU(torch.autograd.Function):
 
 
 def geglu(h: torch.Tensor) -> torch.Tensor:
-    """GEGLU over the last dimension of ``h`` (first half: values, second half: gates)."""
-    if torch.is_grad_enabled() and h.requires_grad:
+    """GEGLU over the last dimension of ``h`` (first half: values, second half: gates).
+    Under ``torch.compile`` the plain expression: the compiler fuses it, and Dynamo cannot
+    trace the hand-written backward's ``out=`` products (a graph break per layer)."""
+    if torch.is_grad_enabled() and h.requires_grad and not torch.compiler.is_compiling():
         return _GEGLU.apply(h)
     x, gates = h.chunk(2, dim=-1)
     return x * F.gelu(gates)

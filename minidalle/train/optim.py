@@ -16,7 +16,9 @@ import torch
 from minidalle.errors import ConfigError
 
 
-def build_optimizer(params: Iterable, training) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable, training, *, fused: bool | None = None) -> torch.optim.Optimizer:
+    """Adam or AdamW for ``training``. ``fused``: None picks the fused kernel wherever it
+    applies (float tensors on CPU or CUDA); False takes the multi-tensor ``foreach`` one."""
     if len(training.betas) != 2:
         raise ConfigError(f"training.betas: expected two numbers, got {training.betas!r}")
     params = list(params)
@@ -25,11 +27,14 @@ def build_optimizer(params: Iterable, training) -> torch.optim.Optimizer:
     # The fused kernel is deterministic too and 2-3x faster than the per-parameter loop
     # (the update is ~10% of an L16 step at batch 3 without it); it needs float tensors
     # on CPU or CUDA.
-    fused = bool(tensors) and all(t.is_floating_point() and t.device.type in ("cpu", "cuda")
-                                  for t in tensors)
+    can_fuse = bool(tensors) and all(t.is_floating_point() and t.device.type in ("cpu", "cuda")
+                                     for t in tensors)
     kwargs = dict(lr=training.lr, betas=tuple(training.betas), eps=training.eps,
                   weight_decay=training.weight_decay)
-    kwargs.update(fused=True) if fused else kwargs.update(foreach=False)
+    if fused is False:
+        kwargs.update(foreach=True)
+    else:
+        kwargs.update(fused=True) if can_fuse else kwargs.update(foreach=False)
     if training.optimizer == "adam":  # weight decay as L2 added to the gradient
         return torch.optim.Adam(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)  # decoupled weight decay

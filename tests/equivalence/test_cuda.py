@@ -1,9 +1,13 @@
 """The ``cuda`` backend against the ``cpu`` reference on the ``unit_test`` recipe.
 
 Runs wherever a GPU is present (each test skips with "needs CUDA" otherwise; the NCCL test
-needs two). fp32 with TF32 off must follow the CPU losses step by step; bf16 and fp16 are
-compared with the tolerances their 8 and 11 mantissa bits allow, and fp16's dynamic loss
-scaling must skip (and count) an overflowing update without touching the weights.
+needs two). fp32 with TF32 off must follow the CPU losses step by step (axial layers through the
+masked fused attention and through the per-line path; the fused and the foreach
+optimizer); bf16 and fp16 are compared with the tolerances their 8 and 11 mantissa bits
+allow, and fp16's dynamic loss scaling must skip (and count) an overflowing update without
+touching the weights. The speed options: the torch.compile'd model against the CPU, the
+CUDA-graph decoding step against the eager cached steps, and `minidalle bench --backend
+cuda --generate` end to end.
 """
 import copy
 import os
@@ -37,10 +41,74 @@ def _cpu(**params):
 
 
 @needs_cuda
-def test_fp32_follows_the_cpu_reference():
-    report = check_backend(_cuda(precision="fp32", tf32=False), steps=STEPS, atol=1e-5,
-                           weights_atol=1e-4, sizes=SIZES)
+@pytest.mark.parametrize("axial_sdpa", [True, False])
+def test_fp32_follows_the_cpu_reference(axial_sdpa):
+    report = check_backend(_cuda(precision="fp32", tf32=False, axial_sdpa=axial_sdpa), steps=STEPS,
+                           atol=1e-5, weights_atol=1e-4, sizes=SIZES)
     assert report["reference"][-1] < report["reference"][0]  # it trains
+
+
+@needs_cuda
+def test_fp32_with_the_foreach_optimizer_follows_the_cpu_reference():
+    check_backend(_cuda(precision="fp32", fused_optimizer=False), steps=STEPS, atol=1e-5,
+                  weights_atol=1e-4, sizes=SIZES)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-4), ("bf16", 5e-2)])
+def test_compiled_model_follows_the_cpu_reference(precision, atol):
+    """backend.compile: torch.compile (inductor) reorders and fuses float operations."""
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("needs a GPU with bf16 support")
+    check_backend(_cuda(precision=precision, compile=True), make_reference=_cpu(precision=precision),
+                  steps=STEPS, atol=atol, sizes=SIZES)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_matches_eager_cached_decoding(dtype):
+    """The replayed graph against the ordinary cached steps on the same GPU model."""
+    from minidalle.inference import graph_decode
+    from minidalle.model import build_model
+    from minidalle.plugin.discovery import get_registry
+    from minidalle.inference.sampling import generate_image_codes
+
+    cfg = unit_test_config(model={"depth": 4, "attn_types": ["axial_row", "axial_col", "conv_like", "full"]})
+    torch.manual_seed(0)
+    model = build_model(cfg, registry=get_registry(), **SIZES).to("cuda", dtype).eval()
+    text = torch.randint(1, SIZES["text_vocab"], (4, cfg.model.text_seq_len), device="cuda")
+    for n in (1, 4):
+        eager, graph = [], []
+        a = generate_image_codes(model, text[:n], seed=0, filter_thres=0.9,
+                                 on_logits=lambda s, x: eager.append(x))
+        b = generate_image_codes(model, text[:n], seed=0, filter_thres=0.9, cuda_graph=True,
+                                 on_logits=lambda s, x: graph.append(x))
+        assert graph_decode._steps[model][(n, True)].graph is not None
+        tol = 1e-4 if dtype == torch.float32 else 1e-1  # bf16: two kernels, two roundings
+        worst = max(float((x - y).abs().max()) for x, y in zip(eager, graph))
+        assert worst <= tol, f"logits differ by up to {worst:g}"
+        if dtype == torch.float32:
+            assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_bench_on_cuda_measures_the_peak_memory_and_sampling(tmp_path):
+    """`minidalle bench --backend cuda --generate` end to end (tiny sizes)."""
+    import json
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "minidalle", "bench", str(ROOT / "configs" / "unit_test.toml"),
+         "--backend", "cuda", "--precision", "bf16", "--batch-size", "4", "--steps", "2",
+         "--warmup", "1", "--peak-sizes", "1024", "--generate", "--generate-images", "4",
+         "--no-uncached", "--set", "bench.fmap_size=8", "--set", "bench.text_vocab=256",
+         "--set", "bench.num_image_tokens=64", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["device"].startswith("cuda") and r["cuda_max_allocated_bytes"] > 0
+    assert r["matmul_peak_bf16"] > r["matmul_peak_fp32"] > 0 and 0 < r["mfu"] < 1
+    assert r["generate"]["cuda_graphs"] and r["generate"]["images_per_sec_bf16"] > 0
 
 
 @needs_cuda

@@ -16,6 +16,20 @@ Several GPUs: one process per GPU, started by torchrun (``minidalle run --nproc 
 host); each process takes GPU ``LOCAL_RANK`` (unless ``device`` is set) and joins an NCCL
 process group (see ``minidalle/train/distributed.py``).
 
+Speed options (``[backend]`` keys, see README "CUDA and multiple processes"):
+
+- ``axial_sdpa`` (default true): axial layers attend through
+  ``torch.nn.functional.scaled_dot_product_attention`` with their boolean mask (one fused
+  kernel) instead of the per-row/column products that suit the CPU. Full-attention layers
+  always use ``is_causal=True`` (the flash kernel where it applies), conv-like layers
+  their boolean mask (``minidalle/model/attention_api.py``).
+- ``fused_optimizer`` (default true): Adam/AdamW with ``fused=True`` (one kernel for all
+  parameters); false: the multi-tensor ``foreach`` implementation.
+- ``compile`` (default false) and ``compile_mode``: the training forward through
+  ``torch.compile(model, mode=compile_mode)``; the first steps compile (tens of seconds).
+- ``cuda_graphs`` (default true): cached sampling steps replayed from one CUDA graph per
+  batch size (``minidalle/inference/graph_decode.py``); used by ``minidalle bench --generate``.
+
 `minidalle list` runs only ``minidalle.components.backends.cuda_probe`` (no torch import); building
 the backend does the real ``torch.cuda.is_available()`` check.
 """
@@ -35,6 +49,20 @@ from minidalle.train.distributed import DataParallel, DataParallelBackend, env_w
 from minidalle.errors import ConfigError, UnavailableComponentError
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def set_axial_sdpa(model: torch.nn.Module, on: bool) -> int:
+    """Route every axial layer of ``model`` through the masked fused attention (or back to
+    the per-line products); returns how many layers it set."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "masked_sdpa"):
+            module.masked_sdpa = bool(on)
+            count += 1
+    return count
+
+
 @attrs.define
 class CudaConfig:
     precision: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16", "fp16"))
@@ -44,6 +72,15 @@ class CudaConfig:
     tf32: bool = False
     # Seconds a process waits in the rendezvous or in a collective before failing.
     dist_timeout_s: float = attrs.field(default=300.0, validator=positive)
+    # Axial layers through scaled_dot_product_attention with their boolean mask.
+    axial_sdpa: bool = True
+    # Adam/AdamW's fused CUDA kernel (false: the foreach implementation).
+    fused_optimizer: bool = True
+    # torch.compile the training forward, with this mode.
+    compile: bool = False
+    compile_mode: str = attrs.field(default="default", validator=one_of(*COMPILE_MODES))
+    # Cached sampling steps replayed from a CUDA graph (minidalle bench --generate).
+    cuda_graphs: bool = True
 
 
 class CudaRunner(TorchRunner):
@@ -52,11 +89,21 @@ class CudaRunner(TorchRunner):
     def __init__(self, backend, model, optimizer, training) -> None:
         super().__init__(backend, model, optimizer, training)
         self.scaler = None
+        # The compiled module shares the model's parameters; self.model stays the module
+        # whose state_dict the trainer saves.
+        config = getattr(backend, "config", None)
+        self.forward_module = model
+        if getattr(config, "compile", False):
+            self.forward_module = torch.compile(model, mode=config.compile_mode)
         if backend.precision == "fp16":
             init = training.loss_scaling if training.loss_scaling != 1.0 else 2.0**16
             # The device type comes from the backend so that this logic also runs (and is
             # tested) on the CPU.
             self.scaler = torch.amp.GradScaler(backend.device.type, init_scale=init)
+
+    def forward_loss(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.backend.autocast():
+            return self.forward_module(micro["text"], micro["image"], return_loss=True)
 
     def backward(self, loss: torch.Tensor, divisor: int) -> None:
         if self.scaler is None:
@@ -151,7 +198,15 @@ class CudaBackend(DataParallelBackend, Backend):
         name = torch.cuda.get_device_name(self._device)
         tf32 = " tf32" if self.config.tf32 and self.precision == "fp32" else ""
         dp = f", {self.dp.describe()}" if self.dp.active else ""
-        return f"cuda:{self._device.index} {name} {self.precision}{tf32}{dp}"
+        c = self.config
+        opts = []
+        if c.compile:
+            opts.append("compiled" if c.compile_mode == "default" else f"compiled {c.compile_mode}")
+        if c.axial_sdpa:
+            opts.append("axial sdpa")
+        if c.fused_optimizer:
+            opts.append("fused optimizer")
+        return f"cuda:{self._device.index} {name} {self.precision}{tf32} ({', '.join(opts) or 'eager'}){dp}"
 
     def seed(self, seed: int) -> None:
         super().seed(seed)  # torch.manual_seed seeds the GPUs too
@@ -171,6 +226,15 @@ class CudaBackend(DataParallelBackend, Backend):
         if self.precision == "fp16":
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
+
+    def setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        set_axial_sdpa(model, self.config.axial_sdpa)
+        return super().setup_model(model)
+
+    def build_optimizer(self, model: torch.nn.Module, training) -> torch.optim.Optimizer:
+        from minidalle.train.optim import build_optimizer
+
+        return build_optimizer(model.parameters(), training, fused=self.config.fused_optimizer)
 
     def prepare(self, model, optimizer, training) -> CudaRunner:
         return make_runner(CudaRunner, self, model, optimizer, training)
