@@ -350,9 +350,13 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     # torchrun would set 1 thread per process (with a warning); share the cores instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    args = get_args_parser().parse_args([
+    parser = get_args_parser()
+    # SIGTERM-then-SIGKILL grace for the survivors; the option is newer than torch 2.9.
+    grace = (["--shutdown-timeout=10"]
+             if any(a.dest == "shutdown_timeout" for a in parser._actions) else [])
+    args = parser.parse_args([
         "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
-        "--monitor-interval=0.5", "--shutdown-timeout=10", "--module", "minidalle", *argv])
+        "--monitor-interval=0.5", *grace, "--module", "minidalle", *argv])
     try:
         run(args)
     except ChildFailedError as exc:
