@@ -23,7 +23,7 @@ def main(argv=None) -> int:
 
     from minidalle.inference import gemv
     from minidalle.commands.bench import _bench_geometry
-    from minidalle.config import load_config
+    from minidalle.api import load_config
     from minidalle.inference.decode import LeanDecoder
     from minidalle.train.pipeline import build_model
     from minidalle.inference.sampling import generate_image_codes

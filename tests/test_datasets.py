@@ -171,7 +171,7 @@ def test_shapes_several_per_image():
 
 
 def test_shapes_config_errors(tmp_path):
-    from minidalle.config import load_config
+    from minidalle.api import load_config
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('[dataset]\nname = "shapes"\nexclude = ["red circle", "pink square"]\n')

@@ -22,10 +22,6 @@ logits at image positions only (``DALLE.loss``): kept so that figures stay compa
 """
 from __future__ import annotations
 
-# Recipe defaults when the config has no tokenizer/codec to ask (see [bench] below).
-DEFAULTS = {"text_vocab": 8192, "num_image_tokens": 1024, "fmap_size": 16}
-
-
 def add_parser(sub) -> None:
     from minidalle.cli import add_config_arguments
 
@@ -160,19 +156,6 @@ def peak_rss_bytes() -> int:
 # --------------------------------------------------------------------------- command
 
 
-def _bench_geometry(cfg) -> dict:
-    from minidalle.errors import ConfigError
-
-    table = cfg.extra.get("bench", {})
-    out = {}
-    for key, default in DEFAULTS.items():
-        value = table.get(key, cfg.model.text_vocab if key == "text_vocab" and cfg.model.text_vocab else default)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{cfg.source}: bench.{key}: expected a positive integer, got {value!r}")
-        out[key] = value
-    return out
-
-
 def bench_training(cfg, *, steps: int, warmup: int, registry=None, probe=None) -> dict:
     """Time ``steps`` training steps (after ``warmup``) of cfg's model on its backend.
 
@@ -183,12 +166,13 @@ def bench_training(cfg, *, steps: int, warmup: int, registry=None, probe=None) -
 
     import torch
 
+    from minidalle.bench.settings import bench_geometry
     from minidalle.train.pipeline import build_model
     from minidalle.plugin.discovery import get_registry
     from minidalle.train.trainer import seed_everything
 
     registry = registry or get_registry()
-    geo = _bench_geometry(cfg)
+    geo = bench_geometry(cfg)
     backend = registry.build("backend", cfg.backend.name, cfg.backend.params)
     seed_everything(cfg.run.seed)
     backend.seed(cfg.run.seed)

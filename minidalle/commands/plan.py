@@ -242,7 +242,7 @@ def render(cfg, plan, sizes, notes) -> str:
 
 
 def run(args) -> int:
-    from minidalle.config import load_config
+    from minidalle.api import load_config
     from minidalle.components.backends.ipu.plan import build_plan
 
     cfg = load_config(args.config, args.overrides)

@@ -55,7 +55,7 @@ def run_coco(args) -> int:
 def run_codes(args) -> int:
     from pathlib import Path
 
-    from minidalle.config import load_config
+    from minidalle.api import load_config
     from minidalle.errors import ConfigError
 
     cfg = load_config(args.config, args.overrides)

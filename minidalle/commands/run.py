@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
 def load_run_config(path, overrides=(), backend: str | None = None, registry=None, after=()):
     """The config with ``--set`` overrides and an optional ``--backend`` override applied
     (``after``: more ``KEY=VALUE`` overrides applied after the backend swap)."""
-    from minidalle.config import apply_overrides, config_from_dict, load_raw
+    from minidalle.api import config_from_dict
+    from minidalle.config import apply_overrides, load_raw
 
     data, origins = load_raw(path, overrides)
     if backend is not None:

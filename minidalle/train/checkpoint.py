@@ -316,7 +316,7 @@ def load_checkpoint(path: Path | str, *, with_config: bool = True, verify: bool 
         raise CheckpointError(f"{step_dir / STATE_FILE}: corrupt checkpoint file: no tensor {exc}") from None
     config = None
     if with_config:
-        from minidalle.config import config_from_dict
+        from minidalle.api import config_from_dict
         from minidalle.errors import ConfigError
 
         try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import minidalle_window_attention
-from minidalle.config import config_from_dict
+from minidalle.api import config_from_dict
 from minidalle.errors import ConfigError
 from minidalle.model import build_model
 from minidalle.model.attention_api import AttentionSpec, pattern_mask
