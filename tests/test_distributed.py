@@ -325,7 +325,7 @@ def reference(tmp_path_factory, plugin_path):
 
     from minidalle.api import load_config
     from minidalle.plugin.discovery import load_registry
-    from minidalle.train.trainer import train
+    from minidalle.train.trainer import train_from_config as train
 
     sys.path.insert(0, str(plugin_path))
     try:

@@ -137,9 +137,9 @@ def run_stages(cfg, *, registry=None, from_stage: str | None = None, resume: boo
 
 
 def run_transformer(ctx: StageContext) -> None:
-    from minidalle.train.trainer import train
+    from minidalle.train.trainer import train_from_config
 
-    train(ctx.cfg, resume=ctx.resume, registry=ctx.registry)
+    train_from_config(ctx.cfg, resume=ctx.resume, registry=ctx.registry)
 
 
 def transformer_complete(ctx: StageContext) -> bool:
