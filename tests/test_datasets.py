@@ -186,7 +186,7 @@ def test_shapes_config_errors(tmp_path):
 
 
 def test_shapes_analyser_accuracy():
-    from minidalle.components.datasets.shapes import analyse
+    from minidalle.recipes.quickstart.analyse import analyse
 
     for jitter in (0.0, 0.15):
         ds = _shapes(num_samples=500, image_size=32, jitter=jitter, seed=3)

@@ -62,7 +62,7 @@ def test_score_counts_mismatches():
     want = {"shape": "circle", "colour": "red", "position": "top left", "size": "large"}
     other = dict(want, colour="blue")
     images = [render(want, 32), render(other, 32), torch.zeros(3, 32, 32, dtype=torch.uint8)]
-    from minidalle.components.datasets.shapes import analyse
+    from minidalle.recipes.quickstart.analyse import analyse
 
     result = score(images, [want, want, want], analyse)
     assert result["accuracy"] == pytest.approx(1 / 3)

@@ -3,7 +3,7 @@
 ``evaluate_run(run_dir)`` (what ``minidalle evaluate RUN_DIR`` and the ``evaluate`` stage
 call) measures, from the run's final checkpoint and the config stored in it:
 
-* **analyser accuracy**: the pixel analyser (:func:`minidalle.components.datasets.shapes.
+* **analyser accuracy**: the pixel analyser (:func:`minidalle.recipes.quickstart.analyse.
   analyse`) must recover shape, colour and position from real dataset images at least
   ``min_analyser_accuracy`` (98%) of the time, or no fidelity is reported (a DataError);
 * **prompt fidelity**: the share of generated images whose shape, colour and position, as
@@ -86,7 +86,7 @@ def _shapes_params(cfg):
 
 def analyser_for(cfg) -> Callable:
     """``analyse(image) -> attributes or None`` for the config's shapes dataset."""
-    from minidalle.components.datasets.shapes import analyse
+    from minidalle.recipes.quickstart.analyse import analyse
 
     p = _shapes_params(cfg)
     return lambda image: analyse(image, colours=p.colours, shapes=p.shapes,
