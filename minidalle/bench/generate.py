@@ -24,10 +24,9 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
 
     from minidalle.bench.settings import bench_geometry
     from minidalle.train.pipeline import build_model
-    from minidalle.plugin.discovery import get_registry
     from minidalle.inference.sampling import generate_image_codes
 
-    registry = registry or get_registry()
+    registry = registry or cfg.registry
     geo = bench_geometry(cfg)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, text_vocab=geo["text_vocab"], num_image_tokens=geo["num_image_tokens"],

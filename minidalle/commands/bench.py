@@ -168,10 +168,9 @@ def bench_training(cfg, *, steps: int, warmup: int, registry=None, probe=None) -
 
     from minidalle.bench.settings import bench_geometry
     from minidalle.train.pipeline import build_model
-    from minidalle.plugin.discovery import get_registry
     from minidalle.train.trainer import seed_everything
 
-    registry = registry or get_registry()
+    registry = registry or cfg.registry
     geo = bench_geometry(cfg)
     backend = registry.build("backend", cfg.backend.name, cfg.backend.params)
     seed_everything(cfg.run.seed)
@@ -233,7 +232,6 @@ def bench_training(cfg, *, steps: int, warmup: int, registry=None, probe=None) -
 
 def run(args) -> int:
     import json
-    import os
 
     from minidalle.commands.run import load_run_config
     from minidalle.errors import ConfigError
@@ -311,9 +309,9 @@ def run(args) -> int:
         if isinstance(gen, dict):
             r["generate"] = gen
     if args.json_out:
-        tmp = f"{args.json_out}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"config": str(args.config), "precision": precision,
-                       "batch_size": cfg.training.batch_size, **r}, f, indent=1, default=str)
-        os.replace(tmp, args.json_out)
+        from minidalle.fileio import atomic_write
+
+        text = json.dumps({"config": str(args.config), "precision": precision,
+                           "batch_size": cfg.training.batch_size, **r}, indent=1, default=str)
+        atomic_write(args.json_out, lambda f: f.write(text.encode("utf-8")))
     return 0

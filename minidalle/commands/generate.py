@@ -152,11 +152,10 @@ def generate(args, registry=None) -> list:
 
 
 def _reranker(name, cfg, registry):
-    from minidalle.plugin.discovery import get_registry
 
     if name is None and cfg.reranker is None:
         return None
-    registry = registry or get_registry()
+    registry = registry or cfg.registry
     if name is None or (cfg.reranker is not None and cfg.reranker.name == name):
         return registry.build("reranker", cfg.reranker.name, cfg.reranker.params)
     return registry.build("reranker", name)

@@ -59,9 +59,8 @@ def _child_argv(args) -> list[str]:
 def _check_backend(cfg) -> None:
     """An unusable backend is reported before any stage runs or writes anything."""
     from minidalle.errors import UnavailableComponentError
-    from minidalle.plugin.discovery import get_registry
 
-    component = get_registry().get("backend", cfg.backend.name)
+    component = cfg.registry.get("backend", cfg.backend.name)
     reason = component.unavailable_reason(deep=True)
     if reason:
         raise UnavailableComponentError(f"backend {cfg.backend.name!r} is unavailable: {reason}")

@@ -278,11 +278,10 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
 
     from minidalle.components.codecs.vqgan import VQGAN, save_vqgan
     from minidalle.fileio import atomic_write as _atomic_write
-    from minidalle.plugin.discovery import get_registry
 
     if cfg.dataset is None:
         raise ConfigError(f"{cfg.source}: dataset: train-codec needs a [dataset] section")
-    registry = registry or get_registry()
+    registry = registry or cfg.registry
     seed = cfg.run.seed if ct.seed is None else ct.seed
     out = output_path(cfg, ct)
     torch.manual_seed(seed)
