@@ -12,9 +12,10 @@ Importing this module is cheap (no torch): each name is loaded on first use.
   registry), :class:`Config`.
 * Interfaces a component implements: :class:`Backend`, :class:`Runner`, :class:`TorchRunner`
   (backends); :class:`AttentionPattern`, :class:`AttentionModule`, :class:`AttentionSpec`
-  (attention); :class:`StageContext` (stages).
-* Helpers: :func:`atomic_write`, :func:`load_image`, :func:`item_rng`,
-  :func:`to_fixed_length`; the user errors (:class:`MinidalleError` and subclasses).
+  (attention, with :func:`causal_mask`, :func:`pattern_mask`, :func:`positions`);
+  :class:`StageContext` (stages).
+* Helpers: :func:`atomic_write`, :func:`load_image`, :func:`pil_to_uint8`,
+  :func:`item_rng`, :func:`to_fixed_length`; the user errors (:class:`MinidalleError` and subclasses).
 * Inference: :func:`load_for_inference` (checkpoint -> tokenizer, codec, model).
 """
 from __future__ import annotations
@@ -42,12 +43,16 @@ _LAZY = {
     "load_image": "minidalle.data",
     "item_rng": "minidalle.data",
     "to_fixed_length": "minidalle.data",
+    "pil_to_uint8": "minidalle.data",
     "Backend": "minidalle.train.backend",
     "Runner": "minidalle.train.backend",
     "TorchRunner": "minidalle.train.backend",
     "AttentionPattern": "minidalle.model.attention_api",
     "AttentionModule": "minidalle.model.attention_api",
     "AttentionSpec": "minidalle.model.attention_api",
+    "causal_mask": "minidalle.model.attention_api",
+    "pattern_mask": "minidalle.model.attention_api",
+    "positions": "minidalle.model.attention_api",
     "StageContext": "minidalle.recipes.stages",
     "load_for_inference": "minidalle.inference.loader",
 }
