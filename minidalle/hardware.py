@@ -272,7 +272,7 @@ def resolve_precision(requested: str, *, what: str = "precision", bf16: str = "b
 
 
 def report() -> dict:
-    """What the probe found, for ``minidalle env`` and ``minidalle list --json``."""
+    """What the probe found (``minidalle env`` adds which decoding kernel is used)."""
     out = {"machine": machine(), "detected_level": detected_level(), "level": cpu_level(),
            "forced": forced_level(), "flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "amx", "bf16", "sve", "asimd")))}
     try:
@@ -287,10 +287,4 @@ def report() -> dict:
     out["bf16_native"] = bf16_native()
     out["bf16_speed_vs_fp32"] = round(bf16_speed(), 3)
     out["precision_auto"] = "bf16" if bf16_verdict()[0] else "fp32"
-    try:
-        from minidalle.inference import gemv
-
-        out["gemv_kernel"] = gemv.status()
-    except Exception as e:  # the kernel module is optional
-        out["gemv_kernel"] = f"unavailable: {e}"
     return out

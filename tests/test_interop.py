@@ -141,9 +141,9 @@ def test_graphcore_state_dict_imports_equal(tmp_path, registry, attn_types, sand
     run = graphcore.import_checkpoint(ckpt, tmp_path / "run", tokenizer="tiny_chars", codec="grey",
                                       registry=registry, warn=warnings.append)
     from minidalle.train.checkpoint import load_checkpoint
-    from minidalle.commands.generate import load_generator
+    from minidalle.inference.loader import load_for_inference
 
-    imported = load_generator(run, registry)[3]
+    imported = load_for_inference(run, registry).model
     text, codes = _batch()
     with torch.no_grad():
         torch.testing.assert_close(imported(text, codes), ours(text, codes), rtol=0, atol=0)

@@ -195,11 +195,11 @@ def registry():
 
 
 def _import(tmp_path, ckpt, registry, name="run"):
-    from minidalle.commands.generate import load_generator
+    from minidalle.inference.loader import load_for_inference
 
     run = dp_interop.import_checkpoint(ckpt, tmp_path / name, tokenizer="tiny_chars", codec="grey",
                                        registry=registry, warn=lambda m: None)
-    return run, load_generator(run, registry)[3]
+    return run, load_for_inference(run, registry).model
 
 
 RECIPE_TYPES = [("full",), ("axial_row",), ("axial_col",), ("conv_like",)]
@@ -324,7 +324,7 @@ def _as_graphcore(weights: dict) -> dict:
 def test_graphcore_layout_equals_dalle_pytorch(tmp_path, dalle_pytorch, registry, attn_types, sandwich):
     """Graphcore's attention, blocks and embeddings are DALLE-pytorch's (conv_like aside, see
     test_interop.py): its state dict, imported, computes DALLE-pytorch's logits."""
-    from minidalle.commands.generate import load_generator
+    from minidalle.inference.loader import load_for_inference
     from minidalle.interop import graphcore
 
     theirs, hparams = _their_model(dalle_pytorch, attn_types, sandwich=sandwich, depth=3)
@@ -338,7 +338,7 @@ def test_graphcore_layout_equals_dalle_pytorch(tmp_path, dalle_pytorch, registry
                 "weights": _as_graphcore(theirs.state_dict()), "opt_state": None}, ckpt)
     run = graphcore.import_checkpoint(ckpt, tmp_path / "run", tokenizer="tiny_chars", codec="grey",
                                       registry=registry, warn=lambda m: None)
-    ours = load_generator(run, registry)[3]
+    ours = load_for_inference(run, registry).model
     theirs.eval()
     text, codes = _batch()
     with torch.no_grad():
@@ -358,9 +358,9 @@ def test_shared_input_output_embedding_is_untied_equal(tmp_path, dalle_pytorch, 
     run = dp_interop.import_checkpoint(_save(theirs, hparams, tmp_path / "dalle.pt", opt), tmp_path / "run",
                                        tokenizer="tiny_chars", codec="grey", registry=registry,
                                        warn=warnings.append)
-    from minidalle.commands.generate import load_generator
+    from minidalle.inference.loader import load_for_inference
 
-    ours = load_generator(run, registry)[3]
+    ours = load_for_inference(run, registry).model
     theirs.eval()
     text, codes = _batch()
     with torch.no_grad():

@@ -1,1 +1,5 @@
-"""minidalle.bench."""
+"""Measurement code behind ``minidalle bench``: ``settings`` (the ``[bench]`` section)
+and ``generate`` (``minidalle bench --generate``: image-generation latency, cached and
+uncached, fp32 and bf16). Speed is measured here and in ``benchmarks/``, never asserted in
+tests. May import ``train``, ``inference``, ``config`` and ``plugin``; never ``commands``.
+"""

@@ -27,13 +27,12 @@ def _time(fn, sync=lambda: None) -> float:
 def run_generate_bench(cfg, args=None, registry=None) -> dict:
     import torch
 
-    from minidalle.commands.bench import _bench_geometry
+    from minidalle.bench.settings import bench_geometry
     from minidalle.train.pipeline import build_model
-    from minidalle.plugin.discovery import get_registry
     from minidalle.inference.sampling import generate_image_codes
 
-    registry = registry or get_registry()
-    geo = _bench_geometry(cfg)
+    registry = registry or cfg.registry
+    geo = bench_geometry(cfg)
     # On the cuda backend's GPU; anything else (cpu, or an ipu config) times the CPU.
     backend = registry.build("backend", "cuda", cfg.backend.params) if cfg.backend.name == "cuda" else None
     device = backend.device if backend is not None else torch.device("cpu")
@@ -107,7 +106,7 @@ def main(argv=None) -> int:
     sampling half of ``minidalle bench CONFIG --generate`` alone."""
     import argparse
 
-    from minidalle.config import load_config
+    from minidalle.api import load_config
 
     p = argparse.ArgumentParser(prog="python -m minidalle.bench.generate")
     p.add_argument("config")

@@ -22,10 +22,6 @@ logits at image positions only (``DALLE.loss``): kept so that figures stay compa
 """
 from __future__ import annotations
 
-# Recipe defaults when the config has no tokenizer/codec to ask (see [bench] below).
-DEFAULTS = {"text_vocab": 8192, "num_image_tokens": 1024, "fmap_size": 16}
-
-
 def add_parser(sub) -> None:
     from minidalle.cli import add_config_arguments
 
@@ -193,19 +189,6 @@ def peak_rss_bytes() -> int:
 # --------------------------------------------------------------------------- command
 
 
-def _bench_geometry(cfg) -> dict:
-    from minidalle.errors import ConfigError
-
-    table = cfg.extra.get("bench", {})
-    out = {}
-    for key, default in DEFAULTS.items():
-        value = table.get(key, cfg.model.text_vocab if key == "text_vocab" and cfg.model.text_vocab else default)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{cfg.source}: bench.{key}: expected a positive integer, got {value!r}")
-        out[key] = value
-    return out
-
-
 def _with_precision(cfg, precision: str):
     """``cfg`` with ``[backend] precision`` set (the cpu backend's params are an attrs class)."""
     import attrs
@@ -244,12 +227,12 @@ def bench_training(cfg, *, steps: int, warmup: int, registry=None, probe=None) -
 
     import torch
 
+    from minidalle.bench.settings import bench_geometry
     from minidalle.train.pipeline import build_model
-    from minidalle.plugin.discovery import get_registry
     from minidalle.train.trainer import seed_everything
 
-    registry = registry or get_registry()
-    geo = _bench_geometry(cfg)
+    registry = registry or cfg.registry
+    geo = bench_geometry(cfg)
     backend = registry.build("backend", cfg.backend.name, cfg.backend.params)
     seed_everything(cfg.run.seed)
     backend.seed(cfg.run.seed)
@@ -310,7 +293,6 @@ def bench_training(cfg, *, steps: int, warmup: int, registry=None, probe=None) -
 
 def run(args) -> int:
     import json
-    import os
 
     from minidalle.commands.run import load_run_config
     from minidalle.errors import ConfigError
@@ -412,9 +394,9 @@ def run(args) -> int:
         if isinstance(gen, dict):
             r["generate"] = gen
     if args.json_out:
-        tmp = f"{args.json_out}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"config": str(args.config), "precision": precision,
-                       "batch_size": cfg.training.batch_size, **r}, f, indent=1, default=str)
-        os.replace(tmp, args.json_out)
+        from minidalle.fileio import atomic_write
+
+        text = json.dumps({"config": str(args.config), "precision": precision,
+                           "batch_size": cfg.training.batch_size, **r}, indent=1, default=str)
+        atomic_write(args.json_out, lambda f: f.write(text.encode("utf-8")))
     return 0

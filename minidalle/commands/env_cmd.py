@@ -19,6 +19,10 @@ def run(args) -> int:
     from minidalle import hardware
 
     found = hardware.report()
+    if "torch" in found:
+        from minidalle.inference import gemv
+
+        found["gemv_kernel"] = gemv.status()
     if args.json:
         print(json.dumps(found, indent=2))
         return 0

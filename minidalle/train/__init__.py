@@ -1,1 +1,10 @@
-"""minidalle.train."""
+"""Training the transformer: the main path of ``minidalle run``.
+
+``trainer`` (the :class:`~minidalle.train.trainer.Trainer`: setup, steps, logging,
+checkpoints), ``pipeline`` (config -> tokenizer, codec, datasets, model, collate), ``backend``
+(the backend interface: ``Backend``, ``Runner``, ``TorchRunner``), ``optim`` (optimizer and LR
+schedule), ``checkpoint`` (safetensors + JSON, atomic, no pickle), ``distributed``
+(torch.distributed data parallel) and ``master_weights`` (bf16 compute on fp32 masters).
+May import ``config``, ``model``, ``plugin`` (for the default registry), ``errors`` and the
+root helpers; never ``inference``, ``recipes``, ``commands`` or a component module.
+"""
