@@ -5,6 +5,7 @@ checkpoints), ``pipeline`` (config -> tokenizer, codec, datasets, model, collate
 (the backend interface: ``Backend``, ``Runner``, ``TorchRunner``), ``optim`` (optimizer and LR
 schedule), ``checkpoint`` (safetensors + JSON, atomic, no pickle), ``distributed``
 (torch.distributed data parallel) and ``master_weights`` (bf16 compute on fp32 masters).
-May import ``config``, ``model``, ``plugin`` (for the default registry), ``errors`` and the
-root helpers; never ``inference``, ``recipes``, ``commands`` or a component module.
+May import ``config``, ``model``, ``errors`` and the root helpers (``api`` for the default
+registry); never ``inference``, ``recipes``, ``commands`` or a component module. The
+registry comes with the config (``cfg.registry``) or as an argument.
 """
