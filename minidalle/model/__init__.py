@@ -7,7 +7,8 @@ Module structure (other code relies on these names): ``model.text_emb``,
 
 ``attention_api`` is the attention interface components implement; ``linear`` the linear
 layers (oneDNN bf16 products where they are faster). Imports nothing of minidalle outside
-``model/``: the registry that builds the attention is passed in (or is the config's).
+``model/`` but the root helpers (``errors``; a CPU capability probe at the package root):
+the registry that builds the attention is passed in (or is the config's).
 """
 from __future__ import annotations
 
