@@ -173,7 +173,7 @@ def test_bench_reports_a_batch_that_does_not_fit_in_one_line(monkeypatch, capsys
     from pathlib import Path
 
     from minidalle.cli import main
-    from minidalle.commands import bench
+    from minidalle.bench import training as bench
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
