@@ -1,28 +1,51 @@
 """Sampling speed: what ``minidalle bench CONFIG --generate`` prints.
 
-Times drawing one image (every image position) with and without the key/value cache, in
-fp32 and with bf16 weights, then 8 images drawn together. The model has CONFIG's shape with
-random weights (speed does not depend on the weights); vocabulary sizes as for ``bench``.
+Times drawing one image (every image position) with the key/value cache at each generation
+precision (``fp32``, ``bf16-weights``, ``bf16``; see :func:`minidalle.decode.generation_precision`,
+whose ``auto`` choice is marked), without the cache (fp32, bf16; ``bf16-weights`` runs its
+uncached steps in fp32), then 8 images drawn together. Each cached time is set against the
+memory-bandwidth floor: the bytes of weight one cached step reads in that precision's format
+(every matrix once), divided by the read bandwidth measured here (the best of a few sums
+over a 512 MB tensor), times the image positions. The model has CONFIG's shape with random
+weights (speed does not depend on the weights); vocabulary sizes as for ``bench``.
 """
 from __future__ import annotations
 
 import copy
 import time
 
+PRECISIONS = ("fp32", "bf16-weights", "bf16")
 
-def _time(fn) -> float:
-    start, cpu = time.perf_counter(), time.process_time()
-    fn()
-    wall = time.perf_counter() - start
-    # CPU time shows when other processes share the cores (wall >> cpu / threads)
-    _time.last_cpu = time.process_time() - cpu
-    return wall
+
+def _time(fn, repeats: int = 1) -> float:
+    """The best wall time of ``repeats`` calls (CPU time of that call in ``_time.last_cpu``)."""
+    best = None
+    for _ in range(repeats):
+        start, cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall = time.perf_counter() - start
+        if best is None or wall < best:
+            # CPU time shows when other processes share the cores (wall >> cpu / threads)
+            best, _time.last_cpu = wall, time.process_time() - cpu
+    return best
+
+
+def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """Memory read rate in GB/s: the best of ``repeats`` ``sum()`` over an fp32 tensor of
+    ``mbytes`` MB (far beyond the caches), with torch's threads."""
+    import torch
+
+    x = torch.ones(mbytes * 2**20 // 4)
+    x.sum()
+    best = min(_time(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best / 1e9
 
 
 def run_generate_bench(cfg, args=None, registry=None) -> dict:
     import torch
 
     from minidalle.commands.bench import _bench_geometry
+    from minidalle.decode import LeanDecoder, generation_precision
     from minidalle.pipeline import build_model
     from minidalle.plugins import get_registry
     from minidalle.sampling import generate_image_codes
@@ -33,41 +56,75 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
     model = build_model(cfg, text_vocab=geo["text_vocab"], num_image_tokens=geo["num_image_tokens"],
                         fmap_size=geo["fmap_size"], registry=registry).eval()
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    # precision -> (model, the lean decoder's weight store)
+    setups = {"fp32": (model, None), "bf16-weights": (model, "bf16"), "bf16": (model_bf16, None)}
     g = torch.Generator().manual_seed(0)
     text = torch.randint(1, geo["text_vocab"], (8, cfg.model.text_seq_len), generator=g)
     text[:, -cfg.model.text_seq_len // 4 :] = 0
     uncached = not getattr(args, "no_uncached", False)
+    repeats = max(1, getattr(args, "repeats", 1) or 1)
+    auto = generation_precision("auto")
 
-    def draw(m, n, cache):
-        return lambda: generate_image_codes(m, text[:n], seed=0, use_cache=cache)
+    def draw(precision, n, cache):
+        m, store = setups[precision]
+        return lambda: generate_image_codes(m, text[:n], seed=0, use_cache=cache, weight_store=store)
 
-    # warm-up: a short primed run on each model (first calls allocate)
+    # warm-up: a short primed run in each precision (first calls allocate, pack the weights)
     prime = torch.zeros(8, model.image_seq_len - 4, dtype=torch.long)
-    for m in (model, model_bf16):
-        generate_image_codes(m, text[:1], seed=0, prime_codes=prime[:1])
-        generate_image_codes(m, text, seed=0, prime_codes=prime)
+    for m, store in setups.values():
+        generate_image_codes(m, text[:1], seed=0, prime_codes=prime[:1], weight_store=store)
+        generate_image_codes(m, text, seed=0, prime_codes=prime, weight_store=store)
 
-    r: dict = {"image_tokens": model.image_seq_len, "threads": torch.get_num_threads()}
-    print(f"Generate: {model.image_seq_len} image tokens per image, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    bandwidth = read_bandwidth()
+    r: dict = {"image_tokens": model.image_seq_len, "threads": torch.get_num_threads(),
+               "auto": auto, "read_bandwidth_gb_s": bandwidth}
+    print(f"Generate: {model.image_seq_len} image tokens per image, {torch.get_num_threads()} "
+          f"threads; precision auto -> {auto}; read bandwidth {bandwidth:.1f} GB/s "
+          f"(sum over 512 MB, best of 5){'; best of %d runs each' % repeats if repeats > 1 else ''}",
+          flush=True)
 
-    def timed(key, fn, label, extra=lambda: ""):
-        r[key] = _time(fn)
+    def floor(precision) -> float | None:
+        m, store = setups[precision]
+        if not LeanDecoder.supports(m):
+            return None
+        step_bytes = LeanDecoder(m, store).weights.bytes_read()
+        r[f"bytes_per_token_{precision}"] = step_bytes
+        return step_bytes / (bandwidth * 1e9) * model.image_seq_len
+
+    def timed(key, fn, label, extra=lambda: "", n=1):
+        r[key] = _time(fn, n)
         r[key.replace("_s", "_cpu_s")] = _time.last_cpu
         print(f"  {label}: {r[key]:.2f} s (CPU time {_time.last_cpu:.2f} s){extra()}", flush=True)
 
-    timed("cached_fp32_s", draw(model, 1, True), "1 image, cached, fp32 weights")
-    timed("cached_bf16_s", draw(model_bf16, 1, True), "1 image, cached, bf16 weights")
+    def key(precision):
+        return precision.replace("-weights", "w")  # bf16-weights -> bf16w
+
+    for p in PRECISIONS:
+        f = floor(p)
+        k = f"cached_{key(p)}_s"
+        mark = " (auto)" if p == auto else ""
+        if f is None:
+            timed(k, draw(p, 1, True), f"1 image, cached, {p}{mark}", n=repeats)
+            continue
+        r[f"floor_{key(p)}_s"] = f
+        timed(k, draw(p, 1, True), f"1 image, cached, {p}{mark}", n=repeats,
+              extra=lambda f=f, k=k: f"; floor {f:.2f} s, cached {r[k]:.2f} s = {r[k] / f:.2f} x floor "
+                                     f"({r[f'bytes_per_token_{p}'] / 1e6:.0f} MB of weights per token)")
+        r[f"floor_ratio_{key(p)}"] = r[k] / f
     if uncached:
-        timed("uncached_fp32_s", draw(model, 1, False), "1 image, uncached, fp32 weights",
-              lambda: f"; cached is {r['uncached_fp32_s'] / r['cached_fp32_s']:.1f}x faster in fp32, "
-                      f"cached bf16 {r['uncached_fp32_s'] / r['cached_bf16_s']:.1f}x faster")
-        r["speedup_fp32"] = r["uncached_fp32_s"] / r["cached_fp32_s"]
-        timed("uncached_bf16_s", draw(model_bf16, 1, False), "1 image, uncached, bf16 weights",
-              lambda: f"; cached is {r['uncached_bf16_s'] / r['cached_bf16_s']:.1f}x faster in bf16")
-        r["speedup_bf16"] = r["uncached_bf16_s"] / r["cached_bf16_s"]
-    timed("cached_8_fp32_s", draw(model, 8, True), "8 images together, cached, fp32 weights")
-    timed("cached_8_bf16_s", draw(model_bf16, 8, True), "8 images together, cached, bf16 weights")
+        for p in ("fp32", "bf16"):
+            k = key(p)
+            timed(f"uncached_{k}_s", draw(p, 1, False), f"1 image, uncached, {p}",
+                  lambda k=k: f"; cached is {r[f'uncached_{k}_s'] / r[f'cached_{k}_s']:.1f}x faster "
+                              f"at the same precision")
+            r[f"speedup_{k}"] = r[f"uncached_{k}_s"] / r[f"cached_{k}_s"]
+        r["speedup_bf16w"] = r["uncached_fp32_s"] / r["cached_bf16w_s"]
+        print(f"  bf16-weights (uncached steps in fp32): cached is {r['speedup_bf16w']:.1f}x faster "
+              f"than uncached", flush=True)
+    for p in PRECISIONS:
+        mark = " (auto)" if p == auto else ""
+        timed(f"cached_8_{key(p)}_s", draw(p, 8, True), f"8 images together, cached, {p}{mark}",
+              n=repeats)
 
     # How close bf16 weights stay to fp32: image-token probabilities along one sequence.
     with torch.no_grad():
@@ -84,8 +141,8 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
 
 
 def main(argv=None) -> int:
-    """``python -m minidalle.generate_bench CONFIG [--no-uncached] [--set k=v]``: the
-    sampling half of ``minidalle bench CONFIG --generate`` alone."""
+    """``python -m minidalle.generate_bench CONFIG [--no-uncached] [--repeats N] [--set k=v]``:
+    the sampling half of ``minidalle bench CONFIG --generate`` alone."""
     import argparse
 
     from minidalle.config import load_config
@@ -95,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--no-uncached", action="store_true", help="skip the slow uncached runs")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time each cached run N times and keep the best (a shared machine)")
     args = p.parse_args(argv)
     if args.threads:
         import torch

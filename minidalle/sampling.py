@@ -66,12 +66,14 @@ def _can_cache(model, use_cache: bool) -> bool:
 class _Decoder:
     """Feeds sequence ids to the model and returns the last position's hidden state,
     cached (incremental) or by recomputing the whole prefix. Cached one-position steps of
-    standard models go through :class:`~minidalle.decode.LeanDecoder`."""
+    standard models go through :class:`~minidalle.decode.LeanDecoder` (its matrices stored
+    in ``weight_store``'s dtype: "bf16" for the ``bf16-weights`` precision)."""
 
-    def __init__(self, model, use_cache: bool):
+    def __init__(self, model, use_cache: bool, weight_store: str | None = None):
         self.model = model
         self.cache = model.new_cache() if use_cache else None
-        self.lean = LeanDecoder(model) if use_cache and LeanDecoder.supports(model) else None
+        self.lean = (LeanDecoder(model, weight_store)
+                     if use_cache and LeanDecoder.supports(model) else None)
         self.seq = None
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -92,17 +94,20 @@ def generate_image_codes(
     temperature: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
     prime_codes: torch.Tensor | None = None, use_cache: bool = True,
     progress: Callable[[int], None] | None = None, on_logits: Callable | None = None,
+    weight_store: str | None = None,
 ) -> torch.Tensor:
     """Sample image codes ``[B, image_seq_len]`` for text ids ``[B, text_seq_len]``.
 
     ``prime_codes`` ``[B, k]`` fixes the first k codes (priming with an image).
+    ``weight_store="bf16"``: the cached steps read bf16 copies of the (fp32) model's
+    matrices, in fp32 arithmetic (the ``bf16-weights`` precision).
     ``progress(n)`` is called after each sampled token; ``on_logits(step, logits)`` sees the
     image logits of every step (used by the tests).
     """
     model.eval()
     device = text.device
     generator = generator or _generator(seed, device)
-    decoder = _Decoder(model, _can_cache(model, use_cache))
+    decoder = _Decoder(model, _can_cache(model, use_cache), weight_store)
     prefix = model.prepare_text(text)
     codes = prefix.new_empty(text.shape[0], 0)
     if prime_codes is not None:
