@@ -51,6 +51,9 @@ def generation_precision(requested: str, log=None) -> str:
     :mod:`minidalle.gemv` kernel serves it, else fp32."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    if requested == "bf16-weights" and gemv.pack(torch.zeros(16, 16), store="bf16") is None:
+        hardware.say_once("warning: precision bf16-weights without the gemv kernel "
+                          f"({gemv.status()}): fp32 speed, bf16-rounded weights", log)
     if requested != "auto":
         return requested
     fast, reason = hardware.bf16_verdict()
