@@ -151,14 +151,16 @@ def test_bf16_weights_same_results_with_and_without_the_kernel(monkeypatch):
 def test_generation_precision(monkeypatch, capsys):
     from minidalle import decode, gemv, hardware
 
-    assert [decode.generation_precision(p) for p in ("fp32", "bf16", "bf16-weights")] == \
-        ["fp32", "bf16", "bf16-weights"]
+    said = []
+    assert [decode.generation_precision(p, log=said.append) for p in ("fp32", "bf16", "bf16-weights")] \
+        == ["fp32", "bf16", "bf16-weights"]
+    kernel = gemv.pack(torch.zeros(16, 16), store="bf16") is not None
+    assert len(said) == (0 if kernel else 1) and all("bf16-weights without the gemv kernel" in m for m in said)
     with pytest.raises(ValueError, match="precision"):
         decode.generation_precision("fp16")
     said = []
     monkeypatch.setattr(hardware, "bf16_verdict", lambda: (False, "slow bf16"))
     choice = decode.generation_precision("auto", log=said.append)
-    kernel = gemv.pack(torch.zeros(16, 16), store="bf16") is not None
     assert choice == ("bf16-weights" if kernel else "fp32")
     assert len(said) == 1 and said[0].startswith(f"generate: precision auto -> {choice}: slow bf16")
     decode.generation_precision("auto", log=said.append)
