@@ -1,23 +1,38 @@
-"""bf16 and fp32 matrix products for 1-8 rows that stream the weights at the memory rate (CPU).
+"""Matrix products for 1-8 rows that stream the weights at the memory rate (CPU, x86).
 
 A cached sampling step multiplies one row per image by every weight matrix, so it is bound
-by how fast the weights are read. On an AVX512-BF16 CPU without AMX (AMD Zen 4), oneDNN's
-bf16 product reads them at ~13-16 GB/s with 1-8 rows; this kernel reads 25-30 GB/s for one
-row (a plain ``W.sum()`` streams ~26 GB/s on one core). The weight is packed once so that
-one 64-byte load holds two k-values of 16 output rows: ``_mm512_dpbf16_ps`` then multiplies
-them by a broadcast pair of inputs and accumulates 16 outputs in fp32, with no horizontal
-sums; bias and residual are added in fp32 before one rounding to bf16 (oneDNN's results
-differ by at most one bf16 step). fp32 weights get the same scheme with AVX512F FMA: packed
-so that one 64-byte load holds one k-value of 16 output rows, times a broadcast input
-(oneDNN's fp32 product reads ~13-14 GB/s here); the sums run in another order than
-``F.linear``'s, so results differ from it by fp32 rounding only (a few ulps of the sums).
+by how fast the weights are read. One C++ source, compiled at first use, holds a variant per
+instruction set (each function names its own with ``__attribute__((target(...)))``), picked
+at run time from :mod:`minidalle.hardware` (:func:`variant`):
 
-The kernel is compiled at first use with ``torch.utils.cpp_extension`` (~10-25 s, needs g++
-and ninja) and cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, by default
+- **native bf16** (AVX512-BF16): the weight packed so that one 64-byte load holds two
+  k-values of 16 output rows; ``_mm512_dpbf16_ps`` multiplies them by a broadcast pair of
+  inputs and accumulates 16 outputs in fp32, with no horizontal sums; bias and residual are
+  added in fp32 before one rounding to bf16 (oneDNN's results differ by at most one bf16
+  step). On AMD Zen 4 oneDNN's bf16 product reads ~13-16 GB/s with 1-8 rows, this 25-30 GB/s
+  for one row (a plain ``W.sum()`` streams ~26 GB/s on one core).
+- **fp32 arithmetic** on weights packed ``[N/16, K, 16]`` (one k-value of 16 output rows per
+  64 bytes in fp32, 32 in bf16) times a broadcast input, fp32 FMA: AVX512F (16 outputs a
+  vector) or AVX2 + FMA (8 outputs a vector, a 16-row block being two). The weights are fp32,
+  or **bf16-stored** (:func:`pack` with ``store="bf16"``, or bf16 weights on a CPU without
+  native bf16): widened by a 16-bit shift as they are loaded, so a step reads half the bytes
+  and the results differ from fp32 weights' only by the weight rounding. Inputs come in fp32
+  (or bf16, widened), the output in the input's dtype (bf16: rounded to nearest even, as
+  PyTorch). The sums run in chunks of 64 products, in another order than ``F.linear``'s:
+  results differ from it by fp32 rounding only.
+
+Measured with ``benchmarks/gemv_ab.py`` (L16 shapes, 16 weights a pass): the fp32 variants
+read 1.5-3x faster than oneDNN's prepacked fp32 product, AVX2 against oneDNN capped at AVX2
+(``ONEDNN_MAX_CPU_ISA=AVX2``) as well as AVX-512 against oneDNN at AVX-512, for 1 and 8 rows;
+so the kernel is kept for fp32 weights on both (``_FP32_VARIANTS``), and oneDNN serves only
+what the kernel does not (more than 8 rows, other shapes and dtypes).
+
+The kernel is compiled with ``torch.utils.cpp_extension`` (~20-35 s, needs g++ and ninja)
+and cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``); later processes only load it. :func:`pack` returns None,
-and callers keep their own path, when the CPU lacks AVX512F (AVX512-BF16 for bf16
-weights), the build or the load fails (logged once at debug level), or
-``MINIDALLE_GEMV=0`` is set.
+and callers keep their own path, on a CPU level without AVX2 + FMA (aarch64,
+``MINIDALLE_CPU=generic``), when the build or the load fails (logged once at debug level),
+or with ``MINIDALLE_GEMV=0``.
 """
 from __future__ import annotations
 
