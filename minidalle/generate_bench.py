@@ -64,6 +64,8 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
     uncached = not getattr(args, "no_uncached", False)
     repeats = max(1, getattr(args, "repeats", 1) or 1)
     auto = generation_precision("auto")
+    chosen = [p for p in PRECISIONS if p in (getattr(args, "precisions", None) or PRECISIONS)]
+    setups = {p: setups[p] for p in chosen}
 
     def draw(precision, n, cache):
         m, store = setups[precision]
@@ -99,7 +101,7 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
     def key(precision):
         return precision.replace("-weights", "w")  # bf16-weights -> bf16w
 
-    for p in PRECISIONS:
+    for p in chosen:
         f = floor(p)
         k = f"cached_{key(p)}_s"
         mark = " (auto)" if p == auto else ""
@@ -109,23 +111,28 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
         r[f"floor_{key(p)}_s"] = f
         timed(k, draw(p, 1, True), f"1 image, cached, {p}{mark}", n=repeats,
               extra=lambda f=f, k=k: f"; floor {f:.2f} s, cached {r[k]:.2f} s = {r[k] / f:.2f} x floor "
-                                     f"({r[f'bytes_per_token_{p}'] / 1e6:.0f} MB of weights per token)")
+                                     f"({r[f'bytes_per_token_{p}'] / 1e6:.1f} MB of weights per token)")
         r[f"floor_ratio_{key(p)}"] = r[k] / f
     if uncached:
-        for p in ("fp32", "bf16"):
+        for p in [p for p in ("fp32", "bf16") if p in chosen or p == "fp32" and "bf16-weights" in chosen]:
             k = key(p)
+            if p not in setups:  # bf16-weights' uncached steps: the fp32 model's
+                setups[p] = (model, None)
             timed(f"uncached_{k}_s", draw(p, 1, False), f"1 image, uncached, {p}",
                   lambda k=k: f"; cached is {r[f'uncached_{k}_s'] / r[f'cached_{k}_s']:.1f}x faster "
                               f"at the same precision")
             r[f"speedup_{k}"] = r[f"uncached_{k}_s"] / r[f"cached_{k}_s"]
-        r["speedup_bf16w"] = r["uncached_fp32_s"] / r["cached_bf16w_s"]
-        print(f"  bf16-weights (uncached steps in fp32): cached is {r['speedup_bf16w']:.1f}x faster "
-              f"than uncached", flush=True)
-    for p in PRECISIONS:
+        if "bf16-weights" in chosen:
+            r["speedup_bf16w"] = r["uncached_fp32_s"] / r["cached_bf16w_s"]
+            print(f"  bf16-weights (uncached steps in fp32): cached is {r['speedup_bf16w']:.1f}x "
+                  f"faster than uncached", flush=True)
+    for p in chosen:
         mark = " (auto)" if p == auto else ""
         timed(f"cached_8_{key(p)}_s", draw(p, 8, True), f"8 images together, cached, {p}{mark}",
               n=repeats)
 
+    if "bf16" not in chosen:
+        return r
     # How close bf16 weights stay to fp32: image-token probabilities along one sequence.
     with torch.no_grad():
         codes = generate_image_codes(model, text[:2], seed=0)
@@ -141,7 +148,8 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
 
 
 def main(argv=None) -> int:
-    """``python -m minidalle.generate_bench CONFIG [--no-uncached] [--repeats N] [--set k=v]``:
+    """``python -m minidalle.generate_bench CONFIG [--no-uncached] [--repeats N]
+    [--precisions P ...] [--threads N] [--set k=v]``:
     the sampling half of ``minidalle bench CONFIG --generate`` alone."""
     import argparse
 
@@ -154,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=1,
                    help="time each cached run N times and keep the best (a shared machine)")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS,
+                   help="time only these (default: all; bf16 is slow without native bf16)")
     args = p.parse_args(argv)
     if args.threads:
         import torch
