@@ -4,9 +4,10 @@ A cached step feeds one position per sequence, so every weight matrix is read on
 matrix-vector product: the step is bound by memory bandwidth plus per-op overhead.
 :class:`LeanDecoder` does the arithmetic of ``DALLE.hidden(tokens, cache=...)`` with
 
-- weights packed once for the :mod:`minidalle.gemv` kernel (bf16 or fp32, 1-8 rows) or,
-  where it does not apply, prepacked for oneDNN on CPU (its bf16 matrix-vector product runs
-  ~1.7x faster than ``F.linear``'s; all accumulate in fp32),
+- weights packed once for the :mod:`minidalle.gemv` kernel (fp32, bf16, or bf16 copies of
+  fp32 weights multiplied in fp32 for the ``bf16-weights`` precision; 1-8 rows) or, where it
+  does not apply, prepacked for oneDNN on CPU (its bf16 matrix-vector product runs ~1.7x
+  faster than ``F.linear``'s; all accumulate in fp32), else ``F.linear``,
 - LayerScale folded into the output projections and the residual add fused into them,
 - no ``nn.Module`` calls.
 
