@@ -188,12 +188,15 @@ class LoadedRun:
     def draw(self, captions: list[str], *, seed: int, batch_size: int = 64,
              generate=None) -> "torch.Tensor":
         """uint8 images ``[N, 3, S, S]`` drawn for ``captions`` (in order)."""
+        from minidalle.decode import generation_precision
         from minidalle.sampling import generate_image_codes
 
         torch = self.torch
         g = generate or self.cfg.generate
-        cast = (torch.autocast("cpu", dtype=torch.bfloat16) if g.precision == "bf16"
+        precision = generation_precision(g.precision)
+        cast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
                 else _nullcontext())
+        weight_store = "bf16" if precision == "bf16-weights" else None
         gen = torch.Generator().manual_seed(int(seed))
         out = []
         for i in range(0, len(captions), batch_size):
@@ -203,7 +206,8 @@ class LoadedRun:
                 with cast:
                     codes = generate_image_codes(self.model, text, filter_thres=g.filter_thres,
                                                  top_p=g.top_p, temperature=g.temperature,
-                                                 generator=gen, use_cache=g.use_cache)
+                                                 generator=gen, use_cache=g.use_cache,
+                                                 weight_store=weight_store)
                 images = self.codec.decode(codes).float()  # the codec in fp32
             out.append((images.clamp(0, 1) * 255).round().to(torch.uint8))
         return torch.cat(out) if out else torch.zeros(0, 3, self.image_size, self.image_size,
