@@ -15,7 +15,7 @@ from minidalle import decode, gemv, hardware
 needs_kernel = pytest.mark.skipif(gemv.kernel() is None or not gemv._cpu_bf16(),
                                   reason="bf16 gemv kernel not here (no AVX512-BF16/compiler)")
 needs_fp32 = pytest.mark.skipif(gemv.kernel() is None,
-                                reason="gemv kernel not built here (no AVX512F or no compiler)")
+                                reason="gemv kernel not here (CPU level below AVX2 + FMA, or no compiler)")
 
 
 def _reference(x, w, b, r):
@@ -349,7 +349,7 @@ def test_forced_cpu_level(level):
     if hardware.LEVELS.index(hardware.detected_level()) < hardware.LEVELS.index(level):
         pytest.skip(f"the CPU has no {level}")
     if level != "generic" and gemv.kernel() is None:
-        pytest.skip("gemv kernel not built here (no compiler)")
+        pytest.skip(f"gemv kernel not in this process (CPU level {hardware.cpu_level()}, or no compiler)")
     code = "import test_gemv; test_gemv._forced_check()"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**forced_env(level), "PYTHONPATH": os.pathsep.join(
