@@ -253,6 +253,12 @@ def _say_once(message: str, log) -> None:
         (log or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
 
 
+def say_once(message: str, log=None) -> None:
+    """Print ``message`` (to stderr, or call ``log`` with it) the first time this process
+    says it: a choice made from the probe, reported once however often it is made."""
+    _say_once(message, log)
+
+
 def resolve_precision(requested: str, *, what: str = "precision", bf16: str = "bf16",
                       log=None) -> str:
     """``requested`` made concrete for the CPU: ``"auto"`` becomes ``bf16`` (the caller's bf16

@@ -106,3 +106,72 @@ def test_only_standard_blocks_take_the_lean_step():
     with pytest.raises(ValueError, match="non-standard"):
         LeanDecoder(m)
     assert _Decoder(tiny(["full"]), use_cache=True).lean is not None
+
+
+def _lean_steps(model, weight_store, prompt=3):
+    cache, decoder, out = model.new_cache(), LeanDecoder(model, weight_store), []
+    with torch.no_grad():
+        model.hidden(SEQ[:, :prompt], cache=cache)
+        for i in range(prompt, SEQ.shape[1]):
+            out.append(decoder.image_logits(decoder.hidden(SEQ[:, i : i + 1], cache)))
+    return out
+
+
+@pytest.mark.parametrize("sandwich_norm", [False, True])
+def test_bf16_weights_close_to_fp32_module_step(sandwich_norm):
+    """weight_store="bf16": the model stays fp32, the step's matrices are rounded to bf16."""
+    m = tiny(["axial_row", "full"], sandwich_norm=sandwich_norm)
+    ref = [lg for _, lg in steps(m, False)]
+    got = _lean_steps(m, "bf16")
+    assert all(lg.dtype == torch.float32 for lg in got)
+    worst = max((a.softmax(-1) - b.softmax(-1)).abs().max() for a, b in zip(ref, got))
+    assert 0 < worst < 0.01, worst  # the rounding shows, and stays small
+    bf16, fp32 = LeanDecoder(m, "bf16").weights, LeanDecoder(m).weights
+    linears = [lin for layer in bf16.layers for lin in layer.linears] + [bf16.image_head]
+    # 2 bytes a weight where the kernel reads the bf16 copy (7 image rows: not a kernel shape)
+    assert bf16.bytes_read() == sum(lin.shape[0] * lin.shape[1] * (2 if lin.packed is not None else 4)
+                                    for lin in linears)
+    assert fp32.bytes_read() == 4 * sum(lin.shape[0] * lin.shape[1] for lin in linears)
+    assert LeanDecoder(m).weights is fp32 and LeanDecoder(m, "bf16").weights is not fp32
+
+
+def test_bf16_weights_same_results_with_and_without_the_kernel(monkeypatch):
+    """Every path (kernel, oneDNN, F.linear) multiplies the same rounded weights in fp32."""
+    import weakref
+
+    from minidalle.inference import decode, gemv
+
+    m = tiny(["axial_col", "full"])
+    with_kernel = _lean_steps(m, "bf16")
+    monkeypatch.setattr(gemv, "pack", lambda *a, **k: None)
+    monkeypatch.setattr(decode, "_built", weakref.WeakKeyDictionary())  # weights built anew
+    without = _lean_steps(m, "bf16")
+    assert all(lin.packed is None for lin in LeanDecoder(m, "bf16").weights.layers[0].linears)
+    for a, b in zip(with_kernel, without):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_precision(monkeypatch, capsys):
+    from minidalle import hardware
+    from minidalle.inference import decode, gemv
+
+    said = []
+    assert [decode.generation_precision(p, log=said.append) for p in ("fp32", "bf16", "bf16-weights")] \
+        == ["fp32", "bf16", "bf16-weights"]
+    kernel = gemv.pack(torch.zeros(16, 16), store="bf16") is not None
+    assert len(said) == (0 if kernel else 1) and all("bf16-weights without the gemv kernel" in m for m in said)
+    with pytest.raises(ValueError, match="precision"):
+        decode.generation_precision("fp16")
+    said = []
+    monkeypatch.setattr(hardware, "bf16_verdict", lambda: (False, "slow bf16"))
+    choice = decode.generation_precision("auto", log=said.append)
+    assert choice == ("bf16-weights" if kernel else "fp32")
+    assert len(said) == 1 and said[0].startswith(f"generate: precision auto -> {choice}: slow bf16")
+    decode.generation_precision("auto", log=said.append)
+    assert len(said) == 1  # said once
+    monkeypatch.setattr(gemv, "pack", lambda *a, **k: None)
+    assert decode.generation_precision("auto", log=said.append) == "fp32"
+    monkeypatch.setattr(hardware, "bf16_verdict", lambda: (True, "fast bf16"))
+    assert decode.generation_precision("auto", log=said.append) == "bf16"
+    assert said[-1] == "generate: precision auto -> bf16: fast bf16"
+    assert capsys.readouterr().err == ""

@@ -1,4 +1,5 @@
 """`minidalle generate` end to end on a tiny checkpoint (tiny tokenizer, codec, reranker)."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,37 @@ def test_grid_labels_keep_the_whole_prompt():
     capped = make_grid(rows[:1], [long * 10]).size[1]
     assert capped - one_line == 7 * 15  # at most 8 lines
     assert make_grid(rows, [long, ""]).size[0] == 3 * 16 + 4 * 4
+
+
+@pytest.mark.parametrize("level", ["avx2", "generic"])
+def test_precisions_on_a_cpu_without_native_bf16(level, tmp_path, registry, capsys):
+    """Under a forced AVX2 or generic CPU (libraries capped alike): bf16-weights and auto
+    draw images; auto says what it chose (bf16-weights with the AVX2 kernel, else fp32)."""
+    import subprocess
+    import sys
+
+    from minidalle import hardware
+    from test_gemv import forced_env
+
+    if hardware.LEVELS.index(hardware.detected_level()) < hardware.LEVELS.index(level):
+        pytest.skip(f"the CPU has no {level}")
+    run = _checkpoint(tmp_path, registry)
+    tests = str(Path(__file__).parent)
+    env = {**forced_env(level), "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    for precision in ("bf16-weights", "auto"):
+        out = tmp_path / precision
+        code = ("import sys, minidalle.plugin.discovery as plugins, test_generate_cli as t; "
+                "from minidalle import cli; from minidalle.inference import gemv; "
+                "plugins._registry = plugins.load_registry(autoload='none', extra_plugins=[t.Plugin]); "
+                "rc = cli.main(sys.argv[1:]); print(gemv.variant(), gemv.kernel() is not None); sys.exit(rc)")
+        p = subprocess.run([sys.executable, "-c", code, "generate", "--checkpoint", str(run),
+                            "--text", "red cat", "--precision", precision, "--out", str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        *paths, variant, built = p.stdout.split()
+        assert len(paths) == 2 + 1 and all(Path(x).is_file() for x in paths)
+        assert variant == ("avx2" if level == "avx2" else "None")
+        if precision == "auto":
+            want = "bf16-weights" if built == "True" else "fp32"  # the kernel, where it builds
+            assert f"generate: precision auto -> {want}: " in p.stderr, p.stderr
+    capsys.readouterr()

@@ -1,43 +1,68 @@
 """Sampling speed: what ``minidalle bench CONFIG --generate`` prints.
 
-Times drawing one image (every image position) with and without the key/value cache, in
-fp32 and with bf16 weights, then 8 images drawn together (``--generate-images N``). The
-model has CONFIG's shape with random weights (speed does not depend on the weights);
-vocabulary sizes as for ``bench``. With the ``cuda`` backend it runs on its GPU: the
-timings synchronise the GPU, and cached steps replay a CUDA graph when the backend's
-``cuda_graphs`` is on (``minidalle/inference/graph_decode.py``); with any other backend, on the CPU.
+Times drawing one image (every image position) with the key/value cache at each generation
+precision (``fp32``, ``bf16-weights``, ``bf16``; see
+:func:`minidalle.inference.decode.generation_precision`, whose ``auto`` choice is marked),
+without the cache (fp32, bf16; ``bf16-weights`` runs its uncached steps in fp32), then 8
+images drawn together (``--generate-images N``). On the CPU each cached time is set against the
+memory-bandwidth floor: the bytes of weight one cached step reads in that precision's format
+(every matrix once), divided by the read bandwidth measured here (the best of a few sums
+over a 512 MB tensor), times the image positions. The model has CONFIG's shape with random
+weights (speed does not depend on the weights); vocabulary sizes as for ``bench``. With the
+``cuda`` backend it runs on its GPU (fp32 and bf16 only; no floor): the timings synchronise
+the GPU, and cached steps replay a CUDA graph when the backend's ``cuda_graphs`` is on
+(``minidalle/inference/graph_decode.py``); with any other backend, on the CPU.
 """
 from __future__ import annotations
 
 import copy
 import time
 
+PRECISIONS = ("fp32", "bf16-weights", "bf16")
 
-def _time(fn, sync=lambda: None) -> float:
-    sync()
-    start, cpu = time.perf_counter(), time.process_time()
-    fn()
-    sync()
-    wall = time.perf_counter() - start
-    # CPU time shows when other processes share the cores (wall >> cpu / threads)
-    _time.last_cpu = time.process_time() - cpu
-    return wall
+
+def _time(fn, repeats: int = 1, sync=lambda: None) -> float:
+    """The best wall time of ``repeats`` calls (CPU time of that call in ``_time.last_cpu``)."""
+    best = None
+    for _ in range(repeats):
+        sync()
+        start, cpu = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        wall = time.perf_counter() - start
+        if best is None or wall < best:
+            # CPU time shows when other processes share the cores (wall >> cpu / threads)
+            best, _time.last_cpu = wall, time.process_time() - cpu
+    return best
+
+
+def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """Memory read rate in GB/s: the best of ``repeats`` ``sum()`` over an fp32 tensor of
+    ``mbytes`` MB (far beyond the caches), with torch's threads."""
+    import torch
+
+    x = torch.ones(mbytes * 2**20 // 4)
+    x.sum()
+    best = min(_time(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best / 1e9
 
 
 def run_generate_bench(cfg, args=None, registry=None) -> dict:
     import torch
 
     from minidalle.bench.settings import bench_geometry
-    from minidalle.train.pipeline import build_model
+    from minidalle.inference.decode import LeanDecoder, generation_precision
     from minidalle.inference.sampling import generate_image_codes
+    from minidalle.train.pipeline import build_model
 
     registry = registry or cfg.registry
     geo = bench_geometry(cfg)
     # On the cuda backend's GPU; anything else (cpu, or an ipu config) times the CPU.
     backend = registry.build("backend", "cuda", cfg.backend.params) if cfg.backend.name == "cuda" else None
     device = backend.device if backend is not None else torch.device("cpu")
+    on_gpu = device.type == "cuda"
     graphs = backend is not None and backend.config.cuda_graphs
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if on_gpu else (lambda: None)
     many = getattr(args, "generate_images", 8) or 8
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, text_vocab=geo["text_vocab"], num_image_tokens=geo["num_image_tokens"],
@@ -45,48 +70,91 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
     if backend is not None:
         model = backend.setup_model(model)  # on the GPU, with the backend's attention options
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    # precision -> (model, the lean decoder's weight store)
+    setups = {"fp32": (model, None), "bf16-weights": (model, "bf16"), "bf16": (model_bf16, None)}
     g = torch.Generator().manual_seed(0)
     text = torch.randint(1, geo["text_vocab"], (max(many, 2), cfg.model.text_seq_len), generator=g)
     text[:, -cfg.model.text_seq_len // 4 :] = 0
     text = text.to(device)
     uncached = not getattr(args, "no_uncached", False)
+    repeats = max(1, getattr(args, "repeats", 1) or 1)
+    auto = "bf16" if on_gpu else generation_precision("auto")
+    wanted = getattr(args, "precisions", None) or PRECISIONS
+    chosen = [p for p in PRECISIONS if p in wanted and not (on_gpu and p == "bf16-weights")]
+    setups = {p: setups[p] for p in chosen}
 
-    def draw(m, n, cache):
-        return lambda: generate_image_codes(m, text[:n], seed=0, use_cache=cache, cuda_graph=graphs)
+    def draw(precision, n, cache):
+        m, store = setups[precision]
+        return lambda: generate_image_codes(m, text[:n], seed=0, use_cache=cache, weight_store=store,
+                                            cuda_graph=graphs)
 
-    # warm-up: a short primed run on each model (first calls allocate; capture the graphs)
+    # warm-up: a short primed run in each precision (first calls allocate, pack the weights,
+    # capture the graphs)
     prime = torch.zeros(many, model.image_seq_len - 4, dtype=torch.long, device=device)
-    for m in (model, model_bf16):
-        generate_image_codes(m, text[:1], seed=0, prime_codes=prime[:1], cuda_graph=graphs)
-        generate_image_codes(m, text[:many], seed=0, prime_codes=prime, cuda_graph=graphs)
+    for m, store in setups.values():
+        generate_image_codes(m, text[:1], seed=0, prime_codes=prime[:1], weight_store=store, cuda_graph=graphs)
+        generate_image_codes(m, text[:many], seed=0, prime_codes=prime, weight_store=store, cuda_graph=graphs)
 
+    bandwidth = None if on_gpu else read_bandwidth()
     r: dict = {"image_tokens": model.image_seq_len, "threads": torch.get_num_threads(),
-               "device": str(device), "cuda_graphs": graphs, "images_together": many}
+               "auto": auto, "read_bandwidth_gb_s": bandwidth, "device": str(device),
+               "cuda_graphs": graphs, "images_together": many}
     print(f"Generate: {model.image_seq_len} image tokens per image, on {device}"
-          f"{' (cached steps from CUDA graphs)' if graphs else ''}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{' (cached steps from CUDA graphs)' if graphs else ''}, {torch.get_num_threads()} "
+          f"threads; precision auto -> {auto}"
+          + ("" if bandwidth is None else f"; read bandwidth {bandwidth:.1f} GB/s (sum over 512 MB, best of 5)")
+          + (f"; best of {repeats} runs each" if repeats > 1 else ""), flush=True)
 
-    def timed(key, fn, label, extra=lambda: ""):
-        r[key] = _time(fn, sync)
+    def floor(precision) -> float | None:
+        m, store = setups[precision]
+        if bandwidth is None or not LeanDecoder.supports(m):
+            return None
+        step_bytes = LeanDecoder(m, store).weights.bytes_read()
+        r[f"bytes_per_token_{precision}"] = step_bytes
+        return step_bytes / (bandwidth * 1e9) * model.image_seq_len
+
+    def timed(key, fn, label, extra=lambda: "", n=1):
+        r[key] = _time(fn, n, sync)
         r[key.replace("_s", "_cpu_s")] = _time.last_cpu
         print(f"  {label}: {r[key]:.2f} s (CPU time {_time.last_cpu:.2f} s){extra()}", flush=True)
 
-    timed("cached_fp32_s", draw(model, 1, True), "1 image, cached, fp32 weights")
-    timed("cached_bf16_s", draw(model_bf16, 1, True), "1 image, cached, bf16 weights")
-    if uncached:
-        timed("uncached_fp32_s", draw(model, 1, False), "1 image, uncached, fp32 weights",
-              lambda: f"; cached is {r['uncached_fp32_s'] / r['cached_fp32_s']:.1f}x faster in fp32, "
-                      f"cached bf16 {r['uncached_fp32_s'] / r['cached_bf16_s']:.1f}x faster")
-        r["speedup_fp32"] = r["uncached_fp32_s"] / r["cached_fp32_s"]
-        timed("uncached_bf16_s", draw(model_bf16, 1, False), "1 image, uncached, bf16 weights",
-              lambda: f"; cached is {r['uncached_bf16_s'] / r['cached_bf16_s']:.1f}x faster in bf16")
-        r["speedup_bf16"] = r["uncached_bf16_s"] / r["cached_bf16_s"]
-    for kind, m in (("fp32", model), ("bf16", model_bf16)):
-        key = f"cached_{many}_{kind}_s"
-        timed(key, draw(m, many, True), f"{many} images together, cached, {kind} weights",
-              lambda: f"; {many / r[key]:.1f} images/s")
-        r[f"images_per_sec_{kind}"] = many / r[key]
+    def key(precision):
+        return precision.replace("-weights", "w")  # bf16-weights -> bf16w
 
+    for p in chosen:
+        f = floor(p)
+        k = f"cached_{key(p)}_s"
+        mark = " (auto)" if p == auto else ""
+        if f is None:
+            timed(k, draw(p, 1, True), f"1 image, cached, {p}{mark}", n=repeats)
+            continue
+        r[f"floor_{key(p)}_s"] = f
+        timed(k, draw(p, 1, True), f"1 image, cached, {p}{mark}", n=repeats,
+              extra=lambda f=f, k=k: f"; floor {f:.2f} s, cached {r[k]:.2f} s = {r[k] / f:.2f} x floor "
+                                     f"({r[f'bytes_per_token_{p}'] / 1e6:.1f} MB of weights per token)")
+        r[f"floor_ratio_{key(p)}"] = r[k] / f
+    if uncached:
+        for p in [p for p in ("fp32", "bf16") if p in chosen or p == "fp32" and "bf16-weights" in chosen]:
+            k = key(p)
+            if p not in setups:  # bf16-weights' uncached steps: the fp32 model's
+                setups[p] = (model, None)
+            timed(f"uncached_{k}_s", draw(p, 1, False), f"1 image, uncached, {p}",
+                  lambda k=k: f"; cached is {r[f'uncached_{k}_s'] / r[f'cached_{k}_s']:.1f}x faster "
+                              f"at the same precision")
+            r[f"speedup_{k}"] = r[f"uncached_{k}_s"] / r[f"cached_{k}_s"]
+        if "bf16-weights" in chosen:
+            r["speedup_bf16w"] = r["uncached_fp32_s"] / r["cached_bf16w_s"]
+            print(f"  bf16-weights (uncached steps in fp32): cached is {r['speedup_bf16w']:.1f}x "
+                  f"faster than uncached", flush=True)
+    for p in chosen:
+        mark = " (auto)" if p == auto else ""
+        k = f"cached_{many}_{key(p)}_s"
+        timed(k, draw(p, many, True), f"{many} images together, cached, {p}{mark}", n=repeats,
+              extra=lambda k=k: f"; {many / r[k]:.1f} images/s")
+        r[f"images_per_sec_{key(p)}"] = many / r[k]
+
+    if "bf16" not in chosen:
+        return r
     # How close bf16 weights stay to fp32: image-token probabilities along one sequence.
     with torch.no_grad():
         codes = generate_image_codes(model, text[:2], seed=0)
@@ -102,8 +170,9 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
 
 
 def main(argv=None) -> int:
-    """``python -m minidalle.bench.generate CONFIG [--no-uncached] [--set k=v]``: the
-    sampling half of ``minidalle bench CONFIG --generate`` alone."""
+    """``python -m minidalle.bench.generate CONFIG [--no-uncached] [--repeats N]
+    [--precisions P ...] [--generate-images N] [--threads N] [--set k=v]``:
+    the sampling half of ``minidalle bench CONFIG --generate`` alone."""
     import argparse
 
     from minidalle.api import load_config
@@ -115,6 +184,10 @@ def main(argv=None) -> int:
     p.add_argument("--generate-images", type=int, default=8, metavar="N",
                    help="images drawn together in the batched timing (default 8)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time each cached run N times and keep the best (a shared machine)")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS,
+                   help="time only these (default: all; bf16 is slow without native bf16)")
     args = p.parse_args(argv)
     if args.threads:
         import torch

@@ -20,9 +20,11 @@ def run(args) -> int:
 
     found = hardware.report()
     if "torch" in found:
-        from minidalle.inference import gemv
+        from minidalle.inference import decode, gemv
 
         found["gemv_kernel"] = gemv.status()
+        # generation's auto also weighs the kernel's bf16-stored path (bf16-weights)
+        found["generate_precision_auto"] = decode.generation_precision("auto", log=lambda m: None)
     if args.json:
         print(json.dumps(found, indent=2))
         return 0

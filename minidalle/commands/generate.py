@@ -29,7 +29,10 @@ def add_parser(sub) -> None:
     p.add_argument("--prime-fraction", type=float, metavar="F",
                    help="share of the image codes kept from --prime-image (default 0.4375)")
     p.add_argument("--batch-size", type=int, metavar="B", help="images drawn together")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="weights for sampling")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "bf16-weights"),
+                   help="fp32; bf16 (the model in bf16); bf16-weights (fp32 model, the cached "
+                        "steps read bf16 copies of its matrices in fp32 arithmetic); auto (the "
+                        "fastest of those for this CPU, printed)")
     p.add_argument("--no-cache", action="store_true", help="recompute every step (slow; for checks)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch threads (default: all cores; 1 is faster on a machine other jobs keep busy)")
@@ -98,6 +101,7 @@ def generate(args, registry=None) -> list:
     from tqdm import tqdm
 
     from minidalle import images as img_io
+    from minidalle.inference.decode import generation_precision
     from minidalle.inference.loader import load_for_inference
     from minidalle.inference.sampling import draw_images
 
@@ -117,8 +121,10 @@ def generate(args, registry=None) -> list:
     s = _settings(args, cfg.generate)
     reranker = _reranker(args.rerank, cfg, registry)
 
-    if s["precision"] == "bf16":
+    precision = generation_precision(s["precision"])
+    if precision == "bf16":
         model.to(torch.bfloat16)
+    weight_store = "bf16" if precision == "bf16-weights" else None
     text = _encode_prompts(tokenizer, prompts, cfg.model.text_seq_len)
     prime = None
     if args.prime_image:
@@ -133,7 +139,7 @@ def generate(args, registry=None) -> list:
     images = draw_images(model, codec, text, batch_size=s["batch_size"], generator=generator,
                          filter_thres=s["filter_thres"], top_p=s["top_p"],
                          temperature=s["temperature"], use_cache=s["use_cache"],
-                         prime_codes=prime, progress=bar.update)
+                         prime_codes=prime, progress=bar.update, weight_store=weight_store)
     bar.close()
     images = images.view(len(prompts), n, *images.shape[1:])
 

@@ -129,7 +129,8 @@ class GenerateConfig:
     batch_size: int = attrs.field(default=8, validator=positive)
     prime_fraction: float = attrs.field(default=0.4375, validator=non_negative)
     use_cache: bool = True
-    precision: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16"))
+    # auto | fp32 | bf16 | bf16-weights: see minidalle.inference.decode.generation_precision
+    precision: str = attrs.field(default="fp32", validator=one_of("auto", "fp32", "bf16", "bf16-weights"))
     prompts: list[str] = attrs.field(factory=list)
 
 

@@ -4,9 +4,10 @@ A cached step feeds one position per sequence, so every weight matrix is read on
 matrix-vector product: the step is bound by memory bandwidth plus per-op overhead.
 :class:`LeanDecoder` does the arithmetic of ``DALLE.hidden(tokens, cache=...)`` with
 
-- weights packed once for the :mod:`minidalle.inference.gemv` kernel (bf16 or fp32, 1-8 rows) or,
-  where it does not apply, prepacked for oneDNN on CPU (its bf16 matrix-vector product runs
-  ~1.7x faster than ``F.linear``'s; all accumulate in fp32),
+- weights packed once for the :mod:`minidalle.inference.gemv` kernel (fp32, bf16, or bf16 copies of
+  fp32 weights multiplied in fp32 for the ``bf16-weights`` precision; 1-8 rows) or, where it
+  does not apply, prepacked for oneDNN on CPU (its bf16 matrix-vector product runs ~1.7x
+  faster than ``F.linear``'s; all accumulate in fp32), else ``F.linear``,
 - LayerScale folded into the output projections and the residual add fused into them,
 - no ``nn.Module`` calls.
 
@@ -36,23 +37,65 @@ def _use_onednn(weight: torch.Tensor) -> bool:
             and all(hardware.onednn_works(op, weight.dtype) for op in ("linear", "reorder", "linear_add")))
 
 
-class _Linear:
-    """``x @ weight.T + bias (+ residual)``: bf16 or fp32 with at most ``gemv.MAX_ROWS`` rows
-    (in the weight's dtype) through the :mod:`minidalle.inference.gemv` kernel where it builds, otherwise the weight prepacked for
-    oneDNN on CPU (beside the kernel: made from its packed copy at the first call that needs it)."""
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-weights")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+
+def generation_precision(requested: str, log=None) -> str:
+    """The precision sampling runs in: ``requested`` (one of :data:`PRECISIONS`) with
+    ``"auto"`` made concrete, the choice and its reason printed once (stderr or ``log``).
+
+    ``fp32``: the model in fp32. ``bf16``: the model in bf16 (the native bf16 kernel on an
+    AVX512-BF16 CPU; elsewhere the cached steps read the bf16 weights with fp32 arithmetic).
+    ``bf16-weights``: the model in fp32 (prompt, uncached steps, every other op), but the
+    cached steps' matrices stored in bf16 (half the bytes per token; results differ from fp32
+    only by the weight rounding). ``auto``: bf16 where the CPU has native bf16 and it is
+    measured faster (:func:`minidalle.hardware.bf16_verdict`), else bf16-weights where the
+    :mod:`minidalle.inference.gemv` kernel serves it, else fp32."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    if requested == "bf16-weights" and gemv.pack(torch.zeros(16, 16), store="bf16") is None:
+        hardware.say_once("warning: precision bf16-weights without the gemv kernel "
+                          f"({gemv.status()}): fp32 speed, bf16-rounded weights", log)
+    if requested != "auto":
+        return requested
+    fast, reason = hardware.bf16_verdict()
+    if fast:
+        choice = "bf16"
+    elif gemv.pack(torch.zeros(16, 16), store="bf16") is not None:
+        choice = "bf16-weights"
+        reason += f"; the {gemv.variant()} kernel reads bf16-stored weights in fp32 arithmetic"
+    else:
+        choice = "fp32"
+        reason += f"; the bf16-storage kernel is {gemv.status()}"
+    hardware.say_once(f"generate: precision auto -> {choice}: {reason}", log)
+    return choice
+
+
+class _Linear:
+    """``x @ weight.T + bias (+ residual)`` with at most ``gemv.MAX_ROWS`` rows (x in the
+    weight's dtype) through the :mod:`minidalle.inference.gemv` kernel where it builds, otherwise the
+    weight prepacked for oneDNN on CPU (beside the kernel: made from its packed copy at the
+    first call that needs it), else ``F.linear``.
+
+    ``store="bf16"`` with an fp32 weight: the weight is rounded to bf16 once and multiplied
+    in fp32 (the kernel reads the bf16 copy; the other paths its fp32 widening), so every
+    path gives fp32 results that differ from fp32 weights' only by that rounding."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, store: str | None = None):
         self.bias = bias
-        self.packed = gemv.pack(weight, bias)
-        self.gemv = None if self.packed is None else gemv.kernel().linear  # ~1 us a call
+        self.dtype, self.shape = weight.dtype, tuple(weight.shape)  # dtype: of x, bias, residual, y
+        self.rounded = store == "bf16" and weight.dtype == torch.float32
+        self.packed = gemv.pack(weight, bias, store)
+        self.gemv = None if self.packed is None else gemv.function()  # ~1 us a call
         self.onednn = _use_onednn(weight)
         self.weight = None if self.packed is not None else self._prepare(weight)
 
     def _prepare(self, weight):
+        weight = weight.to(torch.bfloat16).to(self.dtype) if self.rounded else weight.to(self.dtype)
         return torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.onednn else weight
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.gemv is not None and x.dtype == self.packed.dtype
+        if (self.gemv is not None and x.dtype == self.dtype
                 and x.numel() <= gemv.MAX_ROWS * x.shape[-1]):
             return self.gemv(x, self.packed, self.bias, residual)
         if self.weight is None:
@@ -64,6 +107,12 @@ class _Linear:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of weight one product reads (the stored dtype's where the kernel serves)."""
+        size = self.packed.element_size() if self.packed is not None else self.dtype.itemsize
+        return self.shape[0] * self.shape[1] * size
+
 
 def _norm(m: nn.Module):
     """A LayerNorm as ``(weight, bias, eps)``; None for Identity."""
@@ -74,30 +123,31 @@ def _layer_norm(x, norm):
     return F.layer_norm(x, x.shape[-1:], norm[0], norm[1], norm[2])
 
 
-def _scaled_linear(linear: nn.Linear, scale: torch.Tensor | None) -> _Linear:
+def _scaled_linear(linear: nn.Linear, scale: torch.Tensor | None, store: str | None) -> _Linear:
     """``linear`` with a per-output ``scale`` folded in: ``s * (W a + b) = (s W) a + s b``."""
     w, b = linear.weight, linear.bias
     if scale is not None:
         s = scale.float()[:, None]
         w = (w.float() * s).to(w.dtype)
         b = None if b is None else (b.float() * s[:, 0]).to(b.dtype)
-    return _Linear(w, b)
+    return _Linear(w, b, store)
 
 
 class _LayerWeights:
     """One block's weights, ready for decoding steps (no reference to the modules)."""
 
-    def __init__(self, block: Block):
+    def __init__(self, block: Block, store: str | None):
         attn, ff = block.attn, block.ff
         self.heads, self.dim_head, self.max_len = attn.spec.heads, attn.spec.dim_head, attn.spec.max_len
         self.norm_attn, self.norm_ff = _norm(block.norm_attn), _norm(block.norm_ff)
         self.post_attn, self.post_ff = _norm(block.post_attn_norm), _norm(block.post_ff_norm)
         self.scale_attn, self.scale_ff = block.scale_attn, block.scale_ff
-        self.qkv = _Linear(attn.to_qkv.weight, attn.to_qkv.bias)
+        self.qkv = _Linear(attn.to_qkv.weight, attn.to_qkv.bias, store)
         # A sandwich norm sits between the projection and the scale: no folding then.
-        self.out = _scaled_linear(attn.to_out, None if self.post_attn else block.scale_attn)
-        self.ff_in = _Linear(ff.proj_in.weight, ff.proj_in.bias)
-        self.ff_out = _scaled_linear(ff.proj_out, None if self.post_ff else block.scale_ff)
+        self.out = _scaled_linear(attn.to_out, None if self.post_attn else block.scale_attn, store)
+        self.ff_in = _Linear(ff.proj_in.weight, ff.proj_in.bias, store)
+        self.ff_out = _scaled_linear(ff.proj_out, None if self.post_ff else block.scale_ff, store)
+        self.linears = (self.qkv, self.out, self.ff_in, self.ff_out)
 
     def step(self, x: torch.Tensor, attend, offset: int, cache: dict) -> torch.Tensor:
         """``x`` ``[B, dim]`` at position ``offset`` -> the block's output."""
@@ -120,32 +170,37 @@ class _LayerWeights:
 
 
 class _Weights:
-    def __init__(self, model):
-        self.layers = [_LayerWeights(block) for block in model.transformer.layers]
+    def __init__(self, model, store: str | None):
+        self.layers = [_LayerWeights(block, store) for block in model.transformer.layers]
         n = model.num_text_tokens
         self.norm_out = _norm(model.norm_out)
         b = model.to_logits.bias
         self.image_head = _Linear(model.to_logits.weight[n:].contiguous(),
-                                  None if b is None else b[n:].contiguous())
+                                  None if b is None else b[n:].contiguous(), store)
+
+    def bytes_read(self) -> int:
+        """Weight bytes one decoding step reads (every matrix once)."""
+        return self.image_head.bytes_read + sum(
+            lin.bytes_read for layer in self.layers for lin in layer.linears)
 
 
-# model -> (its parameter tensors then, their versions then, weights). Holding the tensors
+# (model, store) -> (its parameter tensors then, their versions then, weights). Holding the tensors
 # keeps their memory, so an unchanged data_ptr and version mean unchanged values; an
 # optimizer step bumps the version, ``.to(dtype)`` and ``load_state_dict`` change one of them.
 _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weights(model) -> _Weights:
+def _weights(model, store: str | None) -> _Weights:
     params = [p.detach() for p in model.parameters()]
     versions = [p._version for p in params]
-    hit = _built.get(model)
+    hit = _built.get(model, {}).get(store)
     if hit is not None and hit[1] == versions and len(hit[0]) == len(params) and all(
             a.data_ptr() == b.data_ptr() and a.dtype == b.dtype for a, b in zip(hit[0], params)):
         return hit[2]
-    _built.pop(model, None)  # free the old weights first
+    _built.pop(model, None)  # free the old weights (of every store) first
     with torch.no_grad():
-        weights = _Weights(model)
-    _built[model] = (params, versions, weights)
+        weights = _Weights(model, store)
+    _built[model] = {store: (params, versions, weights)}
     return weights
 
 
@@ -153,15 +208,19 @@ class LeanDecoder:
     """One-position decoding steps of ``model`` with its current weights.
 
     The prepared weights are kept per model and rebuilt when a parameter changes (an
-    optimizer step, ``load_state_dict``, ``.to(dtype)``).
+    optimizer step, ``load_state_dict``, ``.to(dtype)``). ``weight_store="bf16"`` on an fp32
+    model (the ``bf16-weights`` precision): the matrices are kept as bf16 copies and multiplied
+    in fp32 (everything else stays fp32); see :class:`_Linear`.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, weight_store: str | None = None):
         if not self.supports(model):
             raise ValueError("LeanDecoder: the model has non-standard blocks")
         self.model = model
         self.attends = [block.attn.attend for block in model.transformer.layers]
-        self.weights = _weights(model)
+        if weight_store not in (None, "fp32", "bf16"):
+            raise ValueError(f"LeanDecoder: weight_store must be 'fp32' or 'bf16', not {weight_store!r}")
+        self.weights = _weights(model, weight_store)
 
     @staticmethod
     def supports(model) -> bool:

@@ -1,23 +1,38 @@
-"""bf16 and fp32 matrix products for 1-8 rows that stream the weights at the memory rate (CPU).
+"""Matrix products for 1-8 rows that stream the weights at the memory rate (CPU, x86).
 
 A cached sampling step multiplies one row per image by every weight matrix, so it is bound
-by how fast the weights are read. On an AVX512-BF16 CPU without AMX (AMD Zen 4), oneDNN's
-bf16 product reads them at ~13-16 GB/s with 1-8 rows; this kernel reads 25-30 GB/s for one
-row (a plain ``W.sum()`` streams ~26 GB/s on one core). The weight is packed once so that
-one 64-byte load holds two k-values of 16 output rows: ``_mm512_dpbf16_ps`` then multiplies
-them by a broadcast pair of inputs and accumulates 16 outputs in fp32, with no horizontal
-sums; bias and residual are added in fp32 before one rounding to bf16 (oneDNN's results
-differ by at most one bf16 step). fp32 weights get the same scheme with AVX512F FMA: packed
-so that one 64-byte load holds one k-value of 16 output rows, times a broadcast input
-(oneDNN's fp32 product reads ~13-14 GB/s here); the sums run in another order than
-``F.linear``'s, so results differ from it by fp32 rounding only (a few ulps of the sums).
+by how fast the weights are read. One C++ source, compiled at first use, holds a variant per
+instruction set (each function names its own with ``__attribute__((target(...)))``), picked
+at run time from :mod:`minidalle.hardware` (:func:`variant`):
 
-The kernel is compiled at first use with ``torch.utils.cpp_extension`` (~10-25 s, needs g++
-and ninja) and cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, by default
+- **native bf16** (AVX512-BF16): the weight packed so that one 64-byte load holds two
+  k-values of 16 output rows; ``_mm512_dpbf16_ps`` multiplies them by a broadcast pair of
+  inputs and accumulates 16 outputs in fp32, with no horizontal sums; bias and residual are
+  added in fp32 before one rounding to bf16 (oneDNN's results differ by at most one bf16
+  step). On AMD Zen 4 oneDNN's bf16 product reads ~13-16 GB/s with 1-8 rows, this 25-30 GB/s
+  for one row (a plain ``W.sum()`` streams ~26 GB/s on one core).
+- **fp32 arithmetic** on weights packed ``[N/16, K, 16]`` (one k-value of 16 output rows per
+  64 bytes in fp32, 32 in bf16) times a broadcast input, fp32 FMA: AVX512F (16 outputs a
+  vector) or AVX2 + FMA (8 outputs a vector, a 16-row block being two). The weights are fp32,
+  or **bf16-stored** (:func:`pack` with ``store="bf16"``, or bf16 weights on a CPU without
+  native bf16): widened by a 16-bit shift as they are loaded, so a step reads half the bytes
+  and the results differ from fp32 weights' only by the weight rounding. Inputs come in fp32
+  (or bf16, widened), the output in the input's dtype (bf16: rounded to nearest even, as
+  PyTorch). The sums run in chunks of 64 products, in another order than ``F.linear``'s:
+  results differ from it by fp32 rounding only.
+
+Measured with ``benchmarks/gemv_ab.py`` (L16 shapes, 16 weights a pass): the fp32 variants
+read 1.5-3x faster than oneDNN's prepacked fp32 product, AVX2 against oneDNN capped at AVX2
+(``ONEDNN_MAX_CPU_ISA=AVX2``) as well as AVX-512 against oneDNN at AVX-512, for 1 and 8 rows;
+so the kernel is kept for fp32 weights on both (``_FP32_VARIANTS``), and oneDNN serves only
+what the kernel does not (more than 8 rows, other shapes and dtypes).
+
+The kernel is compiled with ``torch.utils.cpp_extension`` (~20-35 s, needs g++ and ninja)
+and cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``); later processes only load it. :func:`pack` returns None,
-and callers keep their own path, when the CPU lacks AVX512F (AVX512-BF16 for bf16
-weights), the build or the load fails (logged once at debug level), or
-``MINIDALLE_GEMV=0`` is set.
+and callers keep their own path, on a CPU level without AVX2 + FMA (aarch64,
+``MINIDALLE_CPU=generic``), when the build or the load fails (logged once at debug level),
+or with ``MINIDALLE_GEMV=0``.
 """
 from __future__ import annotations
 
@@ -93,27 +108,78 @@ static void run(const uint32_t* x, int64_t K2, const uint16_t* wp, int64_t NB,
   });
 }
 
-#define KERNEL32 __attribute__((target("avx512f")))
+// fp32 arithmetic on fp32 or bf16-stored weights, packed [N/16, K, 16]: one k-value of 16
+// output rows per 64 (fp32) or 32 (bf16) bytes, times a broadcast x[k] (FMA). bf16 weights
+// are widened by a 16-bit shift. Bias and residual come in fp32 or bf16 (widened), y in fp32
+// or bf16 (rounded to nearest even, as PyTorch's conversion). Two variants: AVX-512 (16-wide)
+// and AVX2 + FMA (8-wide: a 16-row block is two vectors).
+struct Epilogue {
+  const void* bias; bool bias16;
+  const void* res; bool res16;
+  void* y; bool y16;
+  int64_t N;
+};
 
-// fp32: the same scheme with one k per 64-byte load of 16 output rows (a broadcast x[k], FMA).
-template <int M, int RB>
-KERNEL32 static void blocks32(const float* x, int64_t K, const float* wp, int64_t nb0,
-                              const float* bias, const float* res, float* y, int64_t N) {
-  // Sums of CHUNK products at a time, then added up: a rounding error growing with CHUNK +
-  // K / CHUNK rather than K (as close to F.linear as its own blocked sums; the totals are
-  // touched once per chunk, so they may live in memory at no cost).
-  constexpr int64_t CHUNK = 64;
+#define KERNEL512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define KERNEL256 __attribute__((target("avx2,fma")))
+
+KERNEL512 static inline __m512 load512(const float* p) { return _mm512_loadu_ps(p); }
+KERNEL512 static inline __m512 load512(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+KERNEL512 static inline __m512 load512(const void* p, bool bf16, int64_t i) {
+  return bf16 ? load512((const uint16_t*)p + i) : load512((const float*)p + i);
+}
+KERNEL512 static inline void store512(void* p, bool bf16, int64_t i, __m512 v) {
+  if (!bf16) { _mm512_storeu_ps((float*)p + i, v); return; }
+  __m512i u = _mm512_castps_si512(v);  // round to nearest even; NaN -> 0x7fc0
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+  _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+
+KERNEL256 static inline __m256 load256(const float* p) { return _mm256_loadu_ps(p); }
+KERNEL256 static inline __m256 load256(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+KERNEL256 static inline __m256 load256(const void* p, bool bf16, int64_t i) {
+  return bf16 ? load256((const uint16_t*)p + i) : load256((const float*)p + i);
+}
+KERNEL256 static inline void store256(void* p, bool bf16, int64_t i, __m256 v) {
+  if (!bf16) { _mm256_storeu_ps((float*)p + i, v); return; }
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  u = _mm256_blendv_epi8(u, _mm256_set1_epi32(0x7fc00000),
+                         _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  u = _mm256_srli_epi32(u, 16);  // 8 values < 65536: packing does not saturate
+  _mm_storeu_si128((__m128i*)((uint16_t*)p + i),
+                   _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+}
+
+// Sums of CHUNK products at a time, then added up: a rounding error growing with CHUNK +
+// K / CHUNK rather than K (as close to F.linear as its own blocked sums; the totals are
+// touched once per chunk, so they may live in memory at no cost).
+constexpr int64_t CHUNK = 64;
+
+// AVX-512: y[m, n0:n0+16*RB] for RB blocks of 16 output rows starting at block nb0.
+template <typename W, int M, int RB>
+KERNEL512 static void blocks512(const float* x, int64_t K, const W* wp, int64_t nb0,
+                                const Epilogue& e) {
   __m512 acc[M][RB];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
-  const float* w = wp + nb0 * K * 16;
+  const W* w = wp + nb0 * K * 16;
   for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
     __m512 part[M][RB];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < RB; ++r) part[m][r] = _mm512_setzero_ps();
     for (int64_t k = k0; k < std::min(K, k0 + CHUNK); ++k) {
       __m512 wv[RB];
-      for (int r = 0; r < RB; ++r) wv[r] = _mm512_loadu_ps(w + (r * K + k) * 16);
+      for (int r = 0; r < RB; ++r) wv[r] = load512(w + (r * K + k) * 16);
       for (int m = 0; m < M; ++m) {
         __m512 xv = _mm512_set1_ps(x[m * K + k]);
         for (int r = 0; r < RB; ++r) part[m][r] = _mm512_fmadd_ps(xv, wv[r], part[m][r]);
@@ -124,23 +190,70 @@ KERNEL32 static void blocks32(const float* x, int64_t K, const float* wp, int64_
   }
   for (int r = 0; r < RB; ++r) {
     int64_t n0 = (nb0 + r) * 16;
-    __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+    __m512 b = e.bias ? load512(e.bias, e.bias16, n0) : _mm512_setzero_ps();
     for (int m = 0; m < M; ++m) {
       __m512 v = _mm512_add_ps(acc[m][r], b);
-      if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + m * N + n0));
-      _mm512_storeu_ps(y + m * N + n0, v);
+      if (e.res) v = _mm512_add_ps(v, load512(e.res, e.res16, m * e.N + n0));
+      store512(e.y, e.y16, m * e.N + n0, v);
     }
   }
 }
 
-template <int M>
-static void run32(const float* x, int64_t K, const float* wp, int64_t NB,
-                  const float* bias, const float* res, float* y, int64_t N) {
+template <typename W, int M>
+static void run512(const float* x, int64_t K, const W* wp, int64_t NB, const Epilogue& e) {
   constexpr int RB = M <= 2 ? 4 : 3;  // as run<M>
   at::parallel_for(0, (NB + RB - 1) / RB, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      if ((g + 1) * RB <= NB) blocks32<M, RB>(x, K, wp, g * RB, bias, res, y, N);
-      else for (int64_t b = g * RB; b < NB; ++b) blocks32<M, 1>(x, K, wp, b, bias, res, y, N);
+      if ((g + 1) * RB <= NB) blocks512<W, M, RB>(x, K, wp, g * RB, e);
+      else for (int64_t b = g * RB; b < NB; ++b) blocks512<W, M, 1>(x, K, wp, b, e);
+    }
+  });
+}
+
+// AVX2: y[m, 8v:8v+8] for V vectors of 8 output rows from vector v0 (vector v: half v % 2
+// of block v / 2). 16 registers: M x V accumulators + V weights + one x stay below 16.
+template <typename W, int M, int V>
+KERNEL256 static void vectors256(const float* x, int64_t K, const W* wp, int64_t v0,
+                                 const Epilogue& e) {
+  const W* w[V];
+  for (int j = 0; j < V; ++j) w[j] = wp + ((v0 + j) >> 1) * K * 16 + ((v0 + j) & 1) * 8;
+  __m256 acc[M][V];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < V; ++j) acc[m][j] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
+    __m256 part[M][V];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < V; ++j) part[m][j] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < std::min(K, k0 + CHUNK); ++k) {
+      __m256 wv[V];
+      for (int j = 0; j < V; ++j) wv[j] = load256(w[j] + k * 16);
+      for (int m = 0; m < M; ++m) {
+        __m256 xv = _mm256_broadcast_ss(x + m * K + k);
+        for (int j = 0; j < V; ++j) part[m][j] = _mm256_fmadd_ps(xv, wv[j], part[m][j]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < V; ++j) acc[m][j] = _mm256_add_ps(acc[m][j], part[m][j]);
+  }
+  for (int j = 0; j < V; ++j) {
+    int64_t n0 = (v0 + j) * 8;
+    __m256 b = e.bias ? load256(e.bias, e.bias16, n0) : _mm256_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      __m256 v = _mm256_add_ps(acc[m][j], b);
+      if (e.res) v = _mm256_add_ps(v, load256(e.res, e.res16, m * e.N + n0));
+      store256(e.y, e.y16, m * e.N + n0, v);
+    }
+  }
+}
+
+template <typename W, int M>
+static void run256(const float* x, int64_t K, const W* wp, int64_t NB, const Epilogue& e) {
+  constexpr int V = M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1;
+  int64_t NV = 2 * NB;
+  at::parallel_for(0, (NV + V - 1) / V, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      if ((g + 1) * V <= NV) vectors256<W, M, V>(x, K, wp, g * V, e);
+      else for (int64_t v = g * V; v < NV; ++v) vectors256<W, M, 1>(x, K, wp, v, e);
     }
   });
 }
@@ -160,50 +273,28 @@ static void by_rows(int64_t rows, F&& f) {
   }
 }
 
-// weight [N, K] bf16 -> [N/16, K/2, 16, 2]; fp32 -> [N/16, K, 16]
-at::Tensor pack(const at::Tensor& w) {
-  if (w.scalar_type() == at::kFloat) {
-    TORCH_CHECK(w.dim() == 2 && w.size(0) % 16 == 0, "pack: a [16n, k] fp32 weight");
-    return w.view({w.size(0) / 16, 16, w.size(1)}).permute({0, 2, 1}).contiguous();
-  }
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(0) % 16 == 0
-              && w.size(1) % 2 == 0, "pack: a [16n, 2k] bf16 weight");
-  return w.view({w.size(0) / 16, 16, w.size(1) / 2, 2}).permute({0, 2, 1, 3}).contiguous();
-}
-
-// x [..., K] (at most 8 rows), residual with x's rows -> y [..., N]; the dtype of wp (bf16
-// or fp32) for x, bias, residual and y.
-at::Tensor linear(const at::Tensor& x_, const at::Tensor& wp, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& residual) {
+// The native bf16 product (AVX512-BF16): weight packed [N/16, K/2, 16, 2]; x, bias,
+// residual and y in bf16.
+static at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& wp,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual) {
   auto x = x_.reshape({-1, x_.size(-1)}).contiguous();
-  auto dt = wp.scalar_type();
-  bool f32 = dt == at::kFloat;
-  int64_t M = x.size(0), K = f32 ? wp.size(1) : 2 * wp.size(1), NB = wp.size(0), N = NB * 16;
-  TORCH_CHECK(x.scalar_type() == dt && x.size(1) == K && (f32 || dt == at::kBFloat16) && M <= 8,
+  int64_t M = x.size(0), K2 = wp.size(1), NB = wp.size(0), N = NB * 16;
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(1) == 2 * K2 && M <= 8,
               "linear: bad input");
   at::Tensor b, res;
   if (bias) {
     b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == dt && b.numel() == N, "linear: bad bias");
+    TORCH_CHECK(b.scalar_type() == at::kBFloat16 && b.numel() == N, "linear: bad bias");
   }
   if (residual) {
     res = residual->contiguous();
-    TORCH_CHECK(res.scalar_type() == dt && res.numel() == M * N, "linear: bad residual");
+    TORCH_CHECK(res.scalar_type() == at::kBFloat16 && res.numel() == M * N, "linear: bad residual");
   }
   auto sizes = x_.sizes().vec();
   sizes.back() = N;
   auto y = at::empty(sizes, x.options());
   if (M == 0) return y;
-  if (f32) {
-    auto px = (const float*)x.data_ptr();
-    auto pw = (const float*)wp.data_ptr();
-    auto pb = bias ? (const float*)b.data_ptr() : nullptr;
-    auto pr = residual ? (const float*)res.data_ptr() : nullptr;
-    auto py = (float*)y.data_ptr();
-    by_rows(M, [&](auto m) { run32<decltype(m)::value>(px, K, pw, NB, pb, pr, py, N); });
-    return y;
-  }
-  int64_t K2 = K / 2;
   auto px = (const uint32_t*)x.data_ptr();
   auto pw = (const uint16_t*)wp.data_ptr();
   auto pb = bias ? (const uint16_t*)b.data_ptr() : nullptr;
@@ -213,9 +304,79 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& wp, const std::optiona
   return y;
 }
 
+// fp32 arithmetic: weight packed [N/16, K, 16] in fp32 (x, bias, residual, y in fp32) or in
+// bf16 (each of x, bias, residual in fp32 or bf16; y in x's dtype).
+static at::Tensor linear_fp32(const at::Tensor& x_, const at::Tensor& wp,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, bool avx512) {
+  bool w16 = wp.scalar_type() == at::kBFloat16;
+  auto ok = [&](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat || (w16 && t.scalar_type() == at::kBFloat16);
+  };
+  int64_t K = wp.size(1), NB = wp.size(0), N = NB * 16;
+  TORCH_CHECK(ok(x_) && x_.dim() >= 1 && x_.size(-1) == K && x_.numel() <= 8 * K,
+              "linear: bad input");
+  auto x = x_.reshape({-1, K}).to(at::kFloat).contiguous();
+  int64_t M = x.size(0);
+  Epilogue e{nullptr, false, nullptr, false, nullptr, x_.scalar_type() == at::kBFloat16, N};
+  at::Tensor b, res;
+  if (bias) {
+    b = bias->contiguous();
+    TORCH_CHECK(ok(b) && b.numel() == N, "linear: bad bias");
+    e.bias = b.data_ptr();
+    e.bias16 = b.scalar_type() == at::kBFloat16;
+  }
+  if (residual) {
+    res = residual->contiguous();
+    TORCH_CHECK(ok(res) && res.numel() == M * N, "linear: bad residual");
+    e.res = res.data_ptr();
+    e.res16 = res.scalar_type() == at::kBFloat16;
+  }
+  auto sizes = x_.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty(sizes, x_.options());
+  if (M == 0) return y;
+  e.y = y.data_ptr();
+  auto px = (const float*)x.data_ptr();
+  auto go = [&](auto* pw) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(pw)>>;
+    by_rows(M, [&](auto m) {
+      if (avx512) run512<W, decltype(m)::value>(px, K, pw, NB, e);
+      else run256<W, decltype(m)::value>(px, K, pw, NB, e);
+    });
+  };
+  if (w16) go((const uint16_t*)wp.data_ptr());
+  else go((const float*)wp.data_ptr());
+  return y;
+}
+
+static void check_packed(const at::Tensor& wp) {
+  TORCH_CHECK(wp.is_contiguous() && ((wp.dim() == 3 && wp.size(2) == 16
+              && (wp.scalar_type() == at::kFloat || wp.scalar_type() == at::kBFloat16))
+              || (wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2
+                  && wp.scalar_type() == at::kBFloat16)), "linear: bad packed weight");
+}
+
+// x [..., K] (at most 8 rows), residual with x's rows -> y [..., N]: the AVX-512 variants.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& residual) {
+  check_packed(wp);
+  if (wp.dim() == 4) return linear_bf16(x, wp, bias, residual);
+  return linear_fp32(x, wp, bias, residual, true);
+}
+
+// The same with AVX2 + FMA ([N/16, K, 16] weights only).
+at::Tensor linear_avx2(const at::Tensor& x, const at::Tensor& wp,
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual) {
+  check_packed(wp);
+  TORCH_CHECK(wp.dim() == 3, "linear: bad packed weight (the bf16-dot layout needs AVX512-BF16)");
+  return linear_fp32(x, wp, bias, residual, false);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack);
   m.def("linear", &linear);
+  m.def("linear_avx2", &linear_avx2);
 }
 """
 
@@ -223,14 +384,25 @@ _module = None
 _tried = False
 
 
+def variant() -> str | None:
+    """The kernel variant the CPU level allows (the probe's answer): ``"avx512"`` where
+    AVX512F may be used, ``"avx2"`` where AVX2 and FMA may, else None (other CPUs, aarch64,
+    ``MINIDALLE_CPU=generic``: the callers' PyTorch paths)."""
+    if hardware.has("avx512f"):
+        return "avx512"
+    if hardware.has("avx2") and hardware.has("fma"):
+        return "avx2"
+    return None
+
+
 def _cpu_ok() -> bool:
-    """The fp32 kernel runs (AVX512F), as the capability probe reports it."""
-    return hardware.has("avx512f")
+    """Some variant of the kernel runs on this CPU level."""
+    return variant() is not None
 
 
 def _cpu_bf16() -> bool:
-    """The bf16 kernel runs too (AVX512-BF16)."""
-    return hardware.has("avx512_bf16")
+    """The native bf16 kernel runs too (AVX512-BF16)."""
+    return variant() == "avx512" and hardware.has("avx512_bf16")
 
 
 @contextlib.contextmanager
@@ -258,7 +430,8 @@ def _build():
     src = Path(build_dir) / "gemv.cpp"
     if not src.exists() or src.read_text() != _SOURCE:  # an unchanged file: no rebuild
         src.write_text(_SOURCE)
-    # -fopenmp: at::parallel_for's OpenMP loop; the libgomp torch loaded serves it.
+    # -fopenmp: at::parallel_for's OpenMP loop; the libgomp torch loaded serves it. No -march:
+    # each function names its instruction set, the variant is chosen at run time.
     return cpp_extension.load(name, [str(src)], extra_cflags=["-O3", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
 
@@ -271,7 +444,7 @@ def kernel():
         if os.environ.get("MINIDALLE_GEMV", "1") == "0":
             log.debug("GEMV kernel off (MINIDALLE_GEMV=0)")
         elif not _cpu_ok():
-            log.debug("GEMV kernel off: the CPU lacks AVX512F")
+            log.debug("GEMV kernel off: the CPU level is %s (needs AVX2 + FMA)", hardware.cpu_level())
         else:
             try:
                 with _quiet():
@@ -281,33 +454,80 @@ def kernel():
     return _module
 
 
+def function():
+    """The kernel's product for this CPU level (``linear``'s signature), or None."""
+    module = kernel()
+    if module is None or not _cpu_ok():
+        return None
+    return module.linear if variant() == "avx512" else module.linear_avx2
+
+
+# Where the kernel's fp32-stored product beats oneDNN's (benchmarks/gemv_ab.py, see above).
+_FP32_VARIANTS = ("avx512", "avx2")
+
+
+def _fp32_stored() -> bool:
+    """fp32-stored weights go through the kernel (else oneDNN's fp32 product serves them)."""
+    return variant() in _FP32_VARIANTS
+
+
 def status() -> str:
     """Which kernel serves cached decoding here, in words (for ``minidalle env``)."""
     if os.environ.get("MINIDALLE_GEMV", "1") == "0":
         return "off (MINIDALLE_GEMV=0)"
     if not _cpu_ok():
-        return f"not used: the CPU level is {hardware.cpu_level()} (needs AVX512F)"
+        return f"not used: the CPU level is {hardware.cpu_level()} (needs AVX2 + FMA)"
     if kernel() is None:
         return "not built (no compiler or a failed build: see debug log minidalle.inference.gemv)"
-    return "avx512f fp32" + (" + avx512_bf16 bf16" if _cpu_bf16() else "")
+    parts = ([f"{variant()} fp32"] if _fp32_stored() else []) + [f"{variant()} bf16-stored/fp32-arithmetic"]
+    if _cpu_bf16():
+        parts.append("avx512_bf16 bf16")
+    return " + ".join(parts)
 
 
-def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``weight`` packed for :func:`linear`, or None where the kernel does not apply."""
-    bf16 = weight.dtype == torch.bfloat16
+def pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
+         store: str | None = None) -> torch.Tensor | None:
+    """``weight`` packed for :func:`linear`, or None where the kernel does not apply.
+
+    ``store`` is the dtype the packed weight keeps: ``"fp32"`` or ``"bf16"`` (default: the
+    weight's). An fp32 weight stored in bf16 is rounded once and multiplied in fp32 (x, bias,
+    residual and y stay fp32): half the bytes read, results differing from fp32 only by the
+    weight rounding. A bf16 weight takes the native bf16 product (AVX512-BF16) where the CPU
+    has it, else the same bf16-stored fp32 arithmetic (bf16 inputs widened, y rounded)."""
+    if store not in (None, "fp32", "bf16"):
+        raise ValueError(f"gemv.pack: store must be 'fp32' or 'bf16', not {store!r}")
     if (weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32)
-            or weight.dim() != 2 or weight.shape[0] % 16 or (bf16 and weight.shape[1] % 2)
+            or weight.dim() != 2 or weight.shape[0] % 16
             or (bias is not None and (bias.dtype != weight.dtype or bias.device.type != "cpu"))):
         return None
+    if store == "fp32" and weight.dtype != torch.float32:
+        return None  # widening stored bf16 weights gains nothing
     module = kernel()
-    if module is None or (bf16 and not _cpu_bf16()):
+    if module is None or not _cpu_ok():
         return None
-    return module.pack(weight.detach())
+    w = weight.detach()
+    if weight.dtype == torch.bfloat16 and _cpu_bf16():
+        return None if weight.shape[1] % 2 else pack_pairs(w)
+    if store == "bf16" or weight.dtype == torch.bfloat16:
+        return pack_rows(w.to(torch.bfloat16))
+    return pack_rows(w) if _fp32_stored() else None
+
+
+def pack_rows(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N/16, K, 16] (the fp32-arithmetic layout, fp32 or bf16), for any CPU."""
+    n, k = w.shape
+    return w.view(n // 16, 16, k).transpose(1, 2).contiguous()
+
+
+def pack_pairs(w: torch.Tensor) -> torch.Tensor:
+    """bf16 [N, K] -> [N/16, K/2, 16, 2] (the native bf16 layout: k-pairs of 16 rows)."""
+    n, k = w.shape
+    return w.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """The weight that :func:`pack` packed (exactly)."""
-    if packed.dim() == 3:  # fp32 [N/16, K, 16]
+    """The weight that :func:`pack` packed (exactly; in the stored dtype)."""
+    if packed.dim() == 3:  # [N/16, K, 16]
         return packed.permute(0, 2, 1).reshape(packed.shape[0] * 16, packed.shape[1])
     n16, k2 = packed.shape[:2]
     return packed.permute(0, 2, 1, 3).reshape(n16 * 16, k2 * 2)
@@ -315,7 +535,8 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias (+ residual)`` for ``x`` ``[..., K]`` of at most ``MAX_ROWS`` rows in
-    W's dtype (bf16 or fp32) and ``packed = pack(W)`` (callers in a hurry call
-    ``kernel().linear`` directly)."""
-    return _module.linear(x, packed, bias, residual)
+    """``x @ W.T + bias (+ residual)`` for ``x`` ``[..., K]`` of at most ``MAX_ROWS`` rows and
+    ``packed = pack(W, bias, store)``: fp32-stored W takes fp32 x, bias, residual; bf16-stored
+    W (fp32 arithmetic) takes each of them in fp32 or bf16 and returns x's dtype; the native
+    bf16 layout takes bf16 (callers in a hurry call :func:`function`'s result directly)."""
+    return function()(x, packed, bias, residual)

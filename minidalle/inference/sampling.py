@@ -66,12 +66,15 @@ def _can_cache(model, use_cache: bool) -> bool:
 class _Decoder:
     """Feeds sequence ids to the model and returns the last position's hidden state,
     cached (incremental) or by recomputing the whole prefix. Cached one-position steps of
-    standard models go through :class:`~minidalle.inference.decode.LeanDecoder`."""
+    standard models go through :class:`~minidalle.inference.decode.LeanDecoder` (its matrices
+    stored in ``weight_store``'s dtype: "bf16" for the ``bf16-weights`` precision)."""
 
-    def __init__(self, model, use_cache: bool, static: bool = False, batch: int = 1):
+    def __init__(self, model, use_cache: bool, static: bool = False, batch: int = 1,
+                 weight_store: str | None = None):
         self.model = model
         self.cache = model.new_cache() if use_cache else None
-        self.lean = LeanDecoder(model) if use_cache and LeanDecoder.supports(model) else None
+        self.lean = (LeanDecoder(model, weight_store)
+                     if use_cache and LeanDecoder.supports(model) else None)
         self.seq = None
         self.static = None  # the fixed-shape step of minidalle.inference.graph_decode
         if static and use_cache:
@@ -103,6 +106,7 @@ def generate_image_codes(
     prime_codes: torch.Tensor | None = None, use_cache: bool = True,
     progress: Callable[[int], None] | None = None, on_logits: Callable | None = None,
     cuda_graph: bool = False,
+    weight_store: str | None = None,
 ) -> torch.Tensor:
     """Sample image codes ``[B, image_seq_len]`` for text ids ``[B, text_seq_len]``.
 
@@ -111,13 +115,16 @@ def generate_image_codes(
     for models it does not support.
 
     ``prime_codes`` ``[B, k]`` fixes the first k codes (priming with an image).
+    ``weight_store="bf16"``: the cached steps read bf16 copies of the (fp32) model's
+    matrices, in fp32 arithmetic (the ``bf16-weights`` precision).
     ``progress(n)`` is called after each sampled token; ``on_logits(step, logits)`` sees the
     image logits of every step (used by the tests).
     """
     model.eval()
     device = text.device
     generator = generator or _generator(seed, device)
-    decoder = _Decoder(model, _can_cache(model, use_cache), static=cuda_graph, batch=text.shape[0])
+    decoder = _Decoder(model, _can_cache(model, use_cache), static=cuda_graph, batch=text.shape[0],
+                       weight_store=weight_store)
     prefix = model.prepare_text(text)
     codes = prefix.new_empty(text.shape[0], 0)
     if prime_codes is not None:
@@ -184,12 +191,13 @@ def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
 def draw_images(model, codec, text: torch.Tensor, *, batch_size: int, generator: torch.Generator,
                 filter_thres: float, top_p: float | None, temperature: float, use_cache: bool = True,
                 prime_codes: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
-                sample_context: Callable | None = None) -> torch.Tensor:
+                sample_context: Callable | None = None, weight_store: str | None = None) -> torch.Tensor:
     """Images ``float [N, 3, S, S]`` in [0, 1] for text ids ``[N, text_seq_len]``: codes
     sampled ``batch_size`` prompts at a time, then decoded by ``codec`` in fp32.
 
     ``prime_codes`` ``[1, k]`` primes every image; ``progress(n)`` counts sampled tokens
-    (over the whole batch); ``sample_context()`` wraps the sampling only (e.g. autocast)."""
+    (over the whole batch); ``sample_context()`` wraps the sampling only (e.g. autocast);
+    ``weight_store`` as for :func:`generate_image_codes`."""
     import contextlib
 
     images = []
@@ -198,7 +206,7 @@ def draw_images(model, codec, text: torch.Tensor, *, batch_size: int, generator:
         with (sample_context or contextlib.nullcontext)():
             codes = generate_image_codes(
                 model, chunk, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
-                generator=generator, use_cache=use_cache,
+                generator=generator, use_cache=use_cache, weight_store=weight_store,
                 prime_codes=None if prime_codes is None else prime_codes.expand(len(chunk), -1),
                 progress=None if progress is None else (lambda k, m=len(chunk): progress(k * m)))
         images.append(codec.decode(codes).float().clamp(0, 1))

@@ -171,19 +171,22 @@ class LoadedRun:
     def draw(self, captions: list[str], *, seed: int, batch_size: int = 64,
              generate=None) -> "torch.Tensor":
         """uint8 images ``[N, 3, S, S]`` drawn for ``captions`` (in order)."""
+        from minidalle.inference.decode import generation_precision
         from minidalle.inference.sampling import draw_images
 
         torch = self.torch
         g = generate or self.cfg.generate
-        cast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if g.precision == "bf16"
+        precision = generation_precision(g.precision)
+        cast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16"
                 else None)
+        weight_store = "bf16" if precision == "bf16-weights" else None
         gen = torch.Generator().manual_seed(int(seed))
         if not captions:
             return torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         text = self.tokenizer.encode(captions, self.cfg.model.text_seq_len, truncate=True)
         images = draw_images(self.model, self.codec, text, batch_size=batch_size, generator=gen,
                              filter_thres=g.filter_thres, top_p=g.top_p, temperature=g.temperature,
-                             use_cache=g.use_cache, sample_context=cast)
+                             use_cache=g.use_cache, sample_context=cast, weight_store=weight_store)
         return (images * 255).round().to(torch.uint8)
 
     def reconstruct(self, images) -> "torch.Tensor":
