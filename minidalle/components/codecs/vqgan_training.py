@@ -276,10 +276,9 @@ def train_codec(cfg: Config, *, registry=None, log: Callable[[str], None] = prin
 
 
 def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
-    from torch.utils.data import DataLoader, Subset
-
-    from minidalle.components.codecs.vqgan import VQGAN, save_vqgan
-    from minidalle.fileio import atomic_write as _atomic_write
+    """The codec's training run: data, model and codebook start, the step loop, then the
+    held-out evaluation and the files (each step below a function of its own)."""
+    from minidalle.components.codecs.vqgan import VQGAN
 
     if cfg.dataset is None:
         raise ConfigError(f"{cfg.source}: dataset: train-codec needs a [dataset] section")
@@ -289,28 +288,8 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
     seed = cfg.run.seed if ct.seed is None else ct.seed
     out = output_path(cfg, ct)
     torch.manual_seed(seed)
-
-    ds = registry.get("dataset", cfg.dataset.name).build(
-        cfg.dataset.params, image_size=ct.image_size, split=ct.split, seed=seed)
+    ds, loader, g = _data(cfg, ct, registry, seed, out)
     n = len(ds)
-    if n < ct.heldout + ct.batch_size:
-        raise DataError(f"dataset {cfg.dataset.name!r} ({ct.split}) has {n} items; train-codec "
-                        f"needs heldout ({ct.heldout}) + batch_size ({ct.batch_size})")
-    first = ds[0]
-    image = first.get("image") if isinstance(first, dict) else None
-    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 \
-            or tuple(image.shape) != (3, ct.image_size, ct.image_size):
-        got = tuple(image.shape) if isinstance(image, torch.Tensor) else (
-            "no 'image' key" if not isinstance(first, dict) or "image" not in first else type(image).__name__)
-        raise DataError(f"dataset {cfg.dataset.name!r}: item 0: expected 'image' uint8 "
-                        f"[3, {ct.image_size}, {ct.image_size}], got {got}")
-    heldout_idx = range(n - ct.heldout, n)
-    if out.is_dir() or out.suffix in ("", "."):
-        raise ConfigError(f"{cfg.source}: {SECTION}.out: expected a .ckpt file path, got {str(out)!r}")
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(Subset(ds, range(n - ct.heldout)), batch_size=ct.batch_size, shuffle=True,
-                        drop_last=True, num_workers=ct.workers, collate_fn=collate_images,
-                        generator=g, persistent_workers=ct.workers > 0)
 
     model = VQGAN(ct.ddconfig(), ct.n_embed, ct.embed_dim, beta=ct.beta, structure=ct.structure())
     books = model.codebooks()  # one or two codebooks, each with its EMA, use counts, restarts
@@ -324,9 +303,6 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
             return (step + 1) / ct.warmup_steps
         t = (step - ct.warmup_steps) / max(1, ct.steps - ct.warmup_steps)
         return ct.min_lr_ratio + (1 - ct.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    def flat(z):  # [B, C, f, f] -> [B*f*f, C]
-        return z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
     def gains(batch):
         if not model.structure or ct.structure_gain_jitter == 0:
@@ -343,15 +319,7 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
         f"{ct.heldout} held out; {ct.image_size}px -> {model.fmap_size}x{model.fmap_size} codes "
         f"of {sizes}; {n_params / 1e6:.2f}M parameters; {ct.steps} steps of {ct.batch_size} "
         f"({ct.precision})")
-
-    # Data-dependent codebook init: every code starts as a real encoder output (a restart of all).
-    with torch.no_grad():
-        x0 = next(batches).float() / 127.5 - 1
-        z0 = model.encode_latents(x0)
-    for i, book in enumerate(books):
-        restart_dead_codes(book, counts[i], flat(z0[i]), threshold=1, generator=g)
-        if emas is not None:
-            emas[i].reset(torch.ones(book.shape[0], dtype=torch.bool))
+    _start_codebooks(model, books, counts, emas, next(batches), g)
 
     model.train()
     start = last_t = time.perf_counter()
@@ -376,7 +344,7 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
         sched.step()
         for i, book in enumerate(books):
             if emas is not None:
-                emas[i].update(flat(z[i]), codes[i].flatten())
+                emas[i].update(_flat(z[i]), codes[i].flatten())
             counts[i] += torch.bincount(codes[i].flatten(), minlength=book.shape[0])
         seen += x.shape[0]
         loss_sum += loss.item()
@@ -388,7 +356,7 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
             usage = min(usage_stats(c)[0] for c in counts)
             for i, book in enumerate(books):
                 dead = counts[i] < ct.restart_threshold
-                restarted += restart_dead_codes(book, counts[i], flat(z[i]), ct.restart_threshold, opt, g)
+                restarted += restart_dead_codes(book, counts[i], _flat(z[i]), ct.restart_threshold, opt, g)
                 if emas is not None:
                     emas[i].reset(dead)
                 counts[i].zero_()
@@ -403,7 +371,60 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
             last_t, seen_at_log = now, seen
     train_seconds = time.perf_counter() - start
 
-    # Held-out evaluation through the codec interface (fp32, what the vqgan codec will do).
+    metrics, held, recon = _evaluate(model, books, ds, range(n - ct.heldout, n))
+    metrics.update(steps=ct.steps, train_seconds=round(train_seconds, 1),
+                   images_per_second=round(seen / train_seconds, 1), image_size=ct.image_size,
+                   fmap_size=model.fmap_size, n_embed=ct.n_embed, num_tokens=model.num_tokens,
+                   restarted_codes=restarted, checkpoint=str(out))
+    _save(model, cfg, ct, out, metrics, held, recon, log)
+    return metrics
+
+
+def _flat(z):  # [B, C, f, f] -> [B*f*f, C]
+    return z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+
+def _data(cfg: Config, ct: CodecTrainingConfig, registry, seed: int, out: Path):
+    """(dataset, loader over all but its last ``heldout`` items, the run's generator)."""
+    from torch.utils.data import DataLoader, Subset
+
+    ds = registry.get("dataset", cfg.dataset.name).build(
+        cfg.dataset.params, image_size=ct.image_size, split=ct.split, seed=seed)
+    n = len(ds)
+    if n < ct.heldout + ct.batch_size:
+        raise DataError(f"dataset {cfg.dataset.name!r} ({ct.split}) has {n} items; train-codec "
+                        f"needs heldout ({ct.heldout}) + batch_size ({ct.batch_size})")
+    first = ds[0]
+    image = first.get("image") if isinstance(first, dict) else None
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 \
+            or tuple(image.shape) != (3, ct.image_size, ct.image_size):
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else (
+            "no 'image' key" if not isinstance(first, dict) or "image" not in first else type(image).__name__)
+        raise DataError(f"dataset {cfg.dataset.name!r}: item 0: expected 'image' uint8 "
+                        f"[3, {ct.image_size}, {ct.image_size}], got {got}")
+    if out.is_dir() or out.suffix in ("", "."):
+        raise ConfigError(f"{cfg.source}: {SECTION}.out: expected a .ckpt file path, got {str(out)!r}")
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(Subset(ds, range(n - ct.heldout)), batch_size=ct.batch_size, shuffle=True,
+                        drop_last=True, num_workers=ct.workers, collate_fn=collate_images,
+                        generator=g, persistent_workers=ct.workers > 0)
+    return ds, loader, g
+
+
+def _start_codebooks(model, books, counts, emas, first_batch, g) -> None:
+    """Data-dependent codebook start: every code begins as a real encoder output (a restart
+    of all)."""
+    with torch.no_grad():
+        z0 = model.encode_latents(first_batch.float() / 127.5 - 1)
+    for i, book in enumerate(books):
+        restart_dead_codes(book, counts[i], _flat(z0[i]), threshold=1, generator=g)
+        if emas is not None:
+            emas[i].reset(torch.ones(book.shape[0], dtype=torch.bool))
+
+
+def _evaluate(model, books, ds, heldout_idx):
+    """Held-out PSNR and code use through the codec interface (fp32, as the vqgan codec runs):
+    (metrics, the held-out images, their reconstructions)."""
     model.freeze()
     held = torch.stack([ds[i]["image"] for i in heldout_idx]).float() / 255
     codes = torch.cat([model.encode(held[i:i + 64]) for i in range(0, len(held), 64)])
@@ -414,34 +435,32 @@ def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
         "usage": round(usage, 4),
         "perplexity": round(perplexity, 2),
         "heldout_images": len(held),
-        "steps": ct.steps,
-        "train_seconds": round(train_seconds, 1),
-        "images_per_second": round(seen / train_seconds, 1),
-        "image_size": ct.image_size,
-        "fmap_size": model.fmap_size,
-        "n_embed": ct.n_embed,
-        "num_tokens": model.num_tokens,
         # per codebook (colour, structure): share of its entries the held-out images use
         "codebook_usage": [round(usage_stats(torch.bincount(part.flatten(), minlength=b.shape[0]))[0], 4)
                            for part, b in zip(model.split_codes(codes), books)],
-        "restarted_codes": restarted,
-        "checkpoint": str(out),
     }
+    return metrics, held, recon
+
+
+def _save(model, cfg: Config, ct: CodecTrainingConfig, out: Path, metrics: dict, held, recon, log) -> None:
+    """The checkpoint + YAML, ``<stem>.metrics.json`` and ``<stem>.recon.png``, each atomically."""
+    from minidalle.components.codecs.vqgan import save_vqgan
+    from minidalle.fileio import atomic_write
+
     meta = {"global_step": ct.steps, "minidalle": {"metrics": dict(metrics), SECTION: attrs.asdict(ct),
                                                    "dataset": cfg.dataset.name}}
     metrics_path = out.with_name(out.stem + ".metrics.json")
     text = json.dumps(metrics, indent=2) + "\n"
     try:
         ckpt, yaml_path = save_vqgan(model, out, meta=meta)
-        _atomic_write(metrics_path, lambda f: f.write(text.encode()))
-        _save_grid(held[:8], recon[:8], out.with_name(out.stem + ".recon.png"), _atomic_write)
+        atomic_write(metrics_path, lambda f: f.write(text.encode()))
+        _save_grid(held[:8], recon[:8], out.with_name(out.stem + ".recon.png"), atomic_write)
     except OSError as exc:
         raise CheckpointError(f"{out}: cannot write the codec: {exc.strerror or exc}") from None
-    log(f"held-out: PSNR {metrics['psnr']:.2f} dB | codebook usage {usage:.0%} | "
-        f"perplexity {perplexity:.1f} of {model.num_tokens} | {train_seconds:.0f} s")
+    log(f"held-out: PSNR {metrics['psnr']:.2f} dB | codebook usage {metrics['usage']:.0%} | "
+        f"perplexity {metrics['perplexity']:.1f} of {model.num_tokens} | {metrics['train_seconds']:.0f} s")
     log(f"wrote {ckpt} + {yaml_path.name}, {metrics_path.name}; use it with "
         f"[codec] name = \"vqgan\", path = \"{ckpt}\"")
-    return metrics
 
 
 def _save_grid(images, recon, path: Path, atomic_write) -> None:
