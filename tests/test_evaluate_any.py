@@ -134,12 +134,13 @@ def test_walkthrough_previews_evaluate_and_generate(walkthrough):
     assert len(list((work / "generated").glob("*.png"))) >= 2
 
 
-def test_fid_kid_with_an_injected_feature_extractor(walkthrough):
+def test_fid_kid_with_an_injected_feature_extractor(walkthrough, monkeypatch):
     from minidalle.recipes.evaluation import evaluate_run
 
     work, _, _, _ = walkthrough
+    monkeypatch.chdir(work)  # the config's paths are relative to it
     lines = []
-    metrics = evaluate_run(work / "output" / "folder", fid_features=TinyFeatures(), log=lines.append)
+    metrics = evaluate_run(Path("output/folder"), fid_features=TinyFeatures(), log=lines.append)
     f = metrics["fid"]
     assert f["fid"] >= 0 and f["generated_images"] == f["real_images"] == 6
     assert f["features"] == "TinyFeatures" and f["real"] == "held-out images"
@@ -147,7 +148,7 @@ def test_fid_kid_with_an_injected_feature_extractor(walkthrough):
     # the same images against themselves: FID ~ 0, so the number depends on the images
     from minidalle.recipes.image_metrics import fid_kid
 
-    real = torch.stack([torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    real = torch.stack([torch.from_numpy(np.array(img)).permute(2, 0, 1)
                         for _, img, _ in list(_pairs())[:8]])
     same = fid_kid(real, real, TinyFeatures(), kid_subset_size=4)
     other = fid_kid(real, torch.zeros_like(real), TinyFeatures(), kid_subset_size=4)
