@@ -28,7 +28,7 @@ PLACES = {"left": (1, 5), "right": (9, 5)}
 SIZE = 16
 
 TINY = [  # configs/folder.toml shrunk to seconds
-    "codec_training.image_size=16", "codec_training.ch=32", "codec_training.ch_mult=[1, 1]",
+    "codec_training.image_size=16", "codec_training.ch=32", "codec_training.ch_mult=[1, 1, 1]",
     "codec_training.z_channels=8", "codec_training.n_embed=8", "codec_training.embed_dim=8",
     "codec_training.steps=3", "codec_training.batch_size=4", "codec_training.heldout=4",
     "codec_training.log_every=1", "codec_training.precision=\"fp32\"",
