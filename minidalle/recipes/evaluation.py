@@ -120,6 +120,7 @@ def heldout_loss(run, held: HeldOut, n: int, batch_size: int) -> dict:
 def codec_quality(run, held: HeldOut, n: int) -> dict:
     """PSNR, SSIM, codebook use and perplexity of the codec on ``n`` held-out items."""
     from minidalle.components.codecs.vqgan_training import psnr, usage_stats
+    from minidalle.plugin.registry import module_missing
     from minidalle.recipes.image_metrics import ssim
     from minidalle.recipes.quickstart.evaluation import codec_metrics
 
@@ -136,7 +137,11 @@ def codec_quality(run, held: HeldOut, n: int) -> dict:
             with torch.no_grad():
                 rec = run.codec.decode(codes).float().clamp(0, 1)
             out["psnr"] = round(psnr(rec, x).mean().item(), 3)
-            out["ssim"] = round(ssim(rec, x), 4)
+            if module_missing("torchmetrics"):
+                out["ssim"] = None
+                out["skipped"] = "SSIM: needs torchmetrics (pip install 'minidalle[eval]')"
+            else:
+                out["ssim"] = round(ssim(rec, x), 4)
         else:
             out["psnr"] = out["ssim"] = None
             out["skipped"] = "PSNR and SSIM: the dataset holds image codes, not images"
@@ -286,8 +291,8 @@ def summary_lines(metrics: dict) -> list[str]:
                      f"{h['image_loss']:.4f} ({h['bits_per_image_token']:.3f} bits per image token)")
     c = metrics.get("codec", {})
     if c.get("images"):
-        quality = (f"PSNR {c['psnr']:.2f} dB, SSIM {c['ssim']:.3f}, " if c.get("psnr") is not None
-                   else "")
+        quality = f"PSNR {c['psnr']:.2f} dB, " if c.get("psnr") is not None else ""
+        quality += f"SSIM {c['ssim']:.3f}, " if c.get("ssim") is not None else ""
         lines.append(f"codec on {c['images']} held-out items: {quality}codebook use {c['usage']:.0%} "
                      f"(perplexity {c['perplexity']:.1f} of {c['num_tokens']} codes)")
     for key, label in (("fid", "FID/KID"), ("clip", "CLIP score")):
