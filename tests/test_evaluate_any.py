@@ -254,3 +254,62 @@ def test_evaluate_a_webdataset_run(walkthrough):
     assert metrics["dataset"] == "webdataset"
     assert metrics["heldout"] == {"source": "the dataset's val split", "items": 8}
     assert metrics["codec"]["ssim"] is not None and metrics["fid"]["skipped"]
+
+
+FAKE_OPEN_CLIP = '''
+import torch
+from torch import nn
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Linear(3, 4, bias=False)
+        self.text = nn.Embedding(256, 4)
+    def encode_image(self, pix):
+        return self.image(pix.mean((2, 3)))
+    def encode_text(self, ids):
+        return self.text(ids).mean(1)
+
+def list_models():
+    return ["Tiny"]
+
+def create_model_and_transforms(name, pretrained=None):
+    assert pretrained is None  # weights are loaded by minidalle, never fetched
+    import numpy as np
+    to_tensor = lambda img: torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1) / 255
+    return _Model(), None, to_tensor
+
+def get_tokenizer(name):
+    return lambda texts: torch.tensor([[ord(c) % 256 for c in t[:8].ljust(8)] for t in texts])
+'''
+
+
+def test_clip_score_loads_local_weights_into_open_clip(tmp_path, monkeypatch):
+    """The open_clip glue, with a stand-in open_clip package (the real one is optional)."""
+    import importlib
+    import sys
+
+    (tmp_path / "open_clip").mkdir()
+    (tmp_path / "open_clip" / "__init__.py").write_text(FAKE_OPEN_CLIP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "open_clip", raising=False)
+    fake = importlib.import_module("open_clip")
+    from safetensors.torch import save_file
+
+    from minidalle.errors import ConfigError
+    from minidalle.recipes.image_metrics import clip_score
+
+    model = fake._Model()
+    with torch.no_grad():
+        model.image.weight.fill_(1.0)  # with these weights every image embeds to (s, s, s, s)
+        model.text.weight.fill_(1.0)  # and every caption to (1, 1, 1, 1): cosine 1
+    weights = tmp_path / "clip.safetensors"
+    save_file(model.state_dict(), str(weights))
+    images = torch.full((2, 3, 8, 8), 200, dtype=torch.uint8)
+    result = clip_score(["a red square", "a cat"], images, weights=weights, model_name="Tiny")
+    assert result["clip_score"] == pytest.approx(100.0, abs=1e-3) and result["images"] == 2
+    with pytest.raises(ConfigError, match="evaluate.clip_model: unknown"):
+        clip_score(["x"], images[:1], weights=weights, model_name="ViT-H-14")
+    save_file({"other": torch.ones(1)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ConfigError, match="does not fit Tiny"):
+        clip_score(["x"], images[:1], weights=tmp_path / "wrong.safetensors", model_name="Tiny")
