@@ -33,7 +33,7 @@ def run(args) -> int:
     cfg = None
     if args.overrides:
         cfg = _config_with_overrides(run_dir, args.overrides)
-    from minidalle.recipes.quickstart.evaluation import evaluate_run
+    from minidalle.recipes.evaluation import evaluate_run
 
     log = (lambda line: None) if args.json else print
     metrics = evaluate_run(run_dir, cfg=cfg, log=log)

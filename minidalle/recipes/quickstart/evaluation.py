@@ -367,13 +367,6 @@ def shapes_fidelity(ctx) -> dict:
     return {"analyser": check, "fidelity": fidelity}
 
 
-def evaluate_run(run_dir, *, cfg=None, registry=None, log: Callable[[str], None] = print) -> dict:
-    """``minidalle evaluate``: see :func:`minidalle.recipes.evaluation.evaluate_run`."""
-    from minidalle.recipes.evaluation import evaluate_run as evaluate_any
-
-    return evaluate_any(run_dir, cfg=cfg, registry=registry, log=log)
-
-
 def summary_lines(metrics: dict) -> list[str]:
     """The shapes lines of the summary (analyser check, prompt fidelity)."""
     lines = []
