@@ -202,7 +202,31 @@ def sets_without_dataset(sets):
     return out
 
 
-def test_evaluate_a_coco_run(walkthrough):
+class FakeSummaryWriter:
+    """Stands in for TensorBoard's writer (the package is optional): records the images."""
+
+    images: list = []
+
+    def __init__(self, log_dir):
+        pass
+
+    def add_scalar(self, *args):
+        pass
+
+    def add_image(self, tag, image, step):
+        FakeSummaryWriter.images.append((tag, tuple(image.shape), image.dtype, step))
+
+    def close(self):
+        pass
+
+
+def test_evaluate_a_coco_run(walkthrough, monkeypatch):
+    import sys
+    import types
+
+    fake_tb = types.ModuleType("torch.utils.tensorboard")
+    fake_tb.SummaryWriter = FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_tb)
     work, config, sets, _ = walkthrough
     root = work / "coco"
     (root / "train2017").mkdir(parents=True)
@@ -216,11 +240,15 @@ def test_evaluate_a_coco_run(walkthrough):
         json.dumps({"images": images, "annotations": annotations}))
     metrics = _run_and_evaluate(work, "coco", {"name": "coco", "root": str(root)}, sets, config,
                                 extra=["--set", "training.val_fraction=0.25",
-                                       "--set", "training.sample_every=4"])
+                                       "--set", "training.sample_every=4",
+                                       "--set", "training.tensorboard=true"])
     # no val2017 here: the items training.val_fraction kept out
     assert metrics["heldout"] == {"source": "training.val_fraction of the train split", "items": 8}
     assert metrics["heldout_loss"]["items"] == 8 and metrics["codec"]["psnr"] > 0
-    assert (work / "output" / "coco" / "samples" / "step-00000004.png").is_file()
+    preview = work / "output" / "coco" / "samples" / "step-00000004.png"
+    width, height = _not_blank(preview, 2 * SIZE)
+    # the same grid went to TensorBoard, once (sample_every = max_steps = 4)
+    assert FakeSummaryWriter.images == [("samples", (3, height, width), torch.uint8, 4)]
 
 
 def test_evaluate_a_codes_run(walkthrough):
