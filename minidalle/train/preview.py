@@ -8,6 +8,7 @@ and prints the last preview's path when training ends.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -26,13 +27,14 @@ def default_prompts(cfg, dataset, val_indices, registry=None, n: int = DEFAULT_P
 
     sources = []
     try:
-        sources.append((build_dataset(cfg, split="val", image_size=8, registry=registry), None))
+        val = build_dataset(cfg, split="val", image_size=8, registry=registry)
+        sources.append((val, range(len(val))))
     except (MinidalleError, OSError, ValueError):
         pass  # no val split: the trainer's own validation items, else training items
     sources += [(dataset, list(val_indices)), (dataset, range(len(dataset)))]
     for ds, indices in sources:
         out: list[str] = []
-        for i in list(indices if indices is not None else range(len(ds)))[:50 * n]:
+        for i in itertools.islice(indices, 50 * n):
             caption = ds[i]["caption"]
             if caption not in out:
                 out.append(caption)
