@@ -139,6 +139,10 @@ def test_run_directory_holds_everything(mini_run):
         assert group["images"] == 4 and 0.0 <= group["accuracy"] <= 1.0
     assert metrics["codec"]["psnr"] > 0 and 0 < metrics["codec"]["usage"] <= 1
     assert metrics["loss"]["steps"] == 6 and "val_loss" in metrics["loss"]
+    # what every dataset gets (minidalle/recipes/evaluation.py), beside the shapes fidelity
+    assert metrics["heldout"]["source"] == "the dataset's val split"
+    assert metrics["heldout_loss"]["image_loss"] > 0 and -1 <= metrics["codec"]["ssim"] <= 1
+    assert "fid_weights" in metrics["fid"]["skipped"] and _opens(run / "evaluate_grid.png")[0] >= 64
     assert not list(run.rglob("*.tmp"))
 
 

@@ -1,15 +1,18 @@
-"""``minidalle evaluate RUN_DIR``: prompt fidelity, codec PSNR and losses of a trained run."""
+"""``minidalle evaluate RUN_DIR``: held-out losses, codec quality, FID/KID, CLIP score, a
+caption grid and the dataset's own metrics of a trained run (any dataset)."""
 from __future__ import annotations
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="measure a trained run: prompt fidelity, codec PSNR, losses",
-        description="Load the newest checkpoint of RUN_DIR (its config included), check the "
-                    "shapes analyser on real images, draw images for held-out prompts (seen and "
-                    "withheld attribute combinations) and report the share that match their "
-                    "prompt, the codec's PSNR and codebook use and the losses. Writes "
-                    "RUN_DIR/metrics.json and RUN_DIR/loss.png.")
+        "evaluate", help="measure a trained run: held-out loss, codec, FID/KID, CLIP, grid",
+        description="Load the newest checkpoint of RUN_DIR (its config included) and measure, "
+                    "on held-out data: text and image loss and bits per image token; the codec's "
+                    "PSNR, SSIM, codebook use and perplexity; FID and KID of generated images "
+                    "(Inception weights from evaluate.fid_weights) and CLIP score "
+                    "(evaluate.clip_weights), skipped without local weights; a caption grid "
+                    "(evaluate.prompts); and the dataset's own metrics (shapes: prompt fidelity). "
+                    "Writes RUN_DIR/metrics.json, RUN_DIR/loss.png and RUN_DIR/evaluate_grid.png.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `minidalle run`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an [evaluate] or [generate] setting of the run's config, e.g. "
@@ -30,7 +33,7 @@ def run(args) -> int:
     cfg = None
     if args.overrides:
         cfg = _config_with_overrides(run_dir, args.overrides)
-    from minidalle.recipes.quickstart.evaluation import evaluate_run
+    from minidalle.recipes.evaluation import evaluate_run
 
     log = (lambda line: None) if args.json else print
     metrics = evaluate_run(run_dir, cfg=cfg, log=log)

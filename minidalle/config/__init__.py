@@ -118,6 +118,10 @@ class TrainingConfig:
     val_every: Union[int, None] = attrs.field(default=None, validator=positive)
     tensorboard: bool = False
     wandb: bool = False
+    # A preview grid every N steps (samples/step-NNNNNNNN.png): one cached sampling pass
+    # over sample_prompts (default: a few validation captions). None: no previews.
+    sample_every: Union[int, None] = attrs.field(default=None, validator=positive)
+    sample_prompts: list[str] = attrs.field(factory=list)
 
 
 @attrs.define

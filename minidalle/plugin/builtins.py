@@ -45,7 +45,8 @@ def minidalle_datasets(register):
     register("folder", f"{C}.datasets.folder:build", config=f"{C}.datasets.folder:FolderConfig",
              summary="a folder of images, each with a .txt caption file beside it")
     register("shapes", f"{C}.datasets.shapes:build", config=f"{C}.datasets.shapes:ShapesConfig",
-             summary="procedural coloured shapes with captions (offline, any size)")
+             summary="procedural coloured shapes with captions (offline, any size)",
+             evaluate="minidalle.recipes.quickstart.evaluation:shapes_fidelity")
     register("codes", f"{C}.datasets.codes:build", config=f"{C}.datasets.codes:CodesConfig",
              summary="a cache of (caption, image codes) written by `minidalle prepare codes`")
 

@@ -55,6 +55,10 @@ class Component:
     # (e.g. no GPU) even though its packages are installed; None when it can. It must be
     # cheap and import nothing heavy: `minidalle list` runs it.
     check: Any = None
+    # Optional ``evaluate(ctx) -> dict`` (or lazy string): the component's own metrics,
+    # which ``minidalle evaluate`` adds to metrics.json under the component's name (see
+    # minidalle/recipes/evaluation.py: EvalContext). Used by datasets (shapes: prompt fidelity).
+    evaluate: Any = None
 
     def missing_requirements(self) -> list[str]:
         return [r for r in self.requires if module_missing(r)]
@@ -272,7 +276,7 @@ class Registry:
 def make_register(registry: Registry, kind: str, provider: str, version: str) -> Callable:
     """The ``register`` callable handed to a plugin's hook for one kind."""
 
-    def register(name, factory, *, config=None, summary="", requires=(), check=None):
+    def register(name, factory, *, config=None, summary="", requires=(), check=None, evaluate=None):
         if not isinstance(name, str) or not name:
             raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
         if isinstance(requires, str):
@@ -288,6 +292,7 @@ def make_register(registry: Registry, kind: str, provider: str, version: str) ->
                 provider=provider,
                 version=version,
                 check=check,
+                evaluate=evaluate,
             )
         )
 

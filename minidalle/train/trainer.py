@@ -110,9 +110,11 @@ class _Log:
 class Trainer:
     def __init__(self, cfg: Config, *, model: torch.nn.Module, dataset, collate: Callable,
                  backend: Backend, out_dir: Path | str | None = None,
-                 callbacks: Sequence[Callable] = (), show_progress: bool | None = None) -> None:
+                 callbacks: Sequence[Callable] = (), show_progress: bool | None = None,
+                 preview=None) -> None:
         """``callbacks``: called as ``cb(trainer, step, result)`` after each step (and after
-        that step's checkpoint, if any)."""
+        that step's checkpoint, if any). ``preview``: a :class:`minidalle.train.preview.
+        Previewer`, drawn every ``training.sample_every`` steps and at the end (rank 0)."""
         self.cfg = cfg
         self.t = cfg.training
         self.model = model
@@ -123,6 +125,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / METRICS_FILE
         self.callbacks = list(callbacks)
+        self.preview = preview
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
         self.step = 0
         self.epoch = 0
@@ -374,13 +377,16 @@ class Trainer:
             log.bar.set_postfix(loss=f"{loss:.4f}")
 
     def after_step(self, result: StepResult) -> None:
-        """Validation when due, the periodic checkpoint (rank 0), then the callbacks."""
+        """Validation when due, the preview when due and the periodic checkpoint (rank 0),
+        then the callbacks."""
         t = self.t
         is_last = self.step >= self.total_steps
         end_of_epoch = self.batches_in_epoch >= self.steps_per_epoch
         if self.val_idx and ((t.val_every and self.step % t.val_every == 0)
                              or (not t.val_every and end_of_epoch) or is_last):
             self._validate(self.runner, self._log, self._metrics)
+        if self.preview is not None and t.sample_every and (self.step % t.sample_every == 0 or is_last):
+            self._preview(self.runner, self._log)
         if self.backend.is_main and not is_last and t.checkpoint_every \
                 and self.step % t.checkpoint_every == 0:
             self.last_ckpt = self.save(self.optimizer, self.schedule, self.runner)
@@ -393,6 +399,8 @@ class Trainer:
         if self.backend.is_main:
             self.last_ckpt = self.save(self.optimizer, self.schedule, self.runner, final=True)
             self._log.line(f"Saved checkpoint {self.last_ckpt}")
+            if self.preview is not None and self.preview.last is not None:
+                self._log.line(f"Last preview: {self.preview.last}")
         self.backend.barrier()
 
     def cleanup(self) -> None:
@@ -417,6 +425,20 @@ class Trainer:
             metrics.flush()
         log.scalars(self.step, {"val/loss": val})
         return val
+
+    def _preview(self, runner, log: _Log) -> None:
+        """Rank 0: the preview grid of this step, its cost in the log line, TB / wandb."""
+        if not self.backend.is_main:
+            return
+        runner.sync_to_host()
+        path, grid, secs = self.preview.draw(self.model, self.step)
+        log.line(f"Preview step {self.step}: {len(self.preview.prompts)} prompts in {secs:.2f} s "
+                 f"-> {path}")
+        if log.tb is not None:
+            log.tb.add_image("samples", grid, self.step)
+        if log.wandb is not None:
+            log.wandb.log({"samples": log.wandb.Image(grid.permute(1, 2, 0).numpy(),
+                                                      caption=f"step {self.step}")}, step=self.step)
 
     def _open_trackers(self, log: _Log) -> None:
         """TensorBoard and wandb when asked for and installed; a note when not installed."""
@@ -483,6 +505,13 @@ def train_from_config(cfg: Config, *, resume: bool = False, registry=None,
     seed_everything(cfg.run.seed)
     backend.seed(cfg.run.seed)
     pipe = Pipeline(cfg, registry)
+    preview = None
+    if cfg.training.sample_every and backend.is_main:
+        from minidalle.train.preview import build_previewer
+
+        _, val_idx = split_indices(len(pipe.dataset), cfg.training.val_fraction, cfg.run.seed)
+        preview = build_previewer(cfg, pipe, pipe.dataset, val_idx, registry)
     trainer = Trainer(cfg, model=pipe.model, dataset=pipe.dataset, collate=pipe.collate,
-                      backend=backend, callbacks=callbacks, show_progress=show_progress)
+                      backend=backend, callbacks=callbacks, show_progress=show_progress,
+                      preview=preview)
     return trainer.train(resume=resume)

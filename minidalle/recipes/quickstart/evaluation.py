@@ -1,7 +1,7 @@
 """Evaluation of a quickstart-style run: does the model draw what the prompt says?
 
-``evaluate_run(run_dir)`` (what ``minidalle evaluate RUN_DIR`` and the ``evaluate`` stage
-call) measures, from the run's final checkpoint and the config stored in it:
+``minidalle evaluate`` (:mod:`minidalle.recipes.evaluation`, any dataset) calls
+:func:`shapes_fidelity`, the ``shapes`` dataset's ``evaluate`` hook, which measures:
 
 * **analyser accuracy**: the pixel analyser (:func:`minidalle.recipes.quickstart.analyse.
   analyse`) must recover shape, colour and position from real dataset images at least
@@ -11,12 +11,9 @@ call) measures, from the run's final checkpoint and the config stored in it:
   in training (the ``val`` split) and of withheld ones (the ``heldout`` split, the
   combinations in ``dataset.exclude``). The analyser's score on codec reconstructions of
   the same kind of images is reported too: the best fidelity this codec allows;
-* **codec**: held-out PSNR and codebook use, from the metrics JSON that ``train-codec``
-  writes beside the codec checkpoint (and measured here when it is missing);
-* **losses**: the last training and validation losses of ``metrics.jsonl``.
 
-It writes ``metrics.json`` and ``loss.png`` (training and validation loss by step) into the
-run directory, each through a temporary file and a rename.
+This module also keeps what the evaluator and the quickstart's stages share: the loaded
+run (:class:`LoadedRun`), the loss history and ``loss.png``, ``train-codec``'s codec figures.
 
 Settings come from the config's ``[evaluate]`` table (:class:`EvaluateConfig`).
 """
@@ -57,6 +54,17 @@ class EvaluateConfig:
     grid_withheld: int = attrs.field(default=4, validator=non_negative)
     grid_images: int = attrs.field(default=6, validator=positive)
     reconstructions: int = attrs.field(default=16, validator=positive)
+    # any dataset (minidalle/recipes/evaluation.py): held-out items for the loss and the
+    # codec figures; generated images for FID/KID/CLIP (0: none); their local weights
+    heldout_images: int = attrs.field(default=256, validator=positive)
+    fid_images: int = attrs.field(default=256, validator=non_negative)
+    fid_weights: Union[str, None] = None  # torch-fidelity's Inception weights (.pth/.safetensors)
+    kid_subset_size: int = attrs.field(default=100, validator=positive)
+    clip_weights: Union[str, None] = None  # open_clip weights of clip_model
+    clip_model: str = "ViT-B-32"
+    # evaluate_grid.png: images for these prompts (default: grid_prompts held-out captions)
+    prompts: list[str] = attrs.field(factory=list)
+    grid_prompts: int = attrs.field(default=4, validator=non_negative)
 
 
 def read_settings(cfg) -> EvaluateConfig:
@@ -298,29 +306,21 @@ def plot_losses(train, val, path: Path, title: str = "") -> Path:
 # --------------------------------------------------------------------------- the whole thing
 
 
-def evaluate_run(run_dir, *, cfg=None, registry=None, log: Callable[[str], None] = print) -> dict:
-    """Evaluate the run in ``run_dir``; write ``metrics.json`` and ``loss.png``; return metrics.
+def shapes_fidelity(ctx) -> dict:
+    """The ``shapes`` dataset's own metrics (its ``evaluate`` hook, see
+    :mod:`minidalle.recipes.evaluation`): the analyser check on real images, then prompt
+    fidelity on seen and withheld combinations with the codec ceiling beside it."""
+    import torch
 
-    ``cfg``: the config whose ``[evaluate]`` settings to use (default: the checkpoint's).
-    """
-    run_dir = Path(run_dir)
-    start = time.perf_counter()
-    run = LoadedRun(run_dir, registry)
-    cfg = cfg or run.cfg
-    ev = read_settings(cfg)
-    seed = cfg.run.seed if ev.seed is None else ev.seed
-    metrics: dict = {"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "step": run.step}
-
-    check = check_analyser(run.cfg, run.image_size, ev.analyser_images, registry)
-    metrics["analyser"] = check
+    run, ev, cfg, seed = ctx.run, ctx.settings, ctx.cfg, ctx.seed
+    check = check_analyser(run.cfg, run.image_size, ev.analyser_images, ctx.registry)
     if check["accuracy"] < ev.min_analyser_accuracy:
         raise DataError(f"the shapes analyser recovers only {check['accuracy']:.1%} of "
                         f"{check['images']} real images (needs {ev.min_analyser_accuracy:.0%}): "
                         "prompt fidelity would not mean anything at this image size")
-
     fidelity = {}
     for group, split, n in (("seen", "val", ev.seen_prompts), ("withheld", "heldout", ev.withheld_prompts)):
-        items = prompts(run.cfg, split, n, run.image_size, registry=registry)
+        items = prompts(run.cfg, split, n, run.image_size, registry=ctx.registry)
         if not items:
             continue
         captions = [it["caption"] for it in items for _ in range(ev.images_per_prompt)]
@@ -332,24 +332,15 @@ def evaluate_run(run_dir, *, cfg=None, registry=None, log: Callable[[str], None]
         result["prompts"] = len(items)
         result["seconds"] = round(time.perf_counter() - t, 1)
         # the best this codec allows: the analyser on reconstructions of real images
-        recon = run.reconstruct(__import__("torch").stack([it["image"] for it in items]))
+        recon = run.reconstruct(torch.stack([it["image"] for it in items]))
         result["codec_ceiling"] = score(recon, [it["attributes"] for it in items],
                                         analyser_for(run.cfg))["accuracy"]
         fidelity[group] = result
-    metrics["fidelity"] = fidelity
-    metrics["codec"] = codec_metrics(run.cfg, run, registry)
-    train, val = loss_history(run_dir)
-    metrics["loss"] = loss_summary(train, val)
-    metrics["seconds"] = round(time.perf_counter() - start, 1)
-    plot_losses(train, val, run_dir / LOSS_PNG, title=f"{run.cfg.run.name}: loss")
-    write_json(run_dir / METRICS_JSON, metrics)
-    for line in summary_lines(metrics):
-        log(line)
-    log(f"wrote {run_dir / METRICS_JSON} and {run_dir / LOSS_PNG}")
-    return metrics
+    return {"analyser": check, "fidelity": fidelity}
 
 
 def summary_lines(metrics: dict) -> list[str]:
+    """The shapes lines of the summary (analyser check, prompt fidelity)."""
     lines = []
     a = metrics.get("analyser", {})
     if a:
@@ -358,13 +349,4 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(f"prompt fidelity ({group} combinations): {r['accuracy']:.1%} of {r['images']} "
                      f"images (shape {r['shape']:.0%}, colour {r['colour']:.0%}, position "
                      f"{r['position']:.0%}; codec ceiling {r['codec_ceiling']:.0%})")
-    c = metrics.get("codec", {})
-    if c:
-        lines.append(f"codec: PSNR {c.get('psnr', float('nan')):.2f} dB, codebook use "
-                     f"{c.get('usage', 0):.0%} (perplexity {c.get('perplexity', 0):.1f} of "
-                     f"{c.get('num_tokens', c.get('n_embed', '?'))} codes)")
-    l = metrics.get("loss", {})
-    if l.get("steps"):
-        val = f", validation {l['val_loss']:.4f}" if "val_loss" in l else ""
-        lines.append(f"loss after {l['steps']} steps: training {l.get('train_loss', float('nan')):.4f}{val}")
     return lines

@@ -187,7 +187,7 @@ def samples_files(ctx):
 
 
 def run_evaluate(ctx: StageContext) -> None:
-    from minidalle.recipes.quickstart.evaluation import evaluate_run
+    from minidalle.recipes.evaluation import evaluate_run
 
     evaluate_run(ctx.out_dir, cfg=ctx.cfg, registry=ctx.registry, log=ctx.log)
 
