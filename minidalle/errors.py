@@ -29,3 +29,17 @@ class CheckpointError(MinidalleError):
 
 class DataError(MinidalleError):
     """Input data (images, captions, annotation files) that cannot be used."""
+
+
+class TrainingDivergedError(MinidalleError):
+    """The loss or the gradients went non-finite for ``training.max_bad_steps`` steps in a row."""
+
+
+class RunLockedError(MinidalleError):
+    """Another process holds the run directory's lock."""
+
+
+class PluginError(MinidalleError):
+    """A plugin's component failed in its own code: not the user's fault (exit 1)."""
+
+    exit_code = 1

@@ -11,6 +11,7 @@ Every error is a :class:`ConfigError` naming the file and the dotted key.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
@@ -41,14 +42,28 @@ def one_of(*choices):
     return check
 
 
+def _check_finite(attribute, value) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FieldError(f"{attribute.name}: expected a finite number, got {value!r}")
+
+
 def positive(instance, attribute, value):
+    _check_finite(attribute, value)
     if value is not None and value <= 0:
         raise FieldError(f"{attribute.name}: expected a positive number, got {value!r}")
 
 
 def non_negative(instance, attribute, value):
+    _check_finite(attribute, value)
     if value is not None and value < 0:
         raise FieldError(f"{attribute.name}: expected a number >= 0, got {value!r}")
+
+
+def betas(instance, attribute, value):
+    """Adam's (beta1, beta2): two numbers in [0, 1)."""
+    if len(value) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in value):
+        raise FieldError(f"{attribute.name}: expected two numbers in [0, 1), e.g. [0.9, 0.999], "
+                         f"got {value!r}")
 
 
 # --------------------------------------------------------------------------- sections
@@ -91,7 +106,7 @@ class TrainingConfig:
     replication_factor: int = attrs.field(default=1, validator=positive)
     optimizer: str = attrs.field(default="adamw", validator=one_of("adam", "adamw"))
     lr: float = attrs.field(default=3e-4, validator=positive)
-    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.999])
+    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.999], validator=betas)
     eps: float = attrs.field(default=1e-8, validator=positive)
     weight_decay: float = attrs.field(default=0.0, validator=non_negative)
     lr_scheduler: str = attrs.field(
@@ -104,6 +119,9 @@ class TrainingConfig:
     warmup_steps: int = attrs.field(default=0, validator=non_negative)
     loss_scaling: float = attrs.field(default=1.0, validator=positive)
     max_grad_norm: Union[float, None] = attrs.field(default=None, validator=positive)
+    # Steps in a row with a non-finite loss or gradient that stop the run (fp16 overflow
+    # steps skipped by loss scaling do not count).
+    max_bad_steps: int = attrs.field(default=1, validator=positive)
     truncate_captions: bool = True
     dataloader_workers: int = attrs.field(default=0, validator=non_negative)
     checkpoint_every: Union[int, None] = attrs.field(default=None, validator=positive)

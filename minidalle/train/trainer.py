@@ -36,7 +36,7 @@ from minidalle.train.checkpoint import (
     set_host_rng_state,
 )
 from minidalle.config import Config, config_to_dict
-from minidalle.errors import CheckpointError, DataError
+from minidalle.errors import CheckpointError, DataError, TrainingDivergedError
 from minidalle.fileio import atomic_write
 from minidalle.train.optim import LrSchedule
 
@@ -225,6 +225,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, optimizer, schedule, runner, *, final: bool = False) -> Path:
         runner.sync_to_host()
+        model_state = _without_codec(self.model.state_dict(), self.model)
+        for name, tensor in model_state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                # Never write a checkpoint of non-finite weights: the last good one stays.
+                raise self._diverged(self.step, 1) from None
         state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
@@ -238,7 +243,7 @@ class Trainer:
                 "total_steps": self.total_steps, "samples_per_step": self.sps,
                 "backend": self.backend.describe(), "final": final}
         return save_checkpoint(self.ckpt_dir, step=self.step, epoch=self.epoch,
-                               model_state=_without_codec(self.model.state_dict(), self.model),
+                               model_state=model_state,
                                config=config_to_dict(self.cfg), training_state=state, info=info,
                                keep=self.t.keep_checkpoints)
 
@@ -273,6 +278,7 @@ class Trainer:
                  + (f" (resumed at step {self.step})" if self.resumed_from is not None else ""))
         metrics = open(self.metrics_path, "a", encoding="utf-8") if main else None
         last_loss, last_ckpt, compiled = None, None, False
+        bad_steps, first_bad = 0, None  # non-finite steps in a row (training.max_bad_steps)
         skipped_total = 0  # updates skipped by dynamic loss scaling (fp16 overflow)
         window_start, window_samples = time.perf_counter(), 0
         try:
@@ -319,6 +325,10 @@ class Trainer:
                         record["grad_norm"] = result.grad_norm
                     record.update(result.extra)
                     is_last = self.step >= self.total_steps
+                    if _non_finite(loss, result):
+                        bad_steps, first_bad = bad_steps + 1, first_bad or self.step
+                    else:
+                        bad_steps, first_bad = 0, None
                     if self.step % t.log_every == 0 or is_last:
                         throughput = window_samples / max(now - window_start, 1e-9)
                         record["samples_per_sec"] = throughput
@@ -338,7 +348,10 @@ class Trainer:
                     if self.val_idx and ((t.val_every and self.step % t.val_every == 0)
                                          or (not t.val_every and end_of_epoch) or is_last):
                         self._validate(runner, log, metrics)
-                    if main and not is_last and t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                    if bad_steps >= t.max_bad_steps:
+                        raise self._diverged(first_bad, bad_steps)
+                    if main and not is_last and not bad_steps and t.checkpoint_every \
+                            and self.step % t.checkpoint_every == 0:
                         last_ckpt = self.save(optimizer, schedule, runner)
                     backend.barrier()
                     for cb in self.callbacks:
@@ -359,6 +372,15 @@ class Trainer:
             runner.close()
         return TrainResult(step=self.step, epoch=self.epoch, loss=last_loss,
                            checkpoint=last_ckpt, resumed_from=self.resumed_from)
+
+    def _diverged(self, first_bad: int, count: int) -> TrainingDivergedError:
+        found = list_checkpoints(self.ckpt_dir)
+        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+        return TrainingDivergedError(
+            f"{self.out_dir}: training diverged: the loss or gradient went non-finite (inf/NaN) at "
+            f"step {first_bad}, {count} step(s) in a row (training.max_bad_steps = "
+            f"{self.t.max_bad_steps}); {kept}; try a lower training.lr (now {self.t.lr:g}), "
+            f"training.max_grad_norm or more training.warmup_steps")
 
     def _validate(self, runner, log: _Log, metrics) -> float:
         size = self.t.batch_size * self.t.gradient_accumulation
@@ -398,6 +420,15 @@ class Trainer:
                            config=config_to_dict(self.cfg), resume="allow")
             except ImportError:
                 log.line("note: training.wandb is on but `wandb` is not installed; not logging to wandb")
+
+
+def _non_finite(loss: float, result: StepResult) -> bool:
+    """A step whose loss or gradient norm is inf/NaN, unless loss scaling skipped its update
+    (fp16 overflow: the scaler lowers the scale and tries again)."""
+    if result.skipped_updates:
+        return False
+    norm = result.grad_norm
+    return not math.isfinite(loss) or (norm is not None and not math.isfinite(norm))
 
 
 def _without_codec(state: dict, model) -> dict:

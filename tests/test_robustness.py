@@ -1,0 +1,143 @@
+"""Issue 17: nothing breaks badly. Divergence stops a run, one writer per run directory,
+corrupt metadata and ordinary OS errors are one line (exit 2; exit 1 for faults that are
+not the user's), and nothing already written is lost."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import _tiny
+from minidalle.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path, extra=""):
+    path = tmp_path / "tiny.toml"
+    path.write_text(f"""
+extends = "{ROOT / 'configs' / 'unit_test.toml'}"
+[run]
+out_dir = "{tmp_path / 'out'}"
+[model]
+text_seq_len = 16
+[training]
+dataloader_workers = 0
+checkpoint_every = 1
+[tokenizer]
+name = "tiny_chars"
+[dataset]
+name = "tiny_codes"
+size = 8
+{extra}
+""")
+    return path
+
+
+@pytest.fixture
+def tiny_registry():
+    return _tiny.use_tiny_registry()
+
+
+def _one_line_error(capsys, code_expected, rc):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code_expected, err
+    assert len(err) == 1 and err[0].startswith("minidalle: error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+# --------------------------------------------------------------------------- 1. divergence
+
+
+@pytest.mark.parametrize("bad", ["training.lr=inf", "training.lr=nan", "training.lr=-inf",
+                                 "training.betas=[1.5, 0.99]", "training.eps=nan",
+                                 "model.loss_img_weight=inf", "training.max_bad_steps=0"])
+def test_non_finite_or_out_of_range_hyperparameters_are_config_errors(tmp_path, tiny_registry, capsys, bad):
+    cfg = _config(tmp_path)
+    line = _one_line_error(capsys, 2, main(["config", "show", str(cfg), "--set", bad]))
+    assert bad.split("=")[0] in line and "--set" in line
+    assert not (tmp_path / "out").exists()
+
+
+class _Poison:
+    """A callback that makes the loss non-finite from step ``at`` on, as a diverging run does."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def __call__(self, trainer, step, result):
+        import torch
+
+        if step + 1 >= self.at:
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.fill_(float("nan"))
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_registry, capsys):
+    from minidalle.config import load_config
+    from minidalle.errors import TrainingDivergedError
+    from minidalle.train.checkpoint import load_checkpoint
+    from minidalle.train.trainer import train
+
+    cfg = load_config(_config(tmp_path), ["training.epochs=3"], registry=tiny_registry)
+    with pytest.raises(TrainingDivergedError) as info:
+        train(cfg, registry=tiny_registry, callbacks=[_Poison(at=3)], show_progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg and "step 3" in msg and "training.lr" in msg
+    ckpts = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert ckpts[-1] == "step-00000002", ckpts  # nothing saved from the NaN weights
+    assert "step-00000002" in msg
+    import torch
+    ck = load_checkpoint(tmp_path / "out", registry=tiny_registry)
+    assert all(torch.isfinite(t).all() for t in ck.state_dict.values())
+
+
+def test_max_bad_steps_allows_isolated_bad_steps(tmp_path, tiny_registry):
+    """A single non-finite step leaves the weights untouched and, with max_bad_steps = 2,
+    the run goes on."""
+    import torch
+
+    from minidalle.config import load_config
+    from minidalle.train.trainer import train
+
+    cfg = load_config(_config(tmp_path), ["training.max_bad_steps=2"], registry=tiny_registry)
+
+    class Once:
+        def __init__(self):
+            self.done = False
+
+        def __call__(self, trainer, step, result):
+            if step == 1 and not self.done:  # the next batch's loss goes NaN once
+                self.done = True
+                real = trainer.model.forward
+
+                def forward(*a, **k):
+                    trainer.model.forward = real
+                    return real(*a, **k) * float("nan")
+
+                trainer.model.forward = forward
+
+    result = train(cfg, registry=tiny_registry, callbacks=[Once()], show_progress=False)
+    assert result.step == 4 and result.checkpoint is not None
+    metrics = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[1]["step"] == 2 and metrics[1]["loss"] != metrics[1]["loss"]  # NaN
+    assert all(m["loss"] == m["loss"] for m in metrics if m["step"] != 2)
+    assert not (tmp_path / "out" / "checkpoints" / "step-00000002").exists()
+
+
+def test_diverged_cli_run_exits_nonzero_with_one_line(tmp_path, tiny_registry, capsys, monkeypatch):
+    import minidalle.train.trainer as trainer_mod
+
+    real = trainer_mod.Trainer.__init__
+
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        self.callbacks.append(_Poison(at=2))
+
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", init)
+    line = _one_line_error(capsys, 2, main(["run", str(_config(tmp_path))]))
+    assert "diverged" in line and "step 2" in line
