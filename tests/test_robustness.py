@@ -141,3 +141,56 @@ def test_diverged_cli_run_exits_nonzero_with_one_line(tmp_path, tiny_registry, c
     monkeypatch.setattr(trainer_mod.Trainer, "__init__", init)
     line = _one_line_error(capsys, 2, main(["run", str(_config(tmp_path))]))
     assert "diverged" in line and "step 2" in line
+
+
+# --------------------------------------------------------------------------- 2. run-directory lock
+
+_HOLD = """
+import sys, time
+from minidalle.runlock import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(out_dir):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("MINIDALLE_RUN_LOCK", None)
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out_dir)], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_second_run_on_a_locked_out_dir_is_refused_naming_the_pid(tmp_path, tiny_registry, capsys, resume):
+    cfg = _config(tmp_path)
+    holder = _holder(tmp_path / "out")
+    try:
+        argv = ["run", str(cfg)] + (["--resume"] if resume else [])
+        line = _one_line_error(capsys, 2, main(argv))
+        assert f"pid {holder.pid}" in line and str(tmp_path / "out") in line
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".minidalle.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel released the killed holder's lock: the run goes ahead.
+    assert main(["run", str(cfg)]) == 0
+    assert (tmp_path / "out" / "checkpoints").is_dir()
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path):
+    from minidalle.errors import RunLockedError
+    from minidalle.runlock import run_lock
+
+    with run_lock(tmp_path / "run"):
+        env = os.environ.pop("MINIDALLE_RUN_LOCK")  # as a second, unrelated caller
+        try:
+            with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+                with run_lock(tmp_path / "run"):
+                    pass
+        finally:
+            os.environ["MINIDALLE_RUN_LOCK"] = env
+    with run_lock(tmp_path / "run"):  # released
+        pass
