@@ -194,3 +194,97 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path):
             os.environ["MINIDALLE_RUN_LOCK"] = env
     with run_lock(tmp_path / "run"):  # released
         pass
+
+
+# --------------------------------------------------------------------------- 3. checkpoint metadata
+
+
+@pytest.fixture
+def gen_registry():
+    import minidalle.plugin.discovery as plugins
+    from minidalle.plugin.discovery import load_registry
+    from test_generate_cli import Plugin
+
+    plugins._registry = load_registry(autoload="none", extra_plugins=[Plugin])
+    return plugins._registry
+
+
+def _gen_checkpoint(tmp_path, registry):
+    from test_generate_cli import _checkpoint
+
+    run = _checkpoint(tmp_path, registry)
+    return run, next((run / "checkpoints").iterdir()) / "meta.json"
+
+
+def _edit_meta(meta_path, edit):
+    meta = json.loads(meta_path.read_text())
+    meta = edit(meta)
+    meta_path.write_text(json.dumps(meta))
+
+
+META_CASES = {
+    "null": lambda m: None,
+    "list": lambda m: [1, 2],
+    "version string": lambda m: {**m, "format_version": "1"},
+    "version bool": lambda m: {**m, "format_version": True},
+    "step negative": lambda m: {**m, "step": -3},
+    "files list": lambda m: {**m, "files": []},
+    "files empty": lambda m: {**m, "files": {}},
+    "no bytes": lambda m: {**m, "files": {k: {"sha256": v["sha256"]} for k, v in m["files"].items()}},
+    "alias to nothing": lambda m: {**m, "model_aliases": {"to_logits.1.weight": "no.such.tensor"}},
+    "config null": lambda m: {**m, "config": None},
+    "info list": lambda m: {**m, "info": [1]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(META_CASES))
+def test_corrupt_meta_json_is_one_line_naming_the_file(tmp_path, gen_registry, capsys, case):
+    run, meta_path = _gen_checkpoint(tmp_path, gen_registry)
+    _edit_meta(meta_path, META_CASES[case])
+    rc = main(["generate", "--checkpoint", str(run), "--text", "a", "--out", str(tmp_path / "o")])
+    line = _one_line_error(capsys, 2, rc)
+    assert str(meta_path) in line and "corrupt checkpoint metadata" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, gen_registry, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from minidalle.train.checkpoint import save_checkpoint
+
+    run, meta_path = _gen_checkpoint(tmp_path, gen_registry)
+    weights = load_file(str(meta_path.parent / "model.safetensors"))
+    weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()}
+    meta = json.loads(meta_path.read_text())
+    save_checkpoint(run / "checkpoints", step=4, model_state=weights, config=meta["config"])
+    rc = main(["generate", "--checkpoint", str(run), "--text", "a", "--out", str(tmp_path / "o")])
+    line = _one_line_error(capsys, 2, rc)
+    assert "step-00000004" in line and "inf or NaN" in line
+
+
+def test_truncated_tokenizer_file_is_named(tmp_path):
+    from minidalle.components.tokenizers import yttm
+    from minidalle.errors import DataError
+
+    pytest.importorskip("youtokentome")
+    path = tmp_path / "bpe.yttm"
+    yttm.train(["a red circle", "a blue square", "a green triangle"] * 5, 40, path)
+    assert yttm.YttmTokenizer(path).vocab_size == 40
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[: len(lines) // 2]), encoding="utf-8")
+    with pytest.raises(DataError, match=f"{path}: truncated youtokentome model file"):
+        yttm.YttmTokenizer(path)
+    assert not list(tmp_path.glob(".yttm-*"))
+
+
+def test_stale_yttm_temp_dirs_of_dead_processes_are_removed(tmp_path):
+    from minidalle.components.tokenizers import yttm
+
+    pytest.importorskip("youtokentome")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / f".yttm-{dead}-abc").mkdir()
+    (tmp_path / f".yttm-{os.getpid()}-live").mkdir()  # a live process's: kept
+    yttm.train(["a red circle", "a blue square"] * 5, 30, tmp_path / "bpe.yttm")
+    assert sorted(p.name for p in tmp_path.glob(".yttm-*")) == [f".yttm-{os.getpid()}-live"]

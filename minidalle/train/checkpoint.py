@@ -269,13 +269,45 @@ def _read_meta(step_dir: Path) -> dict:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{meta_path}: corrupt checkpoint metadata: {exc}") from None
-    for key in ("format_version", "step", "config", "files"):
-        if key not in meta:
-            raise CheckpointError(f"{meta_path}: corrupt checkpoint metadata: no {key!r}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"{meta_path}: corrupt checkpoint metadata: {problem}")
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: written by a newer minidalle "
                               f"(format {meta['format_version']}, this one reads {FORMAT_VERSION})")
     return meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _meta_problem(meta) -> str | None:
+    """What is wrong with the shape of a ``meta.json`` (None: nothing): the schema every
+    loader relies on, checked before any of it is used."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, got {type(meta).__name__}"
+    for key in ("format_version", "step", "config", "files"):
+        if key not in meta:
+            return f"no {key!r}"
+    for key in ("format_version", "step", "epoch"):
+        if key in meta and not (_is_int(meta[key]) and meta[key] >= (1 if key == "format_version" else 0)):
+            return f"{key}: expected a {'positive' if key == 'format_version' else 'non-negative'} integer, got {meta[key]!r}"
+    for key in ("config", "files", "model_aliases", "info", "training_state"):
+        if key in meta and not isinstance(meta[key], dict):
+            return f"{key}: expected an object, got {json.dumps(meta[key])[:40]}"
+    if MODEL_FILE not in meta["files"]:
+        return f"files: no entry for {MODEL_FILE}"
+    for name, entry in meta["files"].items():
+        if name not in (MODEL_FILE, STATE_FILE):
+            return f"files: unknown file {name!r}"
+        if not isinstance(entry, dict) or not _is_int(entry.get("bytes")) or entry["bytes"] < 0 \
+                or not isinstance(entry.get("sha256"), str):
+            return f"files.{name}: expected {{\"bytes\": integer, \"sha256\": string}}, got {json.dumps(entry)[:60]}"
+    for alias, target in meta.get("model_aliases", {}).items():
+        if not isinstance(target, str):
+            return f"model_aliases.{alias}: expected a tensor name, got {target!r}"
+    return None
 
 
 def _load_tensors(step_dir: Path, name: str, meta: dict, verify: bool) -> dict[str, torch.Tensor]:
@@ -308,11 +340,18 @@ def load_checkpoint(path: Path | str, *, with_config: bool = True, verify: bool 
     meta = _read_meta(step_dir)
     weights = _load_tensors(step_dir, MODEL_FILE, meta, verify)
     for alias, target in meta.get("model_aliases", {}).items():
+        if target not in weights:
+            raise CheckpointError(f"{step_dir / META_FILE}: corrupt checkpoint metadata: "
+                                  f"model_aliases.{alias} names {target!r}, which is not in {MODEL_FILE}")
         weights[alias] = weights[target]
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{step_dir / MODEL_FILE}: weight {name!r} holds inf or NaN values "
+                                  "(a diverged run); use an earlier checkpoint (a step-N directory)")
     state_tensors = _load_tensors(step_dir, STATE_FILE, meta, verify) if STATE_FILE in meta["files"] else {}
     try:
         training_state = unflatten_tree(meta.get("training_state", {}), state_tensors)
-    except KeyError as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{step_dir / STATE_FILE}: corrupt checkpoint file: no tensor {exc}") from None
     config = None
     if with_config:
