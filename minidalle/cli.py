@@ -2,8 +2,9 @@
 
 Each subcommand lives in ``minidalle/commands/<module>.py`` with ``add_parser(subparsers)``;
 those modules import nothing heavy at module level, so ``--help`` and ``list`` stay fast.
-A user error (:class:`MinidalleError`) prints one line and exits 2; ``--debug`` shows the
-traceback instead.
+A user error (:class:`MinidalleError`, or an OS, allocation or decoding error) prints one
+line and exits 2, any other failure one line and exit 1 (:func:`minidalle.errors.one_line`);
+``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import importlib
 import sys
 
 from minidalle import __version__
-from minidalle.errors import MinidalleError
+from minidalle.errors import one_line
 
 # Module names under minidalle.commands, in the order `--help` lists them.
 COMMAND_MODULES = (
@@ -48,14 +49,15 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except MinidalleError as exc:
-        if args.debug:
-            raise
-        print(f"minidalle: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("minidalle: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the one place errors become one line (minidalle.errors.one_line)
+        if args.debug:
+            raise
+        message, status = one_line(exc)
+        print(f"minidalle: error: {' '.join(message.split())}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

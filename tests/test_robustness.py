@@ -288,3 +288,154 @@ def test_stale_yttm_temp_dirs_of_dead_processes_are_removed(tmp_path):
     (tmp_path / f".yttm-{os.getpid()}-live").mkdir()  # a live process's: kept
     yttm.train(["a red circle", "a blue square"] * 5, 30, tmp_path / "bpe.yttm")
     assert sorted(p.name for p in tmp_path.glob(".yttm-*")) == [f".yttm-{os.getpid()}-live"]
+
+
+# --------------------------------------------------------------------------- 4. OS errors
+
+
+def test_full_disk_mid_checkpoint_is_one_line_and_leaves_no_tmp(tmp_path):
+    """A real write failure (RLIMIT_FSIZE: the file-size limit a full disk also hits) in a
+    subprocess: one line naming the file, exit 2, no .tmp- directory."""
+    cfg = _config(tmp_path)
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+import _tiny
+from minidalle.cli import main
+_tiny.use_tiny_registry()
+resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))
+sys.exit(main(["run", {str(cfg)!r}]))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MINIDALLE_TEST="1")
+    env.pop("MINIDALLE_RUN_LOCK", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(err) == 1 and "Traceback" not in proc.stderr, err
+    assert "File too large" in err[0] and ".safetensors" in err[0]
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_out_dir_that_cannot_be_created_is_one_line(tmp_path, tiny_registry, capsys):
+    (tmp_path / "file").write_text("x")
+    line = _one_line_error(capsys, 2, main(["run", str(_config(tmp_path)),
+                                            "--set", f"run.out_dir={tmp_path / 'file' / 'out'}"]))
+    assert str(tmp_path / "file") in line and "Not a directory" in line
+
+
+def test_read_only_out_dir_is_one_line(tmp_path, tiny_registry, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("needs a non-root user: root writes into read-only folders")
+    cfg = _config(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out").chmod(0o555)
+    try:
+        for argv in (["run", str(cfg)], ["run", str(cfg), "--resume"]):
+            line = _one_line_error(capsys, 2, main(argv))
+            assert "Permission denied" in line and str(tmp_path / "out") in line
+    finally:
+        (tmp_path / "out").chmod(0o755)
+
+
+def test_os_errors_anywhere_become_one_line(tmp_path, tiny_registry, capsys, monkeypatch):
+    """The CLI's one translation point: an OSError from deep inside (here: writing the
+    metrics file of a read-only folder, as root cannot be refused) is one line, exit 2."""
+    import builtins
+
+    real_open = builtins.open
+    target = str(tmp_path / "out" / "metrics.jsonl")
+
+    def fake_open(file, *a, **k):
+        if str(file) == target:
+            raise PermissionError(13, "Permission denied", target)
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    line = _one_line_error(capsys, 2, main(["run", str(_config(tmp_path))]))
+    assert line == f"minidalle: error: {target}: Permission denied"
+
+
+def test_a_fault_that_is_not_the_users_is_one_line_exit_1(tmp_path, tiny_registry, capsys, monkeypatch):
+    import minidalle.train.trainer as trainer_mod
+
+    def broken(*a, **k):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(trainer_mod, "epoch_order", broken)
+    line = _one_line_error(capsys, 1, main(["run", str(_config(tmp_path))]))
+    assert "internal error (TypeError: unsupported operand)" in line and "--debug" in line
+    with pytest.raises(TypeError):
+        main(["--debug", "run", str(_config(tmp_path)), "--resume"])
+
+
+def test_config_that_is_not_utf8(tmp_path, tiny_registry, capsys):
+    cfg = tmp_path / "latin1.toml"
+    cfg.write_bytes('[run]\nname = "caf\xe9"\n'.encode("latin-1"))
+    line = _one_line_error(capsys, 2, main(["config", "show", str(cfg)]))
+    assert str(cfg) in line and "UTF-8" in line
+
+
+def test_generate_out_that_is_a_file_fails_before_sampling(tmp_path, gen_registry, capsys, monkeypatch):
+    import minidalle.inference.sampling as sampling
+
+    run, _ = _gen_checkpoint(tmp_path, gen_registry)
+    (tmp_path / "taken").write_text("keep me")
+    monkeypatch.setattr(sampling, "generate_image_codes", lambda *a, **k: pytest.fail("sampled"))
+    line = _one_line_error(capsys, 2, main(["generate", "--checkpoint", str(run), "--text", "a",
+                                            "--out", str(tmp_path / "taken")]))
+    assert "--out" in line and "not a folder" in line
+    assert (tmp_path / "taken").read_text() == "keep me"
+
+
+def test_generate_warns_before_replacing_an_earlier_grid(tmp_path, gen_registry, capsys):
+    run, _ = _gen_checkpoint(tmp_path, gen_registry)
+    argv = ["generate", "--checkpoint", str(run), "--text", "a", "--out", str(tmp_path / "o"),
+            "--num-images", "1"]
+    assert main(argv) == 0
+    assert "earlier run" not in capsys.readouterr().err
+    assert main(argv) == 0
+    assert "holds images of an earlier run" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- 5. other bad input
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--seed", str(2**70)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--num-images", "100000000000"], "--num-images"),
+    (["--threads", "0"], "--threads"),
+    (["--text", "caf\udce9"], "not valid UTF-8"),
+])
+def test_generate_bad_arguments_are_one_line(tmp_path, gen_registry, capsys, argv, expect):
+    run, _ = _gen_checkpoint(tmp_path, gen_registry)
+    text = [] if "--text" in argv else ["--text", "a"]
+    line = _one_line_error(capsys, 2, main(["generate", "--checkpoint", str(run), *text, *argv,
+                                            "--out", str(tmp_path / "o")]))
+    assert expect in line
+
+
+def test_decompression_bomb_prime_image(tmp_path, gen_registry, capsys):
+    from PIL import Image
+
+    run, _ = _gen_checkpoint(tmp_path, gen_registry)
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 Mpx: twice PIL's bomb limit, 50 KB on disk
+    line = _one_line_error(capsys, 2, main(["generate", "--checkpoint", str(run), "--text", "a",
+                                            "--prime-image", str(bomb), "--out", str(tmp_path / "o")]))
+    assert str(bomb) in line and "decompression bomb" in line.lower()
+
+
+@pytest.mark.parametrize("override", ["model.dim=10000000", "model.text_seq_len=100000000000"])
+def test_allocation_failure_is_one_line(tmp_path, tiny_registry, capsys, override):
+    line = _one_line_error(capsys, 2, main(["run", str(_config(tmp_path)), "--set", override]))
+    assert "out of memory" in line and "model.dim" in line
+
+
+def test_huge_run_seed_is_a_config_error(tmp_path, tiny_registry, capsys):
+    line = _one_line_error(capsys, 2, main(["config", "show", str(_config(tmp_path)),
+                                            "--set", f"run.seed={2**70}"]))
+    assert "run.seed" in line

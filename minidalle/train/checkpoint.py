@@ -170,12 +170,46 @@ def save_checkpoint(ckpt_dir: Path | str, *, step: int, model_state: dict[str, t
     for stale in ckpt_dir.glob(".tmp-*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_step_dir(tmp, step=step, model_state=model_state, config=config, epoch=epoch,
+                        training_state=training_state, info=info)
+    except BaseException:  # a full disk, an error: no .tmp- directory is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
+    if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+        old = ckpt_dir / f".tmp-old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    if keep:
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``save_file``, with its I/O failures (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError wraps the OS error's text
+        code = re.search(r"(?:code: |os error )(\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def _write_step_dir(tmp: Path, *, step, model_state, config, epoch, training_state, info) -> None:
     weights, aliases = _dedupe_shared(model_state)
-    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    _save_tensors(weights, tmp / MODEL_FILE)
     state_tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten_tree(training_state or {}, state_tensors, "s")
-    save_file(state_tensors, str(tmp / STATE_FILE), metadata={"format": "pt"})
+    _save_tensors(state_tensors, tmp / STATE_FILE)
 
     files = {}
     for name in (MODEL_FILE, STATE_FILE):
@@ -202,19 +236,6 @@ def save_checkpoint(ckpt_dir: Path | str, *, step: int, model_state: dict[str, t
         os.fsync(f.fileno())
     os.replace(meta_tmp, tmp / META_FILE)
     _fsync_dir(tmp)
-
-    if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
-        old = ckpt_dir / f".tmp-old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
-    if keep:
-        for old in list_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 # --------------------------------------------------------------------------- find and load
