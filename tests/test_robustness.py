@@ -439,3 +439,103 @@ def test_huge_run_seed_is_a_config_error(tmp_path, tiny_registry, capsys):
     line = _one_line_error(capsys, 2, main(["config", "show", str(_config(tmp_path)),
                                             "--set", f"run.seed={2**70}"]))
     assert "run.seed" in line
+
+
+# --------------------------------------------------------------------------- 6. plugins
+
+
+def _plugin_module(name, **hooks):
+    import types
+
+    from minidalle import hookimpl
+
+    mod = types.ModuleType(name)
+    for hook, fn in hooks.items():
+        setattr(mod, hook, hookimpl(fn))
+    return mod
+
+
+def test_plugin_factory_that_raises_is_one_line_naming_it(tmp_path, capsys):
+    import minidalle.plugin.discovery as plugins
+    from minidalle.plugin.discovery import load_registry
+
+    def reg(register):
+        register("boom", lambda: 1 / 0, summary="raises")
+
+    plugins._registry = load_registry(autoload="none", extra_plugins=[
+        _tiny.Plugin, _plugin_module("boom_plugin", minidalle_rerankers=reg)])
+    run, _ = _gen_checkpoint(tmp_path, _register_gen(plugins._registry))
+    line = _one_line_error(capsys, 1, main(["generate", "--checkpoint", str(run), "--text", "a",
+                                            "--rerank", "boom", "--out", str(tmp_path / "o")]))
+    assert "reranker 'boom' (boom_plugin) failed to build: ZeroDivisionError" in line
+
+
+def _register_gen(registry):
+    from minidalle.plugin.registry import Component
+    from test_generate_cli import GreyCodec
+
+    registry.add(Component(kind="codec", name="grey", factory=GreyCodec))
+    return registry
+
+
+def test_plugin_raising_system_exit_at_import_is_a_failed_plugin(tmp_path):
+    pkg = tmp_path / "site"
+    (pkg / "exit_plugin").mkdir(parents=True)
+    (pkg / "exit_plugin" / "__init__.py").write_text("raise SystemExit('bye')\n")
+    dist = pkg / "exit_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: exit-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[minidalle]\nexit_plugin = exit_plugin\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pkg), str(ROOT)]))
+    env.pop("MINIDALLE_PLUGINS", None)
+    proc = subprocess.run([sys.executable, "-m", "minidalle", "list", "--json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    failures = json.loads(proc.stdout)["failed_plugins"]
+    assert any(f["provider"] == "exit-plugin" and "SystemExit: bye" in f["error"] for f in failures)
+
+
+# --------------------------------------------------------------------------- 8. leftovers and names
+
+
+def test_restart_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path, tiny_registry):
+    cfg = _config(tmp_path, "").read_text().replace("checkpoint_every = 1", "checkpoint_every = 100")
+    (tmp_path / "tiny.toml").write_text(cfg)
+    out = tmp_path / "out"
+    out.mkdir()
+    # What a run killed at step 3, before any checkpoint, leaves behind:
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3)))
+    assert main(["run", str(tmp_path / "tiny.toml")]) == 0
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("item, expect", [
+    ("foo.bar=1", "--set: foo: unknown section"),
+    ("training..lr=1", "--set 'training..lr=1': empty part"),
+    ("training.lr.x=1", "--set training.lr.x=1: training.lr is not a table"),
+    ("model.nope=1", "--set: model.nope: unknown key"),
+])
+def test_set_errors_blame_set(tmp_path, tiny_registry, capsys, item, expect):
+    line = _one_line_error(capsys, 2, main(["config", "show", str(_config(tmp_path)), "--set", item]))
+    assert expect in line, line
+
+
+def test_dataset_root_not_found_names_the_config(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'extends = "{ROOT / "configs" / "unit_test.toml"}"\n[run]\nout_dir = "{tmp_path / "o"}"\n'
+                   f'[tokenizer]\nname = "yttm"\npath = "{tmp_path / "none.yttm"}"\n'
+                   f'[dataset]\nname = "folder"\nroot = "{tmp_path / "nowhere"}"\n')
+    import minidalle.config as config_mod
+    from minidalle.train.pipeline import build_dataset
+
+    with pytest.raises(Exception) as info:
+        build_dataset(config_mod.load_config(cfg))
+    assert str(info.value).startswith(f"{cfg}: dataset.root: folder not found")
+
+
+def test_caption_too_long_names_the_config(tmp_path, tiny_registry, capsys):
+    cfg = _config(tmp_path, "")
+    line = _one_line_error(capsys, 2, main(["run", str(cfg), "--set", "training.truncate_captions=false",
+                                            "--set", "model.text_seq_len=2"]))
+    assert line.startswith(f"minidalle: error: {cfg}: ") and "truncate_captions" in line

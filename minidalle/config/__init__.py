@@ -356,8 +356,12 @@ def apply_overrides(data: dict, overrides, origins: dict[str, str]) -> dict:
     data = copy.deepcopy(data)
     for item in overrides or ():
         keys, value = parse_override(item)
+        if not all(k.strip() for k in keys):
+            raise ConfigError(f"--set {item!r}: empty part in the dotted key {'.'.join(keys)!r}")
         node = data
         for i, key in enumerate(keys[:-1]):
+            if key not in node:  # a table --set creates is --set's, in error messages too
+                origins.setdefault(".".join(keys[: i + 1]), OVERRIDE_ORIGIN)
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item}: {'.'.join(keys[: i + 1])} is not a table")

@@ -264,6 +264,8 @@ class Trainer:
         main = backend.is_main
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.resumed_from is None:  # lines of a run killed before its first checkpoint
+                self._truncate_metrics(0)
         runner = backend.prepare(self.model, optimizer, t)
         if runner_state:
             runner.load_state_dict(runner_state)
