@@ -539,3 +539,35 @@ def test_caption_too_long_names_the_config(tmp_path, tiny_registry, capsys):
     line = _one_line_error(capsys, 2, main(["run", str(cfg), "--set", "training.truncate_captions=false",
                                             "--set", "model.text_seq_len=2"]))
     assert line.startswith(f"minidalle: error: {cfg}: ") and "truncate_captions" in line
+
+
+# --------------------------------------------------------------------------- 7. silent bad data
+
+
+def test_16_bit_png_keeps_its_brightness(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from minidalle.data import load_image
+
+    grey = np.full((8, 8), 32896, dtype=np.uint16)  # 50% grey in 16 bits
+    grey[:4] = 0
+    path = tmp_path / "grey16.png"
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode.startswith("I")
+    image = load_image(path, 8)
+    assert image.shape == (3, 8, 8)
+    assert int(image[:, :4].max()) == 0 and 126 <= int(image[:, 6:].float().mean()) <= 130
+
+
+def test_caption_files_bom_and_non_utf8(tmp_path, caplog):
+    from minidalle.data import read_caption_lines
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa red circle\n".encode("utf-8"))
+    assert read_caption_lines(bom) == ["a red circle"]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("un caf\xe9 rouge\n".encode("latin-1"))
+    with caplog.at_level("WARNING"):
+        assert read_caption_lines(latin) == ["un caf\ufffd rouge"]
+    assert str(latin) in caplog.text and "not UTF-8" in caplog.text
