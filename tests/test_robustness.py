@@ -571,3 +571,41 @@ def test_caption_files_bom_and_non_utf8(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert read_caption_lines(latin) == ["un caf\ufffd rouge"]
     assert str(latin) in caplog.text and "not UTF-8" in caplog.text
+
+
+def test_checkpoint_paths_work_from_anywhere_and_after_a_move(tmp_path, gen_registry, capsys, monkeypatch):
+    """Component paths in a checkpoint: inside the run dir relative to it (the run dir can
+    move), outside it absolute (any working directory); a missing file is named."""
+    import shutil
+
+    import torch
+
+    from minidalle.components.tokenizers import yttm
+    from minidalle.config import config_from_dict, config_to_dict
+    from minidalle.model import build_model
+    from minidalle.train.checkpoint import load_checkpoint, save_checkpoint
+
+    pytest.importorskip("youtokentome")
+    monkeypatch.chdir(tmp_path)
+    tok = yttm.train(["a red circle", "a blue square"] * 5, 30, Path("run") / "bpe.yttm")
+    table = {"model": {"dim": 32, "depth": 1, "heads": 2, "dim_head": 8, "text_seq_len": 8},
+             "tokenizer": {"name": "yttm", "path": "run/bpe.yttm"}, "codec": {"name": "grey"},
+             "dataset": {"name": "folder", "root": "data/pictures"}}
+    cfg = config_from_dict(table, registry=gen_registry)
+    model = build_model(cfg, text_vocab=tok.vocab_size, num_image_tokens=8, fmap_size=4,
+                        registry=gen_registry)
+    save_checkpoint(Path("run") / "checkpoints", step=1, model_state=model.state_dict(),
+                    config=config_to_dict(cfg))
+
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ck = load_checkpoint(tmp_path / "moved", registry=gen_registry)
+    assert Path(ck.config.tokenizer.params.path) == (tmp_path / "moved" / "bpe.yttm").resolve()
+    assert ck.config.dataset.params.root == str((tmp_path / "data" / "pictures").resolve())
+    argv = ["generate", "--checkpoint", str(tmp_path / "moved"), "--text", "a red circle",
+            "--num-images", "1", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0, capsys.readouterr().err
+    (tmp_path / "moved" / "bpe.yttm").unlink()
+    line = _one_line_error(capsys, 2, main(argv))
+    assert str((tmp_path / "moved" / "bpe.yttm").resolve()) in line and "not found" in line

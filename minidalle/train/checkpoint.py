@@ -151,6 +151,44 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+# --------------------------------------------------------------------------- paths in the config
+
+# Component parameters that name files; a checkpoint stores them so that it works from any
+# working directory and inside a moved run directory.
+PATH_KEYS = ("path", "config_path", "bpe_path", "root", "vgg_weights")
+PATH_SECTIONS = ("tokenizer", "codec", "dataset", "reranker")
+PATH_BASE = "step_dir"  # meta.json "path_base": relative paths are relative to the step dir
+
+
+def _map_paths(config: dict, fn) -> dict:
+    out = dict(config)
+    for section in PATH_SECTIONS:
+        table = out.get(section)
+        if isinstance(table, dict):
+            out[section] = {k: fn(v) if k in PATH_KEYS and isinstance(v, str) and v else v
+                            for k, v in table.items()}
+    return out
+
+
+def absolute_paths(config: dict, base: Path | str = ".") -> dict:
+    """``config`` with the relative file paths of its component sections resolved against ``base``."""
+    return _map_paths(config, lambda v: str((Path(base) / v).resolve()) if not Path(v).is_absolute() else v)
+
+
+def _portable_paths(config: dict, step_dir: Path) -> dict:
+    """Paths inside the run directory relative to the step directory (the run dir can move),
+    others absolute (the checkpoint works from any working directory)."""
+    run_dir = step_dir.parent.parent.resolve()
+
+    def portable(value: str) -> str:
+        path = Path(value).resolve()
+        if path == run_dir or run_dir in path.parents:
+            return os.path.relpath(path, run_dir / step_dir.parent.name / step_dir.name)
+        return str(path)
+
+    return _map_paths(config, portable)
+
+
 # --------------------------------------------------------------------------- save
 
 
@@ -171,8 +209,9 @@ def save_checkpoint(ckpt_dir: Path | str, *, step: int, model_state: dict[str, t
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_step_dir(tmp, step=step, model_state=model_state, config=config, epoch=epoch,
-                        training_state=training_state, info=info)
+        _write_step_dir(tmp, step=step, model_state=model_state, epoch=epoch,
+                        config=_portable_paths(config, final), training_state=training_state,
+                        info=info)
     except BaseException:  # a full disk, an error: no .tmp- directory is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -228,6 +267,7 @@ def _write_step_dir(tmp: Path, *, step, model_state, config, epoch, training_sta
         "training_state": skeleton,
         "info": info or {},
         "files": files,
+        "path_base": PATH_BASE,
     }
     meta_tmp = tmp / (META_FILE + ".part")
     with open(meta_tmp, "w", encoding="utf-8") as f:
@@ -359,6 +399,8 @@ def load_checkpoint(path: Path | str, *, with_config: bool = True, verify: bool 
     """
     step_dir = resolve_checkpoint(path)
     meta = _read_meta(step_dir)
+    if meta.get("path_base") == PATH_BASE:  # older checkpoints: relative to the working dir
+        meta["config"] = absolute_paths(meta["config"], step_dir)
     weights = _load_tensors(step_dir, MODEL_FILE, meta, verify)
     for alias, target in meta.get("model_aliases", {}).items():
         if target not in weights:

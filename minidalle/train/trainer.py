@@ -29,6 +29,7 @@ import torch
 
 from minidalle.train.backend import Backend, StepResult
 from minidalle.train.checkpoint import (
+    absolute_paths,
     host_rng_state,
     list_checkpoints,
     load_checkpoint,
@@ -178,9 +179,10 @@ class Trainer:
         if not found:
             return None
         ck = load_checkpoint(found[-1], with_config=False)
-        current = config_to_dict(self.cfg)
+        current = absolute_paths(config_to_dict(self.cfg))  # as the checkpoint has them
+        stored = absolute_paths(ck.meta["config"])
         for section in RESUME_MUST_MATCH:
-            if ck.meta["config"].get(section) != current.get(section):
+            if stored.get(section) != current.get(section):
                 raise CheckpointError(
                     f"{ck.path}: was written with a different [{section}] section; resume "
                     f"with the same {section} settings or start over (minidalle run --from transformer)")
