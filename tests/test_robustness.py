@@ -129,6 +129,16 @@ def test_max_bad_steps_allows_isolated_bad_steps(tmp_path, tiny_registry):
     assert not (tmp_path / "out" / "checkpoints" / "step-00000002").exists()
 
 
+def test_steps_skipped_by_fp16_loss_scaling_are_not_bad_steps():
+    from minidalle.train.backend import StepResult
+    from minidalle.train.trainer import _non_finite
+
+    assert _non_finite(float("nan"), StepResult(loss=float("nan")))
+    assert _non_finite(1.0, StepResult(loss=1.0, grad_norm=float("inf")))
+    assert not _non_finite(float("inf"), StepResult(loss=float("inf"), skipped_updates=1))
+    assert not _non_finite(1.0, StepResult(loss=1.0, grad_norm=3.0))
+
+
 def test_diverged_cli_run_exits_nonzero_with_one_line(tmp_path, tiny_registry, capsys, monkeypatch):
     import minidalle.train.trainer as trainer_mod
 
