@@ -439,7 +439,7 @@ def test_decompression_bomb_prime_image(tmp_path, gen_registry, capsys):
     assert str(bomb) in line and "decompression bomb" in line.lower()
 
 
-@pytest.mark.parametrize("override", ["model.dim=10000000", "model.text_seq_len=100000000000"])
+@pytest.mark.parametrize("override", ["model.dim=1099511627776", "model.text_seq_len=1099511627776"])
 def test_allocation_failure_is_one_line(tmp_path, tiny_registry, capsys, override):
     line = _one_line_error(capsys, 2, main(["run", str(_config(tmp_path)), "--set", override]))
     assert "out of memory" in line and "model.dim" in line
