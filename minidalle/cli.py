@@ -1,7 +1,9 @@
 """The ``minidalle`` command line.
 
-Each subcommand lives in ``minidalle/commands/<module>.py`` with ``add_parser(subparsers)``;
-those modules import nothing heavy at module level, so ``--help`` and ``list`` stay fast.
+Each subcommand is a module with ``add_parser(subparsers)``, registered through the
+``minidalle_commands`` hook (the built-ins: ``minidalle/commands/``, named in
+:mod:`minidalle.plugin.builtins`); those modules import nothing heavy at module level, so
+``--help`` and ``list`` stay fast.
 A user error (:class:`MinidalleError`, or an OS, allocation or decoding error) prints one
 line and exits 2, any other failure one line and exit 1 (:func:`minidalle.errors.one_line`);
 ``--debug`` shows the traceback instead.
@@ -9,17 +11,10 @@ line and exits 2, any other failure one line and exit 1 (:func:`minidalle.errors
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from minidalle import __version__
 from minidalle.errors import one_line
-
-# Module names under minidalle.commands, in the order `--help` lists them.
-COMMAND_MODULES = (
-    "list_cmd", "config_cmd", "run", "plan", "generate", "evaluate", "bench", "prepare",
-    "tokenizer_cmd", "train_codec", "new_plugin", "env_cmd",
-)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,14 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"minidalle {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"minidalle.commands.{name}").add_parser(sub)
+    from minidalle.plugin.discovery import get_registry
+
+    for command in get_registry().commands.values():
+        command.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    try:
+        parser = build_parser()  # loads the registry: the commands are plugins too
+    except Exception as exc:  # e.g. a plugin's command that fails to add its parser
+        if "--debug" in argv:
+            raise
+        message, status = one_line(exc)
+        print(f"minidalle: error: {' '.join(message.split())}", file=sys.stderr)
+        return status
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -81,7 +81,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
     from minidalle.config import load_config
     from minidalle.errors import TrainingDivergedError
     from minidalle.train.checkpoint import load_checkpoint
-    from minidalle.train.trainer import train
+    from minidalle.train.trainer import train_from_config as train
 
     cfg = load_config(_config(tmp_path), ["training.epochs=3"], registry=tiny_registry)
     with pytest.raises(TrainingDivergedError) as info:
@@ -102,7 +102,7 @@ def test_max_bad_steps_allows_isolated_bad_steps(tmp_path, tiny_registry):
     import torch
 
     from minidalle.config import load_config
-    from minidalle.train.trainer import train
+    from minidalle.train.trainer import train_from_config as train
 
     cfg = load_config(_config(tmp_path), ["training.max_bad_steps=2"], registry=tiny_registry)
 
