@@ -60,7 +60,7 @@ def _os_error_line(exc: OSError) -> str:
     return f"{where}: {what}"
 
 
-def _is_allocation_failure(exc: BaseException) -> bool:
+def is_allocation_failure(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     text = str(exc)
@@ -75,7 +75,7 @@ def one_line(exc: BaseException) -> tuple[str, int]:
         return str(exc), exc.exit_code
     if isinstance(exc, OSError):
         return _os_error_line(exc), 2
-    if _is_allocation_failure(exc):
+    if is_allocation_failure(exc):
         first = " ".join(str(exc).split())
         detail = first[first.find("you tried"):] if "you tried" in first else first[:160]
         return (f"out of memory ({detail}): use a smaller model.dim, model.depth, "

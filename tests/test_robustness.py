@@ -536,11 +536,11 @@ def test_dataset_root_not_found_names_the_config(tmp_path, capsys):
     cfg.write_text(f'extends = "{ROOT / "configs" / "unit_test.toml"}"\n[run]\nout_dir = "{tmp_path / "o"}"\n'
                    f'[tokenizer]\nname = "yttm"\npath = "{tmp_path / "none.yttm"}"\n'
                    f'[dataset]\nname = "folder"\nroot = "{tmp_path / "nowhere"}"\n')
-    import minidalle.config as config_mod
+    from minidalle.api import load_config
     from minidalle.train.pipeline import build_dataset
 
     with pytest.raises(Exception) as info:
-        build_dataset(config_mod.load_config(cfg))
+        build_dataset(load_config(cfg))
     assert str(info.value).startswith(f"{cfg}: dataset.root: folder not found")
 
 

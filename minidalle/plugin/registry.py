@@ -113,10 +113,10 @@ class Component:
         try:
             return factory(config, **kwargs) if self.config is not None else factory(**kwargs)
         except Exception as exc:
-            from minidalle.errors import MinidalleError, PluginError, _is_allocation_failure
+            from minidalle.errors import MinidalleError, PluginError, is_allocation_failure
 
             if self.provider == BUILTIN_PROVIDER or isinstance(exc, (MinidalleError, OSError)) \
-                    or _is_allocation_failure(exc):
+                    or is_allocation_failure(exc):
                 raise
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise PluginError(f"{self.kind} {self.name!r} ({self.provider_label}) failed to build: "
