@@ -19,6 +19,12 @@ def run(args) -> int:
     from minidalle import hardware
 
     found = hardware.report()
+    try:  # the decoding kernel asks the probe, so its status is added here (no import cycle)
+        from minidalle.inference import gemv
+
+        found["gemv_kernel"] = gemv.status()
+    except Exception as e:  # the kernel module is optional
+        found["gemv_kernel"] = f"unavailable: {e}"
     if args.json:
         print(json.dumps(found, indent=2))
         return 0

@@ -101,5 +101,6 @@ def minidalle_commands(register):
         register(name, f"{M}.{module}")
     register("bench", f"{M}.bench", sections={"bench": "minidalle.bench.settings:BenchConfig"})
     for name, module in (("prepare", "prepare"), ("tokenizer", "tokenizer_cmd"),
-                         ("train-codec", "train_codec"), ("new-plugin", "new_plugin")):
+                         ("train-codec", "train_codec"), ("new-plugin", "new_plugin"),
+                         ("env", "env_cmd")):
         register(name, f"{M}.{module}")
