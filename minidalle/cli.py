@@ -4,8 +4,9 @@ Each subcommand is a module with ``add_parser(subparsers)``, registered through 
 ``minidalle_commands`` hook (the built-ins: ``minidalle/commands/``, named in
 :mod:`minidalle.plugin.builtins`); those modules import nothing heavy at module level, so
 ``--help`` and ``list`` stay fast.
-A user error (:class:`MinidalleError`) prints one line and exits 2; ``--debug`` shows the
-traceback instead.
+A user error (:class:`MinidalleError`, or an OS, allocation or decoding error) prints one
+line and exits 2, any other failure one line and exit 1 (:func:`minidalle.errors.one_line`);
+``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import argparse
 import sys
 
 from minidalle import __version__
-from minidalle.errors import MinidalleError
+from minidalle.errors import one_line
+
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """CONFIG plus ``--set`` overrides: every command that takes a config uses this."""
@@ -39,25 +41,27 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser()  # loads the registry: the commands are plugins too
-    except MinidalleError as exc:  # e.g. two plugins register the same name
+    except Exception as exc:  # e.g. a plugin's command that fails to add its parser
         if "--debug" in argv:
             raise
-        print(f"minidalle: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        message, status = one_line(exc)
+        print(f"minidalle: error: {' '.join(message.split())}", file=sys.stderr)
+        return status
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
-    except MinidalleError as exc:
-        if args.debug:
-            raise
-        print(f"minidalle: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("minidalle: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the one place errors become one line (minidalle.errors.one_line)
+        if args.debug:
+            raise
+        message, status = one_line(exc)
+        print(f"minidalle: error: {' '.join(message.split())}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -35,6 +35,12 @@ def pil_to_uint8(img, image_size: int) -> torch.Tensor:
     """A PIL image -> ``uint8 [3, S, S]``: RGB, shorter side resized to S, centre crop."""
     from PIL import Image
 
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit grey (PNG): convert("RGB") would clip every value above 255 to white.
+        grey = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or grey.max(initial=0) > 255:
+            grey = grey / 257.0
+        img = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8), mode="L")
     img = img.convert("RGB")
     w, h = img.size
     scale = image_size / min(w, h)
@@ -88,8 +94,15 @@ class ImageSkipper:
 
 
 def read_caption_lines(path: Path) -> list[str]:
-    """Non-empty lines of a caption text file, whitespace-collapsed (UTF-8, lenient)."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    """Non-empty lines of a caption text file, whitespace-collapsed. UTF-8 (a byte-order mark
+    is dropped); a file that is not UTF-8 is read with U+FFFD for the bad bytes and a warning."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        log.warning("%s: caption file is not UTF-8 (byte %d): undecodable bytes read as U+FFFD; "
+                    "re-save it as UTF-8", path, exc.start)
+        text = raw.decode("utf-8-sig", errors="replace")
     return [c for c in (" ".join(line.split()) for line in text.splitlines()) if c]
 
 

@@ -103,13 +103,22 @@ def test_broken_plugins_are_reported_while_the_others_load(installed):
     assert "fixture_broken (minidalle-fixture-broken)" in text.stdout
 
 
-def test_name_conflict_is_one_error_naming_both_providers(installed):
+def test_name_conflict_is_one_error_naming_both_providers(installed, tmp_path):
+    # `list` still works and names the culprit; only what uses the name fails.
     proc = run_cli("list", path=installed["conflict"])
+    assert proc.returncode == 0, proc.stderr
+    assert "minidalle-fixture-conflict" in proc.stdout.split("Failed plugins:")[1]
+    assert "attention 'full' is registered by two providers" in proc.stdout
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\nattn_types = ["full"]\n')
+    proc = run_cli("config", "show", str(config), path=installed["conflict"])
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].endswith("attention 'full' is registered by two providers: "
                              "minidalle and minidalle-fixture-conflict 0.2.0"), lines[0]
+    config.write_text('[model]\nattn_types = ["axial_row"]\n')
+    assert run_cli("config", "show", str(config), path=installed["conflict"]).returncode == 0
     # Leaving the conflicting plugin out of autoloading gets the built-in back.
     assert run_cli("list", path=installed["conflict"], plugins="none").returncode == 0
 
@@ -226,9 +235,12 @@ def test_extra_plugin_object_and_duplicate_within_one_registry():
         register("shapes", "x:y", summary="again")
 
     dup.minidalle_datasets = minidalle_datasets
+    registry = load_registry(autoload="none", extra_plugins=(dup,))
     with pytest.raises(DuplicateComponentError,
                        match="dataset 'shapes' is registered by two providers: minidalle and dup_plugin"):
-        load_registry(autoload="none", extra_plugins=(dup,))
+        registry.get("dataset", "shapes")
+    assert registry.get("dataset", "folder").provider == "minidalle"  # the rest still work
+    assert any("dup_plugin" in f.error for f in registry.failures)
 
 
 def test_every_kind_has_a_hook_and_builtins():

@@ -1,9 +1,11 @@
 """``minidalle generate``: draw images for prompts from a trained checkpoint."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
-from minidalle.errors import ConfigError, DataError, MinidalleError
+from minidalle.errors import ConfigError, DataError
 
 
 def add_parser(sub) -> None:
@@ -80,7 +82,7 @@ def _prime_codes(path, codec, fraction, image_seq_len):
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
         raise DataError(f"{path}: cannot read the prime image: {exc}") from None
     size = codec.image_size
     # centre crop to a square, then resize to the codec's size
@@ -105,7 +107,7 @@ def generate(args, registry=None) -> list:
     from minidalle.inference.loader import load_for_inference
     from minidalle.inference.sampling import draw_images
 
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads: expected a positive number, got {args.threads}")
         torch.set_num_threads(args.threads)
@@ -113,6 +115,15 @@ def generate(args, registry=None) -> list:
     for i, t in enumerate(prompts):
         if not t:
             raise ConfigError(f"--text #{i + 1}: empty prompt")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:  # undecodable bytes in argv
+            raise ConfigError(f"--text #{i + 1}: not valid UTF-8 (byte {exc.start})") from None
+    if not 0 <= args.seed < 2**64:
+        raise ConfigError(f"--seed: expected an integer from 0 to 2**64 - 1, got {args.seed}")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: exists and is not a folder")
     run = load_for_inference(args.checkpoint, registry)
     cfg, tokenizer, codec, model = run.cfg, run.tokenizer, run.codec, run.model
     prompts = prompts or [p.strip() for p in cfg.generate.prompts if p.strip()]
@@ -126,9 +137,17 @@ def generate(args, registry=None) -> list:
         model.to(torch.bfloat16)
     weight_store = "bf16" if precision == "bf16-weights" else None
     text = _encode_prompts(tokenizer, prompts, cfg.model.text_seq_len)
+    _check_memory(len(prompts) * s["num_images"], codec.image_size)
     prime = None
     if args.prime_image:
         prime = _prime_codes(args.prime_image, codec, s["prime_fraction"], model.image_seq_len)
+    # Unwritable or earlier outputs are found before sampling, not after.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise ConfigError(f"--out {out_dir}: folder is not writable")
+    if (out_dir / "grid.png").exists():
+        print(f"minidalle: warning: {out_dir} holds images of an earlier run: those of the same "
+              "names (grid.png, ...) are replaced", file=sys.stderr)
 
     n = s["num_images"]
     text = text.repeat_interleave(n, dim=0)
@@ -149,7 +168,6 @@ def generate(args, registry=None) -> list:
                 scores = torch.as_tensor(reranker.score([prompt] * n, images[p])).flatten()
             images[p] = images[p][scores.argsort(descending=True)]
 
-    out_dir = args.out
     paths = []
     for p, prompt in enumerate(prompts):
         paths += img_io.save_images(images[p], out_dir, f"{p:02d}-{img_io.slug(prompt)}")
@@ -157,8 +175,19 @@ def generate(args, registry=None) -> list:
     return paths
 
 
-def _reranker(name, cfg, registry):
+def _check_memory(count: int, image_size: int) -> None:
+    """Every image stays in memory until the grid is written: refuse a count that cannot fit."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = count * 3 * image_size * image_size * 4
+    if need > physical:
+        raise ConfigError(f"--num-images: {count} images of {image_size} px need {need / 2**30:.0f} GiB "
+                          f"of memory, more than this machine's {physical / 2**30:.0f} GiB")
 
+
+def _reranker(name, cfg, registry):
     if name is None and cfg.reranker is None:
         return None
     registry = registry or cfg.registry
@@ -168,10 +197,7 @@ def _reranker(name, cfg, registry):
 
 
 def run(args) -> int:
-    try:
-        paths = generate(args)
-    except FileNotFoundError as exc:
-        raise MinidalleError(f"{exc.filename}: {exc.strerror}") from None
+    paths = generate(args)
     for path in paths:
         print(path)
     return 0

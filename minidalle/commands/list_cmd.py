@@ -19,7 +19,7 @@ def run(args) -> int:
     registry = get_registry()
     rows = []
     for c in registry.components(args.kind):
-        reason = c.unavailable_reason(deep=True)  # checks are cheap by contract
+        reason = registry.conflict(c.kind, c.name) or c.unavailable_reason(deep=True)  # cheap by contract
         rows.append({
             "kind": c.kind, "name": c.name, "provider": c.provider, "version": c.version,
             "available": reason is None, "reason": reason or "", "summary": c.summary,

@@ -75,22 +75,31 @@ def _check_before_launch(cfg, nproc: int) -> None:
     """Errors every launched process would hit, reported once before launching."""
     from minidalle.errors import ConfigError
 
-    _check_backend(cfg)
     if cfg.training.replication_factor not in (1, nproc):
         raise ConfigError(f"{cfg.source}: training.replication_factor: expected 1 or the process "
                           f"count ({nproc}) with --nproc, got {cfg.training.replication_factor}")
 
 
 def run(args) -> int:
+    from minidalle.errors import ConfigError
+    from minidalle.runlock import run_lock
+
+    cfg = load_run_config(args.config, args.overrides, args.backend)
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc: expected a positive number of processes, got {args.nproc}")
+    if "transformer" in cfg.run.stages or (args.nproc or 1) > 1:
+        _check_backend(cfg)  # before the lock creates run.out_dir
+    with run_lock(cfg.run.out_dir):
+        return _run_locked(args, cfg)
+
+
+def _run_locked(args, cfg) -> int:
     import os
 
     from minidalle.errors import ConfigError
     from minidalle.recipes.stages import run_stages
 
-    cfg = load_run_config(args.config, args.overrides, args.backend)
     if args.nproc is not None:
-        if args.nproc < 1:
-            raise ConfigError(f"--nproc: expected a positive number of processes, got {args.nproc}")
         if "LOCAL_RANK" in os.environ:  # already one of torchrun's processes
             raise ConfigError("--nproc: this process was started by torchrun, which already set "
                               "the process count; leave --nproc out")
@@ -99,7 +108,5 @@ def run(args) -> int:
             from minidalle.train.distributed import launch
 
             return launch(args.nproc, _child_argv(args))
-    if "transformer" in cfg.run.stages:
-        _check_backend(cfg)
     run_stages(cfg, from_stage=args.from_stage, resume=args.resume)
     return 0

@@ -15,6 +15,7 @@ Every error is a :class:`ConfigError` naming the file and the dotted key.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
@@ -45,14 +46,33 @@ def one_of(*choices):
     return check
 
 
+def _check_finite(attribute, value) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FieldError(f"{attribute.name}: expected a finite number, got {value!r}")
+
+
 def positive(instance, attribute, value):
+    _check_finite(attribute, value)
     if value is not None and value <= 0:
         raise FieldError(f"{attribute.name}: expected a positive number, got {value!r}")
 
 
 def non_negative(instance, attribute, value):
+    _check_finite(attribute, value)
     if value is not None and value < 0:
         raise FieldError(f"{attribute.name}: expected a number >= 0, got {value!r}")
+
+
+def _seed_range(attribute, value) -> None:
+    if not 0 <= value < 2**40:
+        raise FieldError(f"{attribute.name}: expected an integer from 0 to 2**40 - 1, got {value!r}")
+
+
+def betas(instance, attribute, value):
+    """Adam's (beta1, beta2): two numbers in [0, 1)."""
+    if len(value) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in value):
+        raise FieldError(f"{attribute.name}: expected two numbers in [0, 1), e.g. [0.9, 0.999], "
+                         f"got {value!r}")
 
 
 # --------------------------------------------------------------------------- sections
@@ -62,7 +82,8 @@ def non_negative(instance, attribute, value):
 class RunConfig:
     name: str = "run"
     out_dir: str = "output/run"  # relative paths are relative to the working directory
-    seed: int = 42
+    # Data order and RNG seeds are derived from it (seed * 1_000_003 + epoch fits in 64 bits).
+    seed: int = attrs.field(default=42, validator=lambda i, a, v: _seed_range(a, v))
     # Stages `minidalle run` executes in order (see minidalle/recipes/stages.py).
     stages: list[str] = attrs.field(factory=lambda: ["transformer"])
 
@@ -95,7 +116,7 @@ class TrainingConfig:
     replication_factor: int = attrs.field(default=1, validator=positive)
     optimizer: str = attrs.field(default="adamw", validator=one_of("adam", "adamw"))
     lr: float = attrs.field(default=3e-4, validator=positive)
-    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.999])
+    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.999], validator=betas)
     eps: float = attrs.field(default=1e-8, validator=positive)
     weight_decay: float = attrs.field(default=0.0, validator=non_negative)
     lr_scheduler: str = attrs.field(
@@ -108,6 +129,9 @@ class TrainingConfig:
     warmup_steps: int = attrs.field(default=0, validator=non_negative)
     loss_scaling: float = attrs.field(default=1.0, validator=positive)
     max_grad_norm: Union[float, None] = attrs.field(default=None, validator=positive)
+    # Steps in a row with a non-finite loss or gradient that stop the run (fp16 overflow
+    # steps skipped by loss scaling do not count).
+    max_bad_steps: int = attrs.field(default=1, validator=positive)
     truncate_captions: bool = True
     dataloader_workers: int = attrs.field(default=0, validator=non_negative)
     checkpoint_every: Union[int, None] = attrs.field(default=None, validator=positive)
@@ -271,6 +295,8 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     try:
         return tomli.loads(text)
     except tomli.TOMLDecodeError as exc:
@@ -337,8 +363,12 @@ def apply_overrides(data: dict, overrides, origins: dict[str, str]) -> dict:
     data = copy.deepcopy(data)
     for item in overrides or ():
         keys, value = parse_override(item)
+        if not all(k.strip() for k in keys):
+            raise ConfigError(f"--set {item!r}: empty part in the dotted key {'.'.join(keys)!r}")
         node = data
         for i, key in enumerate(keys[:-1]):
+            if key not in node:  # a table --set creates is --set's, in error messages too
+                origins.setdefault(".".join(keys[: i + 1]), OVERRIDE_ORIGIN)
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item}: {'.'.join(keys[: i + 1])} is not a table")

@@ -64,7 +64,7 @@ def load_registry(autoload: str | None = None, extra_plugins: tuple = ()) -> Reg
         try:
             plugin = ep.load()
             pm.register(plugin, name=f"{dist}:{ep.name}")
-        except Exception as exc:  # a broken plugin must not stop the others
+        except (Exception, SystemExit) as exc:  # a broken plugin must not stop the others
             registry.failures.append(PluginFailure(ep.name, dist, f"import failed: {_error_line(exc)}"))
             continue
         plugins.append((plugin, dist, version, ep.name))
@@ -82,11 +82,7 @@ def load_registry(autoload: str | None = None, extra_plugins: tuple = ()) -> Reg
             provider, version, label = (entry[1], entry[2], entry[3]) if entry else ("?", "", "?")
             try:
                 impl.function(register=make(provider, version))
-            except Exception as exc:
-                from minidalle.errors import DuplicateComponentError
-
-                if isinstance(exc, DuplicateComponentError):
-                    raise
+            except (Exception, SystemExit) as exc:
                 registry.failures.append(
                     PluginFailure(label, provider, f"{hook_name} raised: {_error_line(exc)}")
                 )

@@ -114,7 +114,17 @@ class Component:
         if config is None or isinstance(config, dict):
             config = self.make_config(config)
         factory = self._resolve(self.factory)
-        return factory(config, **kwargs) if self.config is not None else factory(**kwargs)
+        try:
+            return factory(config, **kwargs) if self.config is not None else factory(**kwargs)
+        except Exception as exc:
+            from minidalle.errors import MinidalleError, PluginError, is_allocation_failure
+
+            if self.provider == BUILTIN_PROVIDER or isinstance(exc, (MinidalleError, OSError)) \
+                    or is_allocation_failure(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise PluginError(f"{self.kind} {self.name!r} ({self.provider_label}) failed to build: "
+                              f"{type(exc).__name__}: {first} (a fault of that plugin)") from exc
 
     @property
     def provider_label(self) -> str:
@@ -205,21 +215,33 @@ class Registry:
         self.commands: dict[str, Command] = {}  # in registration order (`--help` order)
         self.sections: dict[str, Section] = {}
         self.failures: list[PluginFailure] = []
+        # (kind, name) registered by two providers: unusable, but only that name.
+        self.conflicts: dict[tuple[str, str], str] = {}
 
     def add(self, component: Component) -> None:
+        """Register; a second provider of the same kind and name is recorded (a failed
+        plugin and a conflict that :meth:`get` raises), so every other name still works."""
         if component.kind not in self._components:
             raise ValueError(f"unknown component kind {component.kind!r}; kinds: {', '.join(KINDS)}")
         existing = self._components[component.kind].get(component.name)
         if existing is not None:
-            raise DuplicateComponentError(
-                f"{component.kind} {component.name!r} is registered by two providers: "
-                f"{existing.provider_label} and {component.provider_label}"
-            )
+            message = (f"{component.kind} {component.name!r} is registered by two providers: "
+                       f"{existing.provider_label} and {component.provider_label}")
+            self.conflicts[(component.kind, component.name)] = message
+            self.failures.append(PluginFailure(component.provider, component.provider_label,
+                                               f"{message}; rename it, uninstall one, or leave "
+                                               "one out with MINIDALLE_PLUGINS"))
+            return
         self._components[component.kind][component.name] = component
+
+    def conflict(self, kind: str, name: str) -> str | None:
+        return self.conflicts.get((kind, name))
 
     def get(self, kind: str, name: str) -> Component:
         if kind not in self._components:
             raise UnknownComponentError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
+        if (kind, name) in self.conflicts:
+            raise DuplicateComponentError(self.conflicts[(kind, name)])
         try:
             return self._components[kind][name]
         except KeyError:

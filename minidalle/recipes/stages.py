@@ -155,7 +155,8 @@ def transformer_complete(ctx: StageContext) -> bool:
         meta = json.loads((found[-1] / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # the trainer reports the corrupt checkpoint when it tries to resume
-    return bool(meta.get("info", {}).get("final"))
+    info = meta.get("info") if isinstance(meta, dict) else None
+    return isinstance(info, dict) and bool(info.get("final"))
 
 
 def clean_transformer(ctx: StageContext) -> None:

@@ -58,6 +58,8 @@ The defaults below are the single-process ones.
 """
 from __future__ import annotations
 
+import math
+
 import contextlib
 import random
 from dataclasses import dataclass, field
@@ -229,6 +231,16 @@ def split_batch(batch: dict[str, torch.Tensor], size: int) -> Iterable[dict[str,
         yield {k: v[start:start + size] for k, v in batch.items()}
 
 
+def grad_norm_if_nonfinite(params) -> float | None:
+    """The total gradient norm of ``params`` when it is inf or NaN, else None."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    norm = float(torch.linalg.vector_norm(torch.stack(
+        [n.float() for n in torch._foreach_norm(grads)])))
+    return None if math.isfinite(norm) else norm
+
+
 class TorchRunner(Runner):
     """Plain eager PyTorch: micro-batches, accumulation, static loss scaling, clipping.
 
@@ -258,6 +270,11 @@ class TorchRunner(Runner):
         norm = None
         if self.training.max_grad_norm is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm))
+        bad = grad_norm_if_nonfinite(params) if norm is None else None
+        if bad is not None or (norm is not None and not math.isfinite(norm)):
+            # A non-finite gradient would poison the weights: leave them as they are; the
+            # trainer counts the step as bad (training.max_bad_steps).
+            return 0, norm if norm is not None else bad
         self.optimizer.step()
         return 0, norm
 

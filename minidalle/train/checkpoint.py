@@ -152,6 +152,44 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+# --------------------------------------------------------------------------- paths in the config
+
+# Component parameters that name files; a checkpoint stores them so that it works from any
+# working directory and inside a moved run directory.
+PATH_KEYS = ("path", "config_path", "bpe_path", "root", "vgg_weights")
+PATH_SECTIONS = ("tokenizer", "codec", "dataset", "reranker")
+PATH_BASE = "step_dir"  # meta.json "path_base": relative paths are relative to the step dir
+
+
+def _map_paths(config: dict, fn) -> dict:
+    out = dict(config)
+    for section in PATH_SECTIONS:
+        table = out.get(section)
+        if isinstance(table, dict):
+            out[section] = {k: fn(v) if k in PATH_KEYS and isinstance(v, str) and v else v
+                            for k, v in table.items()}
+    return out
+
+
+def absolute_paths(config: dict, base: Path | str = ".") -> dict:
+    """``config`` with the relative file paths of its component sections resolved against ``base``."""
+    return _map_paths(config, lambda v: str((Path(base) / v).resolve()) if not Path(v).is_absolute() else v)
+
+
+def _portable_paths(config: dict, step_dir: Path) -> dict:
+    """Paths inside the run directory relative to the step directory (the run dir can move),
+    others absolute (the checkpoint works from any working directory)."""
+    run_dir = step_dir.parent.parent.resolve()
+
+    def portable(value: str) -> str:
+        path = Path(value).resolve()
+        if path == run_dir or run_dir in path.parents:
+            return os.path.relpath(path, run_dir / step_dir.parent.name / step_dir.name)
+        return str(path)
+
+    return _map_paths(config, portable)
+
+
 # --------------------------------------------------------------------------- save
 
 
@@ -171,12 +209,42 @@ def save_checkpoint(ckpt_dir: Path | str, *, step: int, model_state: dict[str, t
     for stale in ckpt_dir.glob(".tmp-*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_step_dir(tmp, step=step, model_state=model_state, epoch=epoch,
+                        config=_portable_paths(config, final), training_state=training_state,
+                        info=info)
+    except BaseException:  # a full disk, an error: no .tmp- directory is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
+    # replaces an existing step directory (e.g. the final save after a periodic one)
+    replace_dir(tmp, final, aside=ckpt_dir / f".tmp-old-{final.name}-{os.getpid()}")
+    _fsync_dir(ckpt_dir)
+    if keep:
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``save_file``, with its I/O failures (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError wraps the OS error's text
+        code = re.search(r"(?:code: |os error )(\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def _write_step_dir(tmp: Path, *, step, model_state, config, epoch, training_state, info) -> None:
     weights, aliases = _dedupe_shared(model_state)
-    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    _save_tensors(weights, tmp / MODEL_FILE)
     state_tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten_tree(training_state or {}, state_tensors, "s")
-    save_file(state_tensors, str(tmp / STATE_FILE), metadata={"format": "pt"})
+    _save_tensors(state_tensors, tmp / STATE_FILE)
 
     files = {}
     for name in (MODEL_FILE, STATE_FILE):
@@ -195,6 +263,7 @@ def save_checkpoint(ckpt_dir: Path | str, *, step: int, model_state: dict[str, t
         "training_state": skeleton,
         "info": info or {},
         "files": files,
+        "path_base": PATH_BASE,
     }
     meta_tmp = tmp / (META_FILE + ".part")
     with open(meta_tmp, "w", encoding="utf-8") as f:
@@ -203,14 +272,6 @@ def save_checkpoint(ckpt_dir: Path | str, *, step: int, model_state: dict[str, t
         os.fsync(f.fileno())
     os.replace(meta_tmp, tmp / META_FILE)
     _fsync_dir(tmp)
-
-    # replaces an existing step directory (e.g. the final save after a periodic one)
-    replace_dir(tmp, final, aside=ckpt_dir / f".tmp-old-{final.name}-{os.getpid()}")
-    _fsync_dir(ckpt_dir)
-    if keep:
-        for old in list_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 # --------------------------------------------------------------------------- find and load
@@ -265,13 +326,45 @@ def _read_meta(step_dir: Path) -> dict:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{meta_path}: corrupt checkpoint metadata: {exc}") from None
-    for key in ("format_version", "step", "config", "files"):
-        if key not in meta:
-            raise CheckpointError(f"{meta_path}: corrupt checkpoint metadata: no {key!r}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"{meta_path}: corrupt checkpoint metadata: {problem}")
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: written by a newer minidalle "
                               f"(format {meta['format_version']}, this one reads {FORMAT_VERSION})")
     return meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _meta_problem(meta) -> str | None:
+    """What is wrong with the shape of a ``meta.json`` (None: nothing): the schema every
+    loader relies on, checked before any of it is used."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, got {type(meta).__name__}"
+    for key in ("format_version", "step", "config", "files"):
+        if key not in meta:
+            return f"no {key!r}"
+    for key in ("format_version", "step", "epoch"):
+        if key in meta and not (_is_int(meta[key]) and meta[key] >= (1 if key == "format_version" else 0)):
+            return f"{key}: expected a {'positive' if key == 'format_version' else 'non-negative'} integer, got {meta[key]!r}"
+    for key in ("config", "files", "model_aliases", "info", "training_state"):
+        if key in meta and not isinstance(meta[key], dict):
+            return f"{key}: expected an object, got {json.dumps(meta[key])[:40]}"
+    if MODEL_FILE not in meta["files"]:
+        return f"files: no entry for {MODEL_FILE}"
+    for name, entry in meta["files"].items():
+        if name not in (MODEL_FILE, STATE_FILE):
+            return f"files: unknown file {name!r}"
+        if not isinstance(entry, dict) or not _is_int(entry.get("bytes")) or entry["bytes"] < 0 \
+                or not isinstance(entry.get("sha256"), str):
+            return f"files.{name}: expected {{\"bytes\": integer, \"sha256\": string}}, got {json.dumps(entry)[:60]}"
+    for alias, target in meta.get("model_aliases", {}).items():
+        if not isinstance(target, str):
+            return f"model_aliases.{alias}: expected a tensor name, got {target!r}"
+    return None
 
 
 def _load_tensors(step_dir: Path, name: str, meta: dict, verify: bool) -> dict[str, torch.Tensor]:
@@ -302,13 +395,22 @@ def load_checkpoint(path: Path | str, *, with_config: bool = True, verify: bool 
     """
     step_dir = resolve_checkpoint(path)
     meta = _read_meta(step_dir)
+    if meta.get("path_base") == PATH_BASE:  # older checkpoints: relative to the working dir
+        meta["config"] = absolute_paths(meta["config"], step_dir)
     weights = _load_tensors(step_dir, MODEL_FILE, meta, verify)
     for alias, target in meta.get("model_aliases", {}).items():
+        if target not in weights:
+            raise CheckpointError(f"{step_dir / META_FILE}: corrupt checkpoint metadata: "
+                                  f"model_aliases.{alias} names {target!r}, which is not in {MODEL_FILE}")
         weights[alias] = weights[target]
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{step_dir / MODEL_FILE}: weight {name!r} holds inf or NaN values "
+                                  "(a diverged run); use an earlier checkpoint (a step-N directory)")
     state_tensors = _load_tensors(step_dir, STATE_FILE, meta, verify) if STATE_FILE in meta["files"] else {}
     try:
         training_state = unflatten_tree(meta.get("training_state", {}), state_tensors)
-    except KeyError as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{step_dir / STATE_FILE}: corrupt checkpoint file: no tensor {exc}") from None
     config = None
     if with_config:

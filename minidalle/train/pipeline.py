@@ -44,9 +44,14 @@ def build_codec(cfg, registry=None):
 def build_dataset(cfg, *, split: str = "train", image_size: int | None = None, registry=None):
     if cfg.dataset is None:
         raise ConfigError(f"{cfg.source}: dataset: missing section (e.g. [dataset] name = \"shapes\")")
-    return _registry(cfg, registry).build("dataset", cfg.dataset.name, cfg.dataset.params,
-                                     image_size=image_size or DEFAULT_IMAGE_SIZE, split=split,
-                                     seed=cfg.run.seed)
+    try:
+        return _registry(cfg, registry).build("dataset", cfg.dataset.name, cfg.dataset.params,
+                                              image_size=image_size or DEFAULT_IMAGE_SIZE,
+                                              split=split, seed=cfg.run.seed)
+    except DataError as exc:
+        if str(exc).startswith("dataset."):  # "dataset.root: ...": name the config file too
+            raise DataError(f"{cfg.source}: {exc}") from None
+        raise
 
 
 def image_geometry(codec=None, dataset=None) -> tuple[int, int]:
@@ -76,16 +81,21 @@ def build_model(cfg, *, text_vocab: int, num_image_tokens: int, fmap_size: int, 
                   image_token_factors=image_token_factors or token_factors(codec))
 
 
-def make_collate(tokenizer, text_seq_len: int, truncate: bool) -> Callable[[list[dict]], dict]:
-    """Samples -> ``{"text": int64 [B, text_seq_len], "image": stacked images or codes}``."""
+def make_collate(tokenizer, text_seq_len: int, truncate: bool,
+                 source: str | None = None) -> Callable[[list[dict]], dict]:
+    """Samples -> ``{"text": int64 [B, text_seq_len], "image": stacked images or codes}``
+    (``source``: the config file, named in errors)."""
+    where = f"{source}: " if source else ""
 
     def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         captions = [s["caption"] for s in samples]
         key = "codes" if "codes" in samples[0] else "image"
         try:
             text = tokenizer.encode(captions, text_seq_len, truncate=truncate)
+        except DataError as exc:
+            raise DataError(f"{where}{exc}") from None
         except (ValueError, RuntimeError) as exc:
-            raise DataError(f"tokenizing captions: {exc} (set training.truncate_captions = true "
+            raise DataError(f"{where}tokenizing captions: {exc} (set training.truncate_captions = true "
                             f"to cut captions at model.text_seq_len = {text_seq_len})") from None
         return {"text": text, "image": torch.stack([s[key] for s in samples])}
 
@@ -110,7 +120,7 @@ class Pipeline:
                               f"tokenizer's vocabulary ({self.tokenizer.vocab_size} ids)")
         self.num_image_tokens, self.fmap_size = image_geometry(self.codec, self.dataset)
         self.collate = make_collate(self.tokenizer, cfg.model.text_seq_len,
-                                    cfg.training.truncate_captions)
+                                    cfg.training.truncate_captions, source=cfg.source)
         self.model = None
         if with_model:
             # The codec is only needed inside the model when the data are images.

@@ -29,6 +29,7 @@ import torch
 
 from minidalle.train.backend import Backend, StepResult
 from minidalle.train.checkpoint import (
+    absolute_paths,
     host_rng_state,
     list_checkpoints,
     load_checkpoint,
@@ -36,7 +37,7 @@ from minidalle.train.checkpoint import (
     set_host_rng_state,
 )
 from minidalle.config import Config, config_to_dict
-from minidalle.errors import CheckpointError, DataError
+from minidalle.errors import CheckpointError, DataError, TrainingDivergedError
 from minidalle.fileio import atomic_write
 from minidalle.train.optim import LrSchedule
 
@@ -181,9 +182,10 @@ class Trainer:
         if not found:
             return None
         ck = load_checkpoint(found[-1], with_config=False)
-        current = config_to_dict(self.cfg)
+        current = absolute_paths(config_to_dict(self.cfg))  # as the checkpoint has them
+        stored = absolute_paths(ck.meta["config"])
         for section in RESUME_MUST_MATCH:
-            if ck.meta["config"].get(section) != current.get(section):
+            if stored.get(section) != current.get(section):
                 raise CheckpointError(
                     f"{ck.path}: was written with a different [{section}] section; resume "
                     f"with the same {section} settings or start over (minidalle run --from transformer)")
@@ -228,6 +230,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, optimizer, schedule, runner, *, final: bool = False) -> Path:
         runner.sync_to_host()
+        model_state = _without_codec(self.model.state_dict(), self.model)
+        for name, tensor in model_state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                # Never write a checkpoint of non-finite weights: the last good one stays.
+                raise self._diverged(self.step, 1) from None
         state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
@@ -241,7 +248,7 @@ class Trainer:
                 "total_steps": self.total_steps, "samples_per_step": self.sps,
                 "backend": self.backend.describe(), "final": final}
         return save_checkpoint(self.ckpt_dir, step=self.step, epoch=self.epoch,
-                               model_state=_without_codec(self.model.state_dict(), self.model),
+                               model_state=model_state,
                                config=config_to_dict(self.cfg), training_state=state, info=info,
                                keep=self.t.keep_checkpoints)
 
@@ -278,6 +285,8 @@ class Trainer:
                                   "--resume to continue it or use another run.out_dir")
         if backend.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.resumed_from is None:  # lines of a run killed before its first checkpoint
+                self._truncate_metrics(0)
         self.runner = backend.prepare(self.model, self.optimizer, t)
         if runner_state:
             self.runner.load_state_dict(runner_state)
@@ -293,6 +302,7 @@ class Trainer:
         self._metrics = open(self.metrics_path, "a", encoding="utf-8") if backend.is_main else None
         self.last_loss, self.last_ckpt = None, None
         self._skipped_total = 0  # updates skipped by dynamic loss scaling (fp16 overflow)
+        self._bad_steps, self._first_bad = 0, None  # non-finite steps in a row (max_bad_steps)
         self._window_start, self._window_samples = time.perf_counter(), 0
 
     def _batches(self):
@@ -342,6 +352,10 @@ class Trainer:
         self._window_samples += self.sps * self.backend.world_size
         loss = self.backend.reduce_mean(result.loss)
         self.last_loss = loss
+        if _non_finite(loss, result):
+            self._bad_steps, self._first_bad = self._bad_steps + 1, self._first_bad or self.step
+        else:
+            self._bad_steps, self._first_bad = 0, None
         lr = self.schedule.lr
         if self.schedule.step(loss):
             self.runner.lr_changed()
@@ -385,9 +399,11 @@ class Trainer:
         if self.val_idx and ((t.val_every and self.step % t.val_every == 0)
                              or (not t.val_every and end_of_epoch) or is_last):
             self._validate(self.runner, self._log, self._metrics)
+        if self._bad_steps >= t.max_bad_steps:
+            raise self._diverged(self._first_bad, self._bad_steps)
         if self.preview is not None and t.sample_every and (self.step % t.sample_every == 0 or is_last):
             self._preview(self.runner, self._log)
-        if self.backend.is_main and not is_last and t.checkpoint_every \
+        if self.backend.is_main and not is_last and not self._bad_steps and t.checkpoint_every \
                 and self.step % t.checkpoint_every == 0:
             self.last_ckpt = self.save(self.optimizer, self.schedule, self.runner)
         self.backend.barrier()
@@ -408,6 +424,15 @@ class Trainer:
             self._metrics.close()
         self._log.close()
         self.runner.close()
+
+    def _diverged(self, first_bad: int, count: int) -> TrainingDivergedError:
+        found = list_checkpoints(self.ckpt_dir)
+        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+        return TrainingDivergedError(
+            f"{self.out_dir}: training diverged: the loss or gradient went non-finite (inf/NaN) at "
+            f"step {first_bad}, {count} step(s) in a row (training.max_bad_steps = "
+            f"{self.t.max_bad_steps}); {kept}; try a lower training.lr (now {self.t.lr:g}), "
+            f"training.max_grad_norm or more training.warmup_steps")
 
     def _validate(self, runner, log: _Log, metrics) -> float:
         size = self.t.batch_size * self.t.gradient_accumulation
@@ -461,6 +486,15 @@ class Trainer:
                            config=config_to_dict(self.cfg), resume="allow")
             except ImportError:
                 log.line("note: training.wandb is on but `wandb` is not installed; not logging to wandb")
+
+
+def _non_finite(loss: float, result: StepResult) -> bool:
+    """A step whose loss or gradient norm is inf/NaN, unless loss scaling skipped its update
+    (fp16 overflow: the scaler lowers the scale and tries again)."""
+    if result.skipped_updates:
+        return False
+    norm = result.grad_norm
+    return not math.isfinite(loss) or (norm is not None and not math.isfinite(norm))
 
 
 def _without_codec(state: dict, model) -> dict:

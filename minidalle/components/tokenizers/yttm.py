@@ -33,10 +33,15 @@ def _check_model_file(path: Path) -> None:
     try:
         with path.open("r", encoding="utf-8") as f:
             head = f.readline().split()
+            lines = sum(1 for _ in f)
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read youtokentome model: {exc}") from None
     if len(head) != 2 or not all(h.isdigit() for h in head):
         raise DataError(f"{path}: not a youtokentome model file (bad header line)")
+    # The header counts the character lines and merge lines that follow it.
+    if lines < int(head[0]) + int(head[1]):
+        raise DataError(f"{path}: truncated youtokentome model file ({lines} lines after the "
+                        f"header, which announces {int(head[0]) + int(head[1])})")
 
 
 class YttmTokenizer:
@@ -88,7 +93,8 @@ def train(captions: Iterable[str], vocab_size: int, out, *, coverage: float = 1.
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".yttm-") as tmp:
+    _remove_stale_temp_dirs(out.parent)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".yttm-{os.getpid()}-") as tmp:
         data = Path(tmp) / "captions.txt"
         with data.open("w", encoding="utf-8") as f:
             for caption in captions:
@@ -108,6 +114,23 @@ def train(captions: Iterable[str], vocab_size: int, out, *, coverage: float = 1.
             raise DataError(f"youtokentome: {' '.join(str(exc).split())}") from None
         os.replace(model, out)
     return YttmTokenizer(out)
+
+
+def _remove_stale_temp_dirs(folder: Path) -> None:
+    """``.yttm-<pid>-*`` folders of processes that died (killed mid-training) go."""
+    import shutil
+
+    for stale in folder.glob(".yttm-*"):
+        pid = stale.name.split("-")[1]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # another user's live process
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 class _quiet_stdout:
