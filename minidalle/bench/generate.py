@@ -1,7 +1,9 @@
 """Sampling speed: what ``minidalle bench CONFIG --generate`` prints.
 
 Times drawing one image (every image position) with and without the key/value cache, in
-fp32 and with bf16 weights, then 8 images drawn together. The model has CONFIG's shape with
+fp32 and with bf16 weights, then 8 images drawn together, and one image with
+classifier-free guidance (cond_scale 3: the caption and null-caption rows in one cached
+batch of 2) against the unguided one. The model has CONFIG's shape with
 random weights (speed does not depend on the weights); vocabulary sizes as for ``bench``.
 """
 from __future__ import annotations
@@ -38,8 +40,8 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
     text[:, -cfg.model.text_seq_len // 4 :] = 0
     uncached = not getattr(args, "no_uncached", False)
 
-    def draw(m, n, cache):
-        return lambda: generate_image_codes(m, text[:n], seed=0, use_cache=cache)
+    def draw(m, n, cache, cond_scale=1.0):
+        return lambda: generate_image_codes(m, text[:n], seed=0, use_cache=cache, cond_scale=cond_scale)
 
     # warm-up: a short primed run on each model (first calls allocate)
     prime = torch.zeros(8, model.image_seq_len - 4, dtype=torch.long)
@@ -66,6 +68,12 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
         timed("uncached_bf16_s", draw(model_bf16, 1, False), "1 image, uncached, bf16 weights",
               lambda: f"; cached is {r['uncached_bf16_s'] / r['cached_bf16_s']:.1f}x faster in bf16")
         r["speedup_bf16"] = r["uncached_bf16_s"] / r["cached_bf16_s"]
+    for kind, m in (("fp32", model), ("bf16", model_bf16)):
+        key = f"guided_cached_{kind}_s"
+        timed(key, draw(m, 1, True, 3.0), f"1 image, guided (cond_scale 3), cached, {kind} weights",
+              lambda k=key, u=f"cached_{kind}_s": f"; a guided step costs {r[k] / r[u]:.2f}x an "
+                                                  f"unguided one ({1e3 * r[k] / model.image_seq_len:.2f} ms)")
+        r[f"guided_step_ratio_{kind}"] = r[key] / r[f"cached_{kind}_s"]
     timed("cached_8_fp32_s", draw(model, 8, True), "8 images together, cached, fp32 weights")
     timed("cached_8_bf16_s", draw(model_bf16, 8, True), "8 images together, cached, bf16 weights")
 

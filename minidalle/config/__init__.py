@@ -51,6 +51,11 @@ def non_negative(instance, attribute, value):
         raise FieldError(f"{attribute.name}: expected a number >= 0, got {value!r}")
 
 
+def unit_interval(instance, attribute, value):
+    if not 0 <= value < 1:
+        raise FieldError(f"{attribute.name}: expected a number in [0, 1), got {value!r}")
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -114,6 +119,9 @@ class TrainingConfig:
     val_every: Union[int, None] = attrs.field(default=None, validator=positive)
     tensorboard: bool = False
     wandb: bool = False
+    # Share of training captions replaced by the null caption (all padding), so that the
+    # model also learns p(image) and sampling can use classifier-free guidance.
+    null_caption_prob: float = attrs.field(default=0.0, validator=unit_interval)
 
 
 @attrs.define
@@ -127,6 +135,14 @@ class GenerateConfig:
     use_cache: bool = True
     precision: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16"))
     prompts: list[str] = attrs.field(factory=list)
+    # Classifier-free guidance: logits uncond + cond_scale * (cond - uncond); 1 = off. Needs a
+    # checkpoint trained with training.null_caption_prob > 0.
+    cond_scale: float = attrs.field(default=1.0, validator=non_negative)
+    # Draw `candidates` images per prompt, keep the `keep` best by reranker `rerank`
+    # ("likelihood", "clip" or a plugin's). None: candidates = num_images, keep all.
+    candidates: Union[int, None] = attrs.field(default=None, validator=positive)
+    keep: Union[int, None] = attrs.field(default=None, validator=positive)
+    rerank: Union[str, None] = None
 
 
 @attrs.define

@@ -1,0 +1,1 @@
+"""minidalle.components.rerankers: built-in rerankers (likelihood, clip)."""
