@@ -139,6 +139,13 @@ def test_run_directory_holds_everything(mini_run):
         assert group["images"] == 4 and 0.0 <= group["accuracy"] <= 1.0
     assert metrics["codec"]["psnr"] > 0 and 0 < metrics["codec"]["usage"] <= 1
     assert metrics["loss"]["steps"] == 6 and "val_loss" in metrics["loss"]
+    # trained with null captions (quickstart.toml): fidelity and loss at each cond_scale
+    assert set(metrics["guidance"]) == {"1", "2"}
+    for row in metrics["guidance"].values():
+        assert 0 <= row["seen"] <= 1 and 0 <= row["withheld"] <= 1 and row["image_loss"] > 0
+    assert metrics["guidance"]["1"]["image_loss"] != metrics["guidance"]["2"]["image_loss"]
+    r = metrics["rerank"]
+    assert r["candidates"] == 2 and r["group"] == "withheld" and 0 <= r["reranked"] <= 1
     assert not list(run.rglob("*.tmp"))
 
 
