@@ -316,22 +316,43 @@ def test_cli_config_candidates_and_bad_keep(tmp_path, registry, capsys):
     assert rc == 2 and "--rerank" in err
 
 
-def test_clip_reranker_unavailable_or_random(tmp_path, registry, capsys):
+def test_clip_reranker_unavailable_or_tiny_random(tmp_path, registry, capsys):
     from minidalle.plugin.registry import module_missing
 
     component = registry.get("reranker", "clip")
     run = _checkpoint(tmp_path, registry)
     rc, out, err = _main(capsys, "--checkpoint", run, "--text", "red cat", "--rerank", "clip",
                          "--out", tmp_path / "o")
-    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
     if module_missing("open_clip"):
         assert component.unavailable_reason() == "missing Python package(s): open_clip"
         assert "open_clip" in err
         assert cli.main(["list", "reranker"]) == 0
         listing = capsys.readouterr().out
         assert "clip" in listing and "open_clip" in listing and "likelihood" in listing
-        pytest.skip("open_clip is not installed: the random-weights clip path is not run")
+        pytest.skip("open_clip is not installed: the tiny random clip model is not built")
     assert "weights" in err and "nothing is downloaded" in err
-    rr = registry.build("reranker", "clip", {"model": "ViT-B-32", "weights": "random"})
-    scores = rr.score(["a red circle", "a blue square"], torch.rand(2, 3, 32, 32))
-    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    # a tiny randomly initialised open_clip architecture, its weights in a local file
+    arch = tmp_path / "tiny-clip.json"
+    arch.write_text(json.dumps({"embed_dim": 16,
+                                "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+                                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32,
+                                             "heads": 2, "layers": 1}}))
+    import open_clip
+    from safetensors.torch import save_file
+
+    open_clip.add_model_config(str(arch))
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in open_clip.create_model("tiny-clip").state_dict().items()},
+              str(weights))
+    params = {"model": "tiny-clip", "model_config": str(arch), "weights": str(weights)}
+    a, b = (registry.build("reranker", "clip", params) for _ in range(2))
+    images = torch.rand(3, 3, 8, 8)
+    scores = a.score(["a red circle", "a blue square", "a cat"], images)
+    assert scores.shape == (3,) and torch.isfinite(scores).all() and scores.abs().max() <= 1 + 1e-5
+    assert torch.equal(scores, b.score(["a red circle", "a blue square", "a cat"], images))  # loaded weights
+    from minidalle.commands.generate import _reranker
+
+    cfg = config_from_dict({"reranker": {"name": "clip", **params}}, registry=registry)
+    assert _reranker(None, cfg, registry).model is not None

@@ -3,7 +3,8 @@
 The weights come from a local file only (``[reranker] weights``, a ``.safetensors`` or a
 ``.pt``/``.bin`` state dict read with ``weights_only=True``); nothing is downloaded. Without
 open_clip the reranker is listed as unavailable; without the weights file building it is
-an error that says so. ``weights = "random"`` builds a randomly initialised model (for tests).
+an error that says so. ``model_config`` names a local open_clip model JSON (an architecture
+open_clip does not ship; ``model`` is then its file stem).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 class ClipRerankerConfig:
     model: str = "ViT-B-32"  # an open_clip architecture name
     weights: str = ""  # local weights file of that architecture
+    model_config: str = ""  # optional local open_clip model JSON (registered before building)
     batch_size: int = 16
 
 
@@ -42,16 +44,22 @@ class ClipReranker:
         import open_clip
 
         self.config = config
-        if config.weights != "random":
-            path = Path(config.weights).expanduser()
-            if not config.weights or not path.is_file():
-                raise UnavailableComponentError(
-                    f"reranker 'clip' is unavailable: reranker.weights: "
-                    f"{'not set' if not config.weights else f'{path}: no such file'} (open_clip "
-                    f"weights for {config.model} are read from a local file only; nothing is downloaded)")
-        self.model = open_clip.create_model(config.model, pretrained=None)
-        if config.weights != "random":
+        path = Path(config.weights).expanduser()
+        if not config.weights or not path.is_file():
+            raise UnavailableComponentError(
+                f"reranker 'clip' is unavailable: reranker.weights: "
+                f"{'not set' if not config.weights else f'{path}: no such file'} (open_clip "
+                f"weights for {config.model} are read from a local file only; nothing is downloaded)")
+        if config.model_config:
+            open_clip.add_model_config(str(Path(config.model_config).expanduser()))
+        self.model = open_clip.create_model(config.model, pretrained=None)  # random init, no download
+        try:
             self.model.load_state_dict(load_state_dict(path))
+        except (RuntimeError, OSError, ValueError) as exc:
+            from minidalle.errors import CheckpointError
+
+            raise CheckpointError(f"{path}: not open_clip {config.model} weights: "
+                                  f"{str(exc).strip().splitlines()[0][:200]}") from None
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(config.model)
         size = self.model.visual.image_size
