@@ -217,12 +217,12 @@ def registry():
     return plugins._registry
 
 
-def _checkpoint(tmp_path, registry, null_caption_prob=0.2, generate=None):
+def _checkpoint(tmp_path, registry, null_caption_prob=0.2, generate=None, **extra):
     table = {"model": {"dim": 32, "depth": 2, "heads": 2, "dim_head": 8, "text_seq_len": 12,
                        "attn_types": ["axial_row", "full"]},
              "training": {"null_caption_prob": null_caption_prob},
              "tokenizer": {"name": "tiny_chars"}, "codec": {"name": "grey"},
-             "generate": {"num_images": 2, **(generate or {})}}
+             "generate": {"num_images": 2, **(generate or {})}, **extra}
     cfg = config_from_dict(table, registry=registry)
     torch.manual_seed(0)
     model = build_model(cfg, text_vocab=64, num_image_tokens=8, fmap_size=4, registry=registry)
@@ -314,6 +314,19 @@ def test_cli_config_candidates_and_bad_keep(tmp_path, registry, capsys):
     rc, out, err = _main(capsys, "--checkpoint", run, "--text", "a", "--candidates", "3", "--keep", "1",
                          "--out", tmp_path / "y")
     assert rc == 2 and "--rerank" in err
+
+
+def test_cli_pmi_from_the_config_section(tmp_path, registry, capsys):
+    for prob in (0.0, 0.3):
+        run = _checkpoint(tmp_path, registry, null_caption_prob=prob, generate={"candidates": 3, "keep": 2},
+                          reranker={"name": "likelihood", "pmi": True})
+        rc, out, err = _main(capsys, "--checkpoint", run, "--text", "red cat", "--out", tmp_path / f"o{prob}")
+        if prob == 0:
+            assert rc == 2 and "pmi" in err and "null_caption_prob = 0" in err, err
+            continue
+        assert rc == 0, err
+        doc = json.loads((tmp_path / f"o{prob}" / "scores.json").read_text())
+        assert doc["reranker"] == "likelihood" and len(doc["prompts"][0]["kept"]) == 2
 
 
 def test_clip_reranker_unavailable_or_tiny_random(tmp_path, registry, capsys):

@@ -73,9 +73,6 @@ def _settings(args, g):
         if not ok:
             raise ConfigError(f"--{name}: out of range: {out[name.replace('-', '_')]}"
                               + (f" (at most --candidates {out['candidates']})" if name == "keep" else ""))
-    if out["keep"] < out["candidates"] and out["rerank"] is None:
-        raise ConfigError(f"--keep {out['keep']} of --candidates {out['candidates']}: choose the "
-                          "kept ones with --rerank NAME (or generate.rerank)")
     return out
 
 
@@ -172,6 +169,15 @@ def generate(args, registry=None) -> list:
     s = _settings(args, cfg.generate)
     check_guidance(cfg, s["cond_scale"], args.checkpoint)
     reranker = _reranker(s["rerank"], cfg, registry)
+    if reranker is not None and s["rerank"] is None:
+        s["rerank"] = cfg.reranker.name  # named by the config's [reranker] section
+    if reranker is None and s["keep"] < s["candidates"]:
+        raise ConfigError(f"--keep {s['keep']} of --candidates {s['candidates']}: choose the "
+                          "kept ones with --rerank NAME (or generate.rerank)")
+    if getattr(reranker, "needs_null_captions", False) and cfg.training.null_caption_prob <= 0:
+        raise ConfigError(f"{args.checkpoint}: reranker {s['rerank']!r} with pmi = true scores "
+                          "against the null caption, but the checkpoint was trained with "
+                          "training.null_caption_prob = 0")
     if hasattr(reranker, "bind"):  # a reranker that scores with the generating model
         reranker.bind(model=model, tokenizer=tokenizer, codec=codec)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import attrs
 
+from minidalle.config import positive
 from minidalle.errors import UnavailableComponentError
 
 # open_clip's image normalisation (the OpenAI CLIP statistics)
@@ -24,7 +25,7 @@ class ClipRerankerConfig:
     model: str = "ViT-B-32"  # an open_clip architecture name
     weights: str = ""  # local weights file of that architecture
     model_config: str = ""  # optional local open_clip model JSON (registered before building)
-    batch_size: int = 16
+    batch_size: int = attrs.field(default=16, validator=positive)
 
 
 def load_state_dict(path: Path) -> dict:

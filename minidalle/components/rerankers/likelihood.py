@@ -13,13 +13,14 @@ sampled codes (:meth:`bind`, ``score(..., codes=)``).
 from __future__ import annotations
 
 import attrs
-import torch
+
+from minidalle.config import positive
 
 
 @attrs.define
 class LikelihoodConfig:
     pmi: bool = False  # subtract the score given the null caption
-    batch_size: int = 16  # candidates scored in one forward
+    batch_size: int = attrs.field(default=16, validator=positive)  # candidates in one forward
 
 
 class LikelihoodReranker:
@@ -29,15 +30,19 @@ class LikelihoodReranker:
         self.config = config or LikelihoodConfig()
         self.model = self.tokenizer = self.codec = None
 
+    @property
+    def needs_null_captions(self) -> bool:
+        return self.config.pmi
+
     def bind(self, *, model, tokenizer, codec=None) -> None:
         """The generating model (and its tokenizer and codec) to score with."""
         self.model, self.tokenizer, self.codec = model, tokenizer, codec
 
-    @torch.no_grad()
-    def score(self, captions: list[str], images: torch.Tensor | None = None, *,
-              codes: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, captions: list[str], images=None, *, codes=None):
         """``[B]`` scores (higher is better) of ``codes`` (or of ``images`` [B,3,H,W] in
         [0,1], encoded with the codec) given ``captions``."""
+        import torch
+
         from minidalle.inference.sampling import image_log_likelihood
 
         if self.model is None:
@@ -45,7 +50,8 @@ class LikelihoodReranker:
         if codes is None:
             if self.codec is None:
                 raise RuntimeError("the likelihood reranker needs the codes or a codec")
-            codes = self.codec.encode(images.float())
+            with torch.no_grad():
+                codes = self.codec.encode(images.float())
         text = self.tokenizer.encode(list(captions), self.model.text_seq_len, truncate=True)
         device = next(self.model.parameters()).device
         text, codes = text.to(device), codes.to(device).long()
