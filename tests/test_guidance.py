@@ -369,3 +369,37 @@ def test_clip_reranker_unavailable_or_tiny_random(tmp_path, registry, capsys):
 
     cfg = config_from_dict({"reranker": {"name": "clip", **params}}, registry=registry)
     assert _reranker(None, cfg, registry).model is not None
+
+
+def test_null_captions_reach_the_ipu_data_pipeline(monkeypatch, tmp_path):
+    """The ipu backend (fake PopTorch) feeds steps through its own poptorch.DataLoader: it
+    gets the same null captions (per epoch and item) as the cpu backend's loader."""
+    import fake_poptorch
+    from minidalle.components.backends.cpu import CpuBackend, CpuConfig
+    from minidalle.components.backends.ipu.backend import IpuBackend
+    from minidalle.components.backends.ipu.plan import IpuConfig
+    from minidalle.train.pipeline import Pipeline
+    from minidalle.train.trainer import Trainer, seed_everything
+
+    poptorch = fake_poptorch.install(monkeypatch)
+    counts = {}
+    for name, make in (("ipu", lambda: IpuBackend(IpuConfig(ipus_per_replica=1, dataloader_mode="sync"))),
+                       ("cpu", lambda: CpuBackend(CpuConfig(precision="fp32")))):
+        cfg = _tiny.tiny_config(tmp_path / name, "training.epochs=2", "training.gradient_accumulation=4",
+                                "training.null_caption_prob=0.3")
+        seed_everything(cfg.run.seed)
+        pipe = Pipeline(cfg, _tiny.registry())
+        seen = []
+
+        def collate(samples, seen=seen, pipe=pipe):
+            batch = pipe.collate(samples)
+            seen.append(int((batch["text"] == 0).all(dim=1).sum()))
+            return batch
+
+        backend = make()
+        Trainer(cfg, model=pipe.model, dataset=pipe.dataset, collate=collate, backend=backend,
+                show_progress=False).train()
+        counts[name] = sum(seen)
+        if name == "ipu":
+            assert isinstance(backend._loader, poptorch.DataLoader)
+    assert counts["ipu"] == counts["cpu"] > 0
