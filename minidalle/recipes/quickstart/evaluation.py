@@ -351,6 +351,9 @@ def evaluate_run(run_dir, *, cfg=None, registry=None, log: Callable[[str], None]
     run = LoadedRun(run_dir, registry)
     cfg = cfg or run.cfg
     ev = read_settings(cfg)
+    from minidalle.commands.generate import check_guidance
+
+    check_guidance(run.cfg, cfg.generate.cond_scale, run.checkpoint)  # guidance needs null captions
     seed = cfg.run.seed if ev.seed is None else ev.seed
     metrics: dict = {"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "step": run.step}
 
