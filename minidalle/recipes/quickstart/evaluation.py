@@ -447,6 +447,8 @@ def guidance_table(run, cfg, ev, seed, registry, log) -> dict:
 def rerank_fidelity(run, cfg, ev, seed, registry) -> dict:
     """Withheld (else seen) fidelity of the best of ``rerank_candidates`` by likelihood,
     against the first candidate alone (the plain sample of the same seed)."""
+    import torch
+
     from minidalle.components.rerankers.likelihood import LikelihoodConfig, LikelihoodReranker
 
     n = ev.rerank_candidates
@@ -461,7 +463,7 @@ def rerank_fidelity(run, cfg, ev, seed, registry) -> dict:
     codes = []
     images = run.draw(captions, seed=seed + 2, batch_size=ev.batch_size, generate=cfg.generate,
                       codes_out=codes)
-    codes = __import__("torch").cat(codes)
+    codes = torch.cat(codes)
     scores = reranker.score(captions, codes=codes).view(len(items), n)
     best = scores.argmax(1)
     images = images.view(len(items), n, *images.shape[1:])
@@ -469,7 +471,7 @@ def rerank_fidelity(run, cfg, ev, seed, registry) -> dict:
     analyse = analyser_for(run.cfg)
     return {"group": group, "candidates": n, "pmi": ev.rerank_pmi, "prompts": len(items),
             "first": round(score(images[:, 0], expected, analyse)["accuracy"], 4),
-            "reranked": round(score(images[range(len(items)), best], expected, analyse)["accuracy"], 4)}
+            "reranked": round(score(images[torch.arange(len(items)), best], expected, analyse)["accuracy"], 4)}
 
 
 def summary_lines(metrics: dict) -> list[str]:
