@@ -68,6 +68,9 @@ class EvaluateConfig:
     # best-of-N withheld fidelity with the likelihood reranker (0: not measured)
     rerank_candidates: int = attrs.field(default=0, validator=non_negative)
     rerank_pmi: bool = False
+    # top-k of the reranking candidates (None: generate.filter_thres; greedy sampling, as
+    # the quickstart's 0.999, draws 8 equal candidates)
+    rerank_filter_thres: Union[float, None] = attrs.field(default=None, validator=non_negative)
 
 
 def read_settings(cfg) -> EvaluateConfig:
@@ -446,7 +449,7 @@ def guidance_table(run, cfg, ev, seed, registry, log) -> dict:
 
 def rerank_fidelity(run, cfg, ev, seed, registry) -> dict:
     """Withheld (else seen) fidelity of the best of ``rerank_candidates`` by likelihood,
-    against the first candidate alone (the plain sample of the same seed)."""
+    against the first candidate alone (a plain sample with the same settings)."""
     import torch
 
     from minidalle.components.rerankers.likelihood import LikelihoodConfig, LikelihoodReranker
@@ -461,8 +464,10 @@ def rerank_fidelity(run, cfg, ev, seed, registry) -> dict:
     reranker.bind(model=run.model, tokenizer=run.tokenizer, codec=run.codec)
     captions = [it["caption"] for it in items for _ in range(n)]
     codes = []
-    images = run.draw(captions, seed=seed + 2, batch_size=ev.batch_size, generate=cfg.generate,
-                      codes_out=codes)
+    g = cfg.generate
+    if ev.rerank_filter_thres is not None:
+        g = attrs.evolve(g, filter_thres=ev.rerank_filter_thres)
+    images = run.draw(captions, seed=seed + 2, batch_size=ev.batch_size, generate=g, codes_out=codes)
     codes = torch.cat(codes)
     scores = reranker.score(captions, codes=codes).view(len(items), n)
     best = scores.argmax(1)
@@ -470,6 +475,7 @@ def rerank_fidelity(run, cfg, ev, seed, registry) -> dict:
     expected = [it["attributes"] for it in items]
     analyse = analyser_for(run.cfg)
     return {"group": group, "candidates": n, "pmi": ev.rerank_pmi, "prompts": len(items),
+            "filter_thres": g.filter_thres, "cond_scale": g.cond_scale,
             "first": round(score(images[:, 0], expected, analyse)["accuracy"], 4),
             "reranked": round(score(images[torch.arange(len(items)), best], expected, analyse)["accuracy"], 4)}
 
