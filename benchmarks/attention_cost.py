@@ -14,8 +14,8 @@ import time
 
 import torch
 
+from minidalle.api import AttentionSpec, get_registry
 from minidalle.model import build_attention
-from minidalle.model.attention_api import AttentionSpec
 
 NAMES = ("full", "axial_row", "axial_col", "conv_like")
 
@@ -26,7 +26,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     spec = AttentionSpec(dim=512, heads=16, dim_head=64, dropout=0.0, text_len=81, fmap_size=16)
-    modules = {name: build_attention(name, None, spec) for name in NAMES}
+    registry = get_registry()
+    modules = {name: build_attention(name, None, spec, registry) for name in NAMES}
     x, grad = torch.randn(3, 336, 512), torch.randn(3, 336, 512)
 
     def step(module):

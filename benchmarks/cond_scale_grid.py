@@ -17,7 +17,8 @@ def main(argv=None) -> int:
     import torch
 
     from minidalle import images as img_io
-    from minidalle.commands.generate import check_guidance, load_generator
+    from minidalle.commands.generate import check_guidance
+    from minidalle.inference.loader import load_for_inference
     from minidalle.inference.sampling import generate_image_codes
 
     p = argparse.ArgumentParser(prog="python benchmarks/cond_scale_grid.py")
@@ -29,7 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="cond_scale.png")
     args = p.parse_args(argv)
 
-    cfg, tokenizer, codec, model = load_generator(args.checkpoint)
+    run = load_for_inference(args.checkpoint)
+    cfg, tokenizer, codec, model = run.cfg, run.tokenizer, run.codec, run.model
     g = cfg.generate
     text = tokenizer.encode([args.text], cfg.model.text_seq_len, truncate=True).repeat(args.num_images, 1)
     rows = []

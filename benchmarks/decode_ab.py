@@ -22,8 +22,8 @@ def main(argv=None) -> int:
     import torch
 
     from minidalle.inference import gemv
-    from minidalle.commands.bench import _bench_geometry
-    from minidalle.config import load_config
+    from minidalle.bench.settings import bench_geometry
+    from minidalle.api import load_config
     from minidalle.inference.decode import LeanDecoder
     from minidalle.train.pipeline import build_model
     from minidalle.inference.sampling import generate_image_codes
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     cfg = load_config(args.config)
-    geo = _bench_geometry(cfg)
+    geo = bench_geometry(cfg)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, text_vocab=geo["text_vocab"], num_image_tokens=geo["num_image_tokens"],
                         fmap_size=geo["fmap_size"]).eval()

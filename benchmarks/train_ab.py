@@ -43,7 +43,7 @@ VARIANTS = {"onednn-linear": _onednn_linear, "axial-core": _axial_core}
 def build_runner(config: str, precision: str):
     import torch
 
-    from minidalle.commands.bench import _bench_geometry
+    from minidalle.bench.settings import bench_geometry
     from minidalle.commands.run import load_run_config
     from minidalle.train.pipeline import build_model
     from minidalle.plugin.discovery import get_registry
@@ -51,7 +51,7 @@ def build_runner(config: str, precision: str):
 
     cfg = load_run_config(config, [], "cpu", after=["training.gradient_accumulation=1",
                                                       f"backend.precision={precision}"])
-    geo = _bench_geometry(cfg)
+    geo = bench_geometry(cfg)
     registry = get_registry()
     backend = registry.build("backend", cfg.backend.name, cfg.backend.params)
     seed_everything(cfg.run.seed)

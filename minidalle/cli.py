@@ -1,25 +1,19 @@
 """The ``minidalle`` command line.
 
-Each subcommand lives in ``minidalle/commands/<module>.py`` with ``add_parser(subparsers)``;
-those modules import nothing heavy at module level, so ``--help`` and ``list`` stay fast.
+Each subcommand is a module with ``add_parser(subparsers)``, registered through the
+``minidalle_commands`` hook (the built-ins: ``minidalle/commands/``, named in
+:mod:`minidalle.plugin.builtins`); those modules import nothing heavy at module level, so
+``--help`` and ``list`` stay fast.
 A user error (:class:`MinidalleError`) prints one line and exits 2; ``--debug`` shows the
 traceback instead.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from minidalle import __version__
 from minidalle.errors import MinidalleError
-
-# Module names under minidalle.commands, in the order `--help` lists them.
-COMMAND_MODULES = (
-    "list_cmd", "config_cmd", "run", "plan", "generate", "evaluate", "bench", "prepare",
-    "tokenizer_cmd", "train_codec", "new_plugin", "env_cmd",
-)
-
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """CONFIG plus ``--set`` overrides: every command that takes a config uses this."""
@@ -34,14 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"minidalle {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"minidalle.commands.{name}").add_parser(sub)
+    from minidalle.plugin.discovery import get_registry
+
+    for command in get_registry().commands.values():
+        command.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    try:
+        parser = build_parser()  # loads the registry: the commands are plugins too
+    except MinidalleError as exc:  # e.g. two plugins register the same name
+        if "--debug" in argv:
+            raise
+        print(f"minidalle: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -21,3 +21,20 @@ def atomic_write(path, write: Callable) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_dir(tmp, target, aside) -> Path:
+    """Move the finished directory ``tmp`` to ``target`` in one rename; an existing
+    ``target`` is first renamed to ``aside`` and removed afterwards, so ``target`` is at
+    every moment either the old directory or the new one."""
+    import shutil
+
+    tmp, target, aside = Path(tmp), Path(target), Path(aside)
+    if target.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
+        os.replace(tmp, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target

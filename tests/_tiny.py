@@ -102,7 +102,9 @@ def tiny_config(out_dir, *overrides, base="configs/unit_test.toml"):
     """The unit_test recipe with the tiny tokenizer and dataset, writing to ``out_dir``."""
     from pathlib import Path
 
-    from minidalle.config import apply_overrides, config_from_dict, load_raw
+    from minidalle.api import config_from_dict
+
+    from minidalle.config import apply_overrides, load_raw
 
     root = Path(__file__).resolve().parents[1]
     data, origins = load_raw(root / base)

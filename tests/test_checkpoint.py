@@ -176,7 +176,7 @@ SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     import _tiny
-    from minidalle.train.trainer import train
+    from minidalle.train.trainer import train_from_config as train
 
     out, resume, kill_at, precision = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
     cfg = _tiny.tiny_config(out, "training.epochs=2", "training.checkpoint_every=3", "dataset.size=8",

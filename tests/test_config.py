@@ -7,7 +7,8 @@ import attrs
 import pytest
 
 from minidalle import hookimpl
-from minidalle.config import config_to_dict, load_config, load_raw, parse_override, to_toml
+from minidalle.api import load_config
+from minidalle.config import config_to_dict, load_raw, parse_override, to_toml
 from minidalle.errors import ConfigError
 from minidalle.plugin.discovery import load_registry
 

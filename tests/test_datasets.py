@@ -171,7 +171,7 @@ def test_shapes_several_per_image():
 
 
 def test_shapes_config_errors(tmp_path):
-    from minidalle.config import load_config
+    from minidalle.api import load_config
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('[dataset]\nname = "shapes"\nexclude = ["red circle", "pink square"]\n')
@@ -186,7 +186,7 @@ def test_shapes_config_errors(tmp_path):
 
 
 def test_shapes_analyser_accuracy():
-    from minidalle.components.datasets.shapes import analyse
+    from minidalle.recipes.quickstart.analyse import analyse
 
     for jitter in (0.0, 0.15):
         ds = _shapes(num_samples=500, image_size=32, jitter=jitter, seed=3)

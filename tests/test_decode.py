@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from minidalle.config import Config, ModelConfig
+from minidalle.plugin.discovery import get_registry
 from minidalle.inference.decode import LeanDecoder
 from minidalle.model import build_model
 from minidalle.model.attention_api import QKVAttention
@@ -13,7 +14,7 @@ TEXT_VOCAB, TEXT_LEN, IMG_TOKENS, FMAP = 12, 5, 7, 3
 
 
 def tiny(attn_types, *, sandwich_norm=False, registry=None):
-    cfg = Config(model=ModelConfig(dim=32, depth=len(attn_types), heads=2, dim_head=8,
+    cfg = Config(registry=get_registry(), model=ModelConfig(dim=32, depth=len(attn_types), heads=2, dim_head=8,
                                    text_seq_len=TEXT_LEN, attn_types=list(attn_types),
                                    sandwich_norm=sandwich_norm))
     torch.manual_seed(0)

@@ -323,9 +323,9 @@ def reference(tmp_path_factory, plugin_path):
     Trained in this process (the same `train` the command runs) to save a launch."""
     import importlib
 
-    from minidalle.config import load_config
+    from minidalle.api import load_config
     from minidalle.plugin.discovery import load_registry
-    from minidalle.train.trainer import train
+    from minidalle.train.trainer import train_from_config as train
 
     sys.path.insert(0, str(plugin_path))
     try:

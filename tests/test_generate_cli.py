@@ -8,7 +8,8 @@ from PIL import Image
 
 from minidalle import cli, hookimpl
 from minidalle.train.checkpoint import save_checkpoint
-from minidalle.config import config_from_dict, config_to_dict
+from minidalle.api import config_from_dict
+from minidalle.config import config_to_dict
 
 from _tiny import GreyCodec, TinyTokenizer
 

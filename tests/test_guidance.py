@@ -171,7 +171,7 @@ def test_null_captions_survive_a_crash_and_resume_bit_identically(tmp_path):
     # 8 steps over 2 epochs (the null draws change with the epoch), checkpoints at 3 and 6;
     # the first run dies after step 5 and is resumed from step 3 (as tests/test_checkpoint.py,
     # in process: the null draws depend on no process state).
-    from minidalle.train.trainer import train
+    from minidalle.train.trainer import train_from_config as train
 
     def cfg(out):
         return _tiny.tiny_config(out, "training.epochs=2", "training.checkpoint_every=3", "dataset.size=8",
@@ -291,9 +291,10 @@ def test_cli_candidates_keep_rerank_likelihood_writes_scores(tmp_path, registry,
     import numpy as np
     from PIL import Image
 
-    from minidalle.commands.generate import load_generator
+    from minidalle.inference.loader import load_for_inference
 
-    _, tok, codec, model = load_generator(run)
+    loaded = load_for_inference(run)
+    tok, codec, model = loaded.tokenizer, loaded.codec, loaded.model
     img = torch.from_numpy(np.asarray(Image.open(pngs[0])).copy()).permute(2, 0, 1)[None].float() / 255
     codes = codec.encode(img)
     want = image_log_likelihood(model, tok.encode(["red cat"], 12), codes).item()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from minidalle.config import load_config
+from minidalle.api import load_config
 from minidalle.errors import ConfigError, DataError
 from minidalle.components.backends.ipu.plan import (
     IPU_MEMORY_BYTES,
@@ -114,7 +114,8 @@ def test_placement_0_7_7_2():
 
 
 def config_with(name, **tables):
-    from minidalle.config import config_from_dict, load_raw
+    from minidalle.api import config_from_dict
+    from minidalle.config import load_raw
 
     data, origins = load_raw(CONFIGS / name)
     data.update(tables)
@@ -248,7 +249,7 @@ def test_matmul_proportion_per_ipu_list():
 
 
 def test_parameter_counts_match_the_model():
-    from minidalle.config import config_from_dict
+    from minidalle.api import config_from_dict
     from minidalle.model import build_model
 
     for sandwich in (False, True):

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import fake_poptorch  # noqa: E402
 
-from minidalle.config import load_config  # noqa: E402
+from minidalle.api import load_config  # noqa: E402
 from minidalle.errors import ConfigError, UnavailableComponentError  # noqa: E402
 from minidalle.components.backends.ipu.plan import build_plan  # noqa: E402
 
@@ -148,7 +148,7 @@ def test_dataloader_mapping(poptorch):
 
 
 def small_model(depth=4, **model):
-    from minidalle.config import config_from_dict
+    from minidalle.api import config_from_dict
     from minidalle.model import build_model
 
     cfg = config_from_dict({"model": {"dim": 32, "depth": depth, "heads": 2, "dim_head": 16,
@@ -158,7 +158,7 @@ def small_model(depth=4, **model):
 
 
 def test_transforms_call_poptorch_ops(poptorch):
-    from minidalle.config import config_from_dict
+    from minidalle.api import config_from_dict
     from minidalle.components.backends.ipu.poptorch_layer import PoptorchOps
     from minidalle.components.backends.ipu.transforms import apply_plan
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidalle.config import Config, ModelConfig
+from minidalle.plugin.discovery import get_registry
 from minidalle.model import DALLE, build_model
 
 from _tiny import GreyCodec
@@ -15,7 +16,7 @@ TEXT_VOCAB, TEXT_LEN, IMG_TOKENS, FMAP = 10, 4, 6, 2
 
 
 def tiny(attn_types=("full",), depth=2, **kw):
-    cfg = Config(model=ModelConfig(dim=16, depth=depth, heads=2, dim_head=8, text_seq_len=TEXT_LEN,
+    cfg = Config(registry=get_registry(), model=ModelConfig(dim=16, depth=depth, heads=2, dim_head=8, text_seq_len=TEXT_LEN,
                                    attn_types=list(attn_types), **kw))
     torch.manual_seed(0)
     return build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=IMG_TOKENS, fmap_size=FMAP)
@@ -107,7 +108,7 @@ def test_training_input_drops_last_token():
 
 
 def test_images_through_codec_uint8_and_float():
-    cfg = Config(model=ModelConfig(dim=16, depth=1, heads=2, dim_head=8, text_seq_len=TEXT_LEN, byteio=True))
+    cfg = Config(registry=get_registry(), model=ModelConfig(dim=16, depth=1, heads=2, dim_head=8, text_seq_len=TEXT_LEN, byteio=True))
     torch.manual_seed(0)
     m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=IMG_TOKENS, fmap_size=FMAP, codec=GreyCodec(FMAP, IMG_TOKENS))
     text = torch.tensor([[3, 5, 0, 0]])
@@ -130,7 +131,7 @@ def test_images_without_codec_is_an_error():
 
 
 def test_conv_like_parameters_reach_the_pattern():
-    from minidalle.config import config_from_dict
+    from minidalle.api import config_from_dict
 
     cfg = config_from_dict({"model": {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "text_seq_len": 4,
                                       "attn_types": ["conv_like"]},
@@ -141,7 +142,7 @@ def test_conv_like_parameters_reach_the_pattern():
 
 
 def test_conv_like_config_errors():
-    from minidalle.config import config_from_dict
+    from minidalle.api import config_from_dict
     from minidalle.errors import ConfigError
 
     with pytest.raises(ConfigError, match="attention.conv_like.kernel_size: expected an odd number"):
@@ -174,7 +175,7 @@ def test_geglu_autograd_function_is_bit_identical_to_autograd(dtype):
 def test_factorised_image_codes_predict_each_part_on_its_own():
     """Codes of a two-codebook codec (code = a * 3 + b): embeddings and image logits are sums
     over the parts, so the softmax is p(a) p(b) and the loss two independent cross entropies."""
-    cfg = Config(model=ModelConfig(dim=16, depth=2, heads=2, dim_head=8, text_seq_len=TEXT_LEN,
+    cfg = Config(registry=get_registry(), model=ModelConfig(dim=16, depth=2, heads=2, dim_head=8, text_seq_len=TEXT_LEN,
                                    attn_types=["full"], loss_img_weight=3.0))
     torch.manual_seed(0)
     m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=6, fmap_size=FMAP,

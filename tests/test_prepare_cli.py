@@ -81,7 +81,7 @@ def test_prepare_codes(tmp_path, registry, capsys):
         assert ds[i]["caption"] == shapes[i]["caption"]
     assert len(build(CodesConfig(path=str(cache)), image_size=16, split="val")) == 6
     # a config pointing at the cache trains from codes
-    from minidalle.config import load_config
+    from minidalle.api import load_config
 
     cfg2 = tmp_path / "codes.toml"
     cfg2.write_text(f'[dataset]\nname = "codes"\npath = "{cache}"\n')

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from minidalle.cli import main
-from minidalle.config import load_config
+from minidalle.api import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
@@ -62,7 +62,7 @@ def test_score_counts_mismatches():
     want = {"shape": "circle", "colour": "red", "position": "top left", "size": "large"}
     other = dict(want, colour="blue")
     images = [render(want, 32), render(other, 32), torch.zeros(3, 32, 32, dtype=torch.uint8)]
-    from minidalle.components.datasets.shapes import analyse
+    from minidalle.recipes.quickstart.analyse import analyse
 
     result = score(images, [want, want, want], analyse)
     assert result["accuracy"] == pytest.approx(1 / 3)
@@ -192,8 +192,8 @@ def test_evaluate_errors_are_one_line(tmp_path, capsys):
 
 def test_codec_stage_checks_paths(tmp_path):
     from minidalle.errors import ConfigError
-    from minidalle.recipes.stages import StageContext, STAGES
+    from minidalle.recipes.stages import StageContext
 
     cfg = load_config(MINI, ["codec_training.out=elsewhere/vqgan.ckpt"])
     with pytest.raises(ConfigError, match="differs from codec.path"):
-        STAGES["codec"].is_complete(StageContext(cfg=cfg, out_dir=tmp_path))
+        cfg.registry.stage("codec").is_complete(StageContext(cfg=cfg, out_dir=tmp_path))

@@ -102,7 +102,9 @@ def test_unknown_stage_and_bad_from(tmp_path, tiny_registry, capsys):
 
 def test_stage_mechanism_reruns_later_stages(tmp_path):
     from minidalle.config import RunConfig
-    from minidalle.recipes.stages import STAGES, register_stage, run_stages
+    from minidalle import hookimpl
+    from minidalle.plugin.discovery import load_registry
+    from minidalle.recipes.stages import run_stages
 
     done = []
     marker = lambda name: tmp_path / f"{name}.done"
@@ -113,23 +115,24 @@ def test_stage_mechanism_reruns_later_stages(tmp_path):
             marker(name).write_text("ok")
         return run
 
-    try:
-        for name in ("s_a", "s_b"):
-            register_stage(name, make(name), is_complete=lambda ctx, n=name: marker(n).exists())
+    class Plugin:
+        @hookimpl
+        def minidalle_stages(register):
+            for name in ("s_a", "s_b"):
+                register(name, make(name), is_complete=lambda ctx, n=name: marker(n).exists())
 
-        class Cfg:
-            run = RunConfig(out_dir=str(tmp_path), stages=["s_a", "s_b"])
-            source = "x.toml"
+    registry = load_registry(autoload="none", extra_plugins=[Plugin])
 
-        quiet = lambda line: None
-        assert run_stages(Cfg, log=quiet) == ["s_a", "s_b"]
-        assert run_stages(Cfg, log=quiet) == []
-        marker("s_a").unlink()  # an earlier stage reruns: the later one must too
-        assert run_stages(Cfg, log=quiet) == ["s_a", "s_b"]
-        assert run_stages(Cfg, from_stage="s_b", log=quiet) == ["s_b"]
-    finally:
-        STAGES.pop("s_a", None)
-        STAGES.pop("s_b", None)
+    class Cfg:
+        run = RunConfig(out_dir=str(tmp_path), stages=["s_a", "s_b"])
+        source = "x.toml"
+
+    quiet = lambda line: None
+    assert run_stages(Cfg, registry=registry, log=quiet) == ["s_a", "s_b"]
+    assert run_stages(Cfg, registry=registry, log=quiet) == []
+    marker("s_a").unlink()  # an earlier stage reruns: the later one must too
+    assert run_stages(Cfg, registry=registry, log=quiet) == ["s_a", "s_b"]
+    assert run_stages(Cfg, registry=registry, from_stage="s_b", log=quiet) == ["s_b"]
 
 
 @pytest.mark.cpu_paths

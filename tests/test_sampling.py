@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from minidalle.config import Config, ModelConfig
+from minidalle.plugin.discovery import get_registry
 from minidalle.model import build_model
 from minidalle.model.attention_api import AttentionModule
 from minidalle.inference.sampling import (
@@ -19,7 +20,7 @@ TEXT_VOCAB, TEXT_LEN, IMG_TOKENS, FMAP = 12, 5, 7, 3
 
 
 def tiny(attn_types, dtype=torch.float32, registry=None, **attention):
-    cfg = Config(model=ModelConfig(dim=32, depth=len(attn_types), heads=2, dim_head=8,
+    cfg = Config(registry=get_registry(), model=ModelConfig(dim=32, depth=len(attn_types), heads=2, dim_head=8,
                                    text_seq_len=TEXT_LEN, attn_types=list(attn_types)),
                  attention=attention)
     torch.manual_seed(0)
@@ -162,7 +163,7 @@ def test_generate_texts_with_a_tokenizer():
 
     from minidalle.inference.sampling import generate_texts
 
-    cfg = Config(model=ModelConfig(dim=32, depth=1, heads=2, dim_head=8, text_seq_len=8))
+    cfg = Config(registry=get_registry(), model=ModelConfig(dim=32, depth=1, heads=2, dim_head=8, text_seq_len=8))
     torch.manual_seed(0)
     m = build_model(cfg, text_vocab=64, num_image_tokens=IMG_TOKENS, fmap_size=FMAP).eval()
     tok = TinyTokenizer()
@@ -175,7 +176,7 @@ def test_generate_texts_with_a_tokenizer():
 
 
 def test_factorised_codes_cached_logits_equal_uncached_forward():
-    cfg = Config(model=ModelConfig(dim=32, depth=2, heads=2, dim_head=8, text_seq_len=TEXT_LEN,
+    cfg = Config(registry=get_registry(), model=ModelConfig(dim=32, depth=2, heads=2, dim_head=8, text_seq_len=TEXT_LEN,
                                    attn_types=["axial_row", "full"]))
     torch.manual_seed(0)
     m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=6, fmap_size=FMAP,

@@ -10,7 +10,7 @@ import torch
 from minidalle import hookimpl
 from minidalle.components.codecs.vqgan_training import EmaCodebook, restart_dead_codes, train_codec, usage_stats
 from minidalle.components.codecs.vqgan import load_vqgan
-from minidalle.config import config_from_dict
+from minidalle.api import config_from_dict
 from minidalle.errors import ConfigError, DataError
 from minidalle.plugin.discovery import load_registry
 from minidalle.testing.codec import check_codec

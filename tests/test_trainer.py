@@ -10,7 +10,8 @@ from minidalle.train.checkpoint import load_checkpoint
 from minidalle.components.backends.cpu import CpuBackend, CpuConfig
 from minidalle.train.master_weights import MasterWeightsRunner
 from minidalle.train.pipeline import Pipeline
-from minidalle.train.trainer import Trainer, seed_everything, split_indices, train
+from minidalle.train.trainer import Trainer, seed_everything, split_indices
+from minidalle.train.trainer import train_from_config as train
 
 
 def _trainer(cfg, *, precision="fp32", **kw):

@@ -24,13 +24,12 @@ def _time(fn) -> float:
 def run_generate_bench(cfg, args=None, registry=None) -> dict:
     import torch
 
-    from minidalle.commands.bench import _bench_geometry
+    from minidalle.bench.settings import bench_geometry
     from minidalle.train.pipeline import build_model
-    from minidalle.plugin.discovery import get_registry
     from minidalle.inference.sampling import generate_image_codes
 
-    registry = registry or get_registry()
-    geo = _bench_geometry(cfg)
+    registry = registry or cfg.registry
+    geo = bench_geometry(cfg)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, text_vocab=geo["text_vocab"], num_image_tokens=geo["num_image_tokens"],
                         fmap_size=geo["fmap_size"], registry=registry).eval()
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
     sampling half of ``minidalle bench CONFIG --generate`` alone."""
     import argparse
 
-    from minidalle.config import load_config
+    from minidalle.api import load_config
 
     p = argparse.ArgumentParser(prog="python -m minidalle.bench.generate")
     p.add_argument("config")

@@ -12,7 +12,8 @@ def add_parser(sub):
 
 
 def show_config(args) -> int:
-    from minidalle.config import load_config, to_toml
+    from minidalle.api import load_config
+    from minidalle.config import to_toml
 
     cfg = load_config(args.config, args.overrides)
     print(to_toml(cfg), end="")

@@ -42,7 +42,8 @@ def run(args) -> int:
 def _config_with_overrides(run_dir, overrides):
     """The run's stored config with ``--set`` applied (only evaluate/generate keys)."""
     from minidalle.train.checkpoint import load_checkpoint
-    from minidalle.config import apply_overrides, config_from_dict
+    from minidalle.api import config_from_dict
+    from minidalle.config import apply_overrides
     from minidalle.errors import ConfigError
 
     ck = load_checkpoint(run_dir, verify=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from minidalle.errors import CheckpointError, ConfigError, DataError, MinidalleError
+from minidalle.errors import ConfigError, DataError, MinidalleError
 
 
 def add_parser(sub) -> None:
@@ -89,31 +89,6 @@ def check_guidance(cfg, cond_scale: float, where) -> None:
                           "with (use cond_scale = 1, or train with null_caption_prob > 0)")
 
 
-def load_generator(checkpoint, registry=None):
-    """(cfg, tokenizer, codec, model) from a checkpoint directory, model in eval mode."""
-    from minidalle.train.checkpoint import load_checkpoint
-    from minidalle.train.pipeline import build_codec, build_tokenizer, token_factors
-    from minidalle.model import build_model
-
-    ck = load_checkpoint(checkpoint, registry=registry)
-    cfg = ck.config
-    if cfg.codec is None:
-        raise ConfigError(f"{ck.path}: the checkpoint's config has no [codec]: cannot turn image "
-                          "codes into pictures")
-    tokenizer = build_tokenizer(cfg, registry)
-    codec = build_codec(cfg, registry)
-    model = build_model(cfg, text_vocab=cfg.model.text_vocab or tokenizer.vocab_size,
-                        num_image_tokens=codec.num_tokens, fmap_size=codec.fmap_size,
-                        registry=registry, image_token_factors=token_factors(codec))
-    try:
-        model.load_state_dict(ck.state_dict, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise CheckpointError(f"{ck.path}: weights do not fit the model of its config: "
-                              f"{' '.join(s.strip() for s in first[:2])[:300]}") from None
-    return cfg, tokenizer, codec, model.eval()
-
-
 def _encode_prompts(tokenizer, prompts, text_seq_len):
     text = tokenizer.encode(prompts, text_seq_len, truncate=True)
     lengths = (tokenizer.encode(prompts, 4 * text_seq_len + 64, truncate=True) != 0).sum(1)
@@ -152,7 +127,8 @@ def generate(args, registry=None) -> list:
     from tqdm import tqdm
 
     from minidalle import images as img_io
-    from minidalle.inference.sampling import generate_image_codes
+    from minidalle.inference.loader import load_for_inference
+    from minidalle.inference.sampling import draw_images
 
     if getattr(args, "threads", None):
         if args.threads < 1:
@@ -162,7 +138,8 @@ def generate(args, registry=None) -> list:
     for i, t in enumerate(prompts):
         if not t:
             raise ConfigError(f"--text #{i + 1}: empty prompt")
-    cfg, tokenizer, codec, model = load_generator(args.checkpoint, registry)
+    run = load_for_inference(args.checkpoint, registry)
+    cfg, tokenizer, codec, model = run.cfg, run.tokenizer, run.codec, run.model
     prompts = prompts or [p.strip() for p in cfg.generate.prompts if p.strip()]
     if not prompts:
         raise ConfigError("no prompt: give --text \"...\" (or generate.prompts in the config)")
@@ -194,19 +171,14 @@ def generate(args, registry=None) -> list:
     todo = model.image_seq_len - (prime.shape[1] if prime is not None else 0)
     bar = tqdm(total=len(text) * todo, desc="sampling", unit="tok", file=sys.stderr,
                disable=None, leave=False)
-    images, all_codes = [], []
-    for i in range(0, len(text), s["batch_size"]):
-        chunk = text[i : i + s["batch_size"]]
-        codes = generate_image_codes(
-            model, chunk, filter_thres=s["filter_thres"], top_p=s["top_p"],
-            temperature=s["temperature"], generator=generator, use_cache=s["use_cache"],
-            cond_scale=s["cond_scale"], prime_codes=None if prime is None else prime.expand(len(chunk), -1),
-            progress=lambda k, m=len(chunk): bar.update(k * m))
-        all_codes.append(codes)
-        with torch.no_grad():
-            images.append(codec.decode(codes).float().clamp(0, 1))
+    all_codes = []
+    images = draw_images(model, codec, text, batch_size=s["batch_size"], generator=generator,
+                         filter_thres=s["filter_thres"], top_p=s["top_p"],
+                         temperature=s["temperature"], use_cache=s["use_cache"],
+                         cond_scale=s["cond_scale"], prime_codes=prime, progress=bar.update,
+                         codes_out=all_codes)
     bar.close()
-    images = torch.cat(images).view(len(prompts), n, *images[0].shape[1:])
+    images = images.view(len(prompts), n, *images.shape[1:])
     all_codes = torch.cat(all_codes).view(len(prompts), n, -1)
 
     k = s["keep"]
@@ -257,11 +229,10 @@ def _write_scores(out_dir, s, table):
 
 
 def _reranker(name, cfg, registry):
-    from minidalle.plugin.discovery import get_registry
 
     if name is None and cfg.reranker is None:
         return None
-    registry = registry or get_registry()
+    registry = registry or cfg.registry
     if name is None or (cfg.reranker is not None and cfg.reranker.name == name):
         return registry.build("reranker", cfg.reranker.name, cfg.reranker.params)
     return registry.build("reranker", name)

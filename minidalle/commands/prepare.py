@@ -55,7 +55,7 @@ def run_coco(args) -> int:
 def run_codes(args) -> int:
     from pathlib import Path
 
-    from minidalle.config import load_config
+    from minidalle.api import load_config
     from minidalle.errors import ConfigError
 
     cfg = load_config(args.config, args.overrides)
@@ -76,9 +76,8 @@ def prepare_codes(cfg, out, *, splits=("train",), batch_size: int = 32, device: 
     from minidalle.components.datasets.codes import write_cache
     from minidalle.config import unstructure
     from minidalle.errors import ConfigError
-    from minidalle.plugin.discovery import get_registry
 
-    registry = registry or get_registry()
+    registry = registry or cfg.registry
     where = cfg.source or "config"
     if cfg.codec is None:
         raise ConfigError(f"{where}: codec: prepare codes needs a [codec] section")

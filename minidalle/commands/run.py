@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
 def load_run_config(path, overrides=(), backend: str | None = None, registry=None, after=()):
     """The config with ``--set`` overrides and an optional ``--backend`` override applied
     (``after``: more ``KEY=VALUE`` overrides applied after the backend swap)."""
-    from minidalle.config import apply_overrides, config_from_dict, load_raw
+    from minidalle.api import config_from_dict
+    from minidalle.config import apply_overrides, load_raw
 
     data, origins = load_raw(path, overrides)
     if backend is not None:
@@ -58,9 +59,8 @@ def _child_argv(args) -> list[str]:
 def _check_backend(cfg) -> None:
     """An unusable backend is reported before any stage runs or writes anything."""
     from minidalle.errors import UnavailableComponentError
-    from minidalle.plugin.discovery import get_registry
 
-    component = get_registry().get("backend", cfg.backend.name)
+    component = cfg.registry.get("backend", cfg.backend.name)
     reason = component.unavailable_reason(deep=True)
     if reason:
         raise UnavailableComponentError(f"backend {cfg.backend.name!r} is unavailable: {reason}")

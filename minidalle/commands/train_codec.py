@@ -22,7 +22,7 @@ def run(args) -> int:
     import json
 
     from minidalle.components.codecs.vqgan_training import train_codec
-    from minidalle.config import load_config
+    from minidalle.api import load_config
 
     overrides = list(args.overrides)
     if args.out:

@@ -4,7 +4,11 @@ A config file has fixed sections (``[run]``, ``[model]``, ``[training]``, ...) a
 sections (``[tokenizer]``, ``[codec]``, ``[dataset]``, ``[backend]``, ``[reranker]``) whose
 ``name`` picks a registered component and whose other keys are validated against that
 component's own attrs config class. ``[attention.NAME]`` holds the parameters of attention
-``NAME`` used in ``model.attn_types``.
+``NAME`` used in ``model.attn_types``. Other sections belong to a stage or command, which
+registers the attrs class that validates it (``register(..., sections={"NAME": Class})``);
+they are kept as plain tables in ``Config.extra`` and read with :func:`read_section`.
+
+The registry is passed in: this package imports nothing from ``minidalle.plugin``.
 
 Every error is a :class:`ConfigError` naming the file and the dotted key.
 """
@@ -166,14 +170,12 @@ class Config:
     reranker: Union[ComponentSpec, None] = None
     # attention name -> its validated parameters (None when it takes none)
     attention: dict[str, Any] = attrs.field(factory=dict)
-    # extra sections owned by stages (e.g. [codec_training]); kept as plain tables and
-    # validated by the stage that reads them
+    # sections owned by stages and commands (e.g. [codec_training]); kept as plain tables
+    # and validated by their owner with read_section()
     extra: dict[str, dict] = attrs.field(factory=dict)
     source: str = ""  # the file it came from, for messages
-
-
-# Sections kept as plain tables for the stage/command that owns them to validate.
-EXTRA_SECTIONS = ("codec_training", "tokenizer_training", "evaluate", "ipu", "bench")
+    # the registry it was validated against: what builds its components and model
+    registry: Any = attrs.field(default=None, eq=False, repr=False)
 
 # --------------------------------------------------------------------------- converter
 
@@ -382,19 +384,23 @@ def _with_origin(exc: ConfigError, origins: dict, default: str) -> ConfigError:
 
 
 def config_from_dict(data: dict, source: str = "<config>", origins: dict | None = None, registry=None) -> Config:
-    """Validate a merged table into a :class:`Config` (component sections included)."""
-    from minidalle.plugin.discovery import get_registry
+    """Validate a merged table into a :class:`Config` (component sections included).
 
+    ``registry`` (:class:`minidalle.plugin.registry.Registry`, required) knows the
+    components and the sections that stages and commands own."""
+    if registry is None:
+        raise TypeError("config_from_dict needs the registry "
+                        "(minidalle.api.config_from_dict looks up the default one)")
     origins = origins or {}
-    registry = registry or get_registry()
     data = copy.deepcopy(data)
-    known = {f.name for f in attrs.fields(Config)} - {"extra", "source", "attention"}
-    known |= {"attention", *EXTRA_SECTIONS}
+    owned = tuple(registry.sections)
+    known = {f.name for f in attrs.fields(Config)} - {"extra", "source", "attention", "registry"}
+    known |= {"attention", *owned}
     try:
         for key in data:
             if key not in known:
                 raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
-        kwargs: dict[str, Any] = {"source": source}
+        kwargs: dict[str, Any] = {"source": source, "registry": registry}
         for key, cls in (("run", RunConfig), ("model", ModelConfig), ("training", TrainingConfig),
                          ("generate", GenerateConfig)):
             kwargs[key] = structure_section(data.get(key, {}), cls, key)
@@ -422,7 +428,7 @@ def config_from_dict(data: dict, source: str = "<config>", origins: dict | None 
             if name not in attention:
                 raise ConfigError(f"attention.{name}: not used in model.attn_types")
         kwargs["attention"] = attention
-        kwargs["extra"] = {k: data[k] for k in EXTRA_SECTIONS if k in data}
+        kwargs["extra"] = {k: data[k] for k in owned if k in data}
         return Config(**kwargs)
     except ConfigError as exc:
         raise _with_origin(exc, origins, source) from None
@@ -440,8 +446,19 @@ def _get(registry, kind, name, where):
 
 
 def load_config(path, overrides=(), registry=None) -> Config:
+    """Read, merge and validate a TOML config; ``registry`` is required (see
+    :func:`config_from_dict`)."""
     data, origins = load_raw(path, overrides)
     return config_from_dict(data, str(path), origins, registry)
+
+
+def read_section(cfg: Config, name: str, cls):
+    """The validated ``[name]`` table of ``cfg`` (``cls`` defaults when absent); an error
+    names the config file and the dotted key."""
+    try:
+        return structure_section(cfg.extra.get(name, {}), cls, name)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.source}: {exc}") from None
 
 
 def config_to_dict(cfg: Config) -> dict:

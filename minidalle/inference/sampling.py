@@ -197,3 +197,33 @@ def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
         out = generate_text_ids(model, ids, **kwargs)
         texts.append(tokenizer.decode(out[0]))
     return texts
+
+
+@torch.no_grad()
+def draw_images(model, codec, text: torch.Tensor, *, batch_size: int, generator: torch.Generator,
+                filter_thres: float, top_p: float | None, temperature: float, use_cache: bool = True,
+                prime_codes: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
+                sample_context: Callable | None = None, cond_scale: float = 1.0,
+                codes_out: list | None = None) -> torch.Tensor:
+    """Images ``float [N, 3, S, S]`` in [0, 1] for text ids ``[N, text_seq_len]``: codes
+    sampled ``batch_size`` prompts at a time, then decoded by ``codec`` in fp32.
+
+    ``prime_codes`` ``[1, k]`` primes every image; ``progress(n)`` counts sampled tokens
+    (over the whole batch); ``sample_context()`` wraps the sampling only (e.g. autocast);
+    ``cond_scale``: classifier-free guidance (:func:`generate_image_codes`); ``codes_out``
+    gets each batch's sampled codes appended."""
+    import contextlib
+
+    images = []
+    for i in range(0, len(text), batch_size):
+        chunk = text[i : i + batch_size]
+        with (sample_context or contextlib.nullcontext)():
+            codes = generate_image_codes(
+                model, chunk, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
+                generator=generator, use_cache=use_cache, cond_scale=cond_scale,
+                prime_codes=None if prime_codes is None else prime_codes.expand(len(chunk), -1),
+                progress=None if progress is None else (lambda k, m=len(chunk): progress(k * m)))
+        if codes_out is not None:
+            codes_out.append(codes)
+        images.append(codec.decode(codes).float().clamp(0, 1))
+    return torch.cat(images)

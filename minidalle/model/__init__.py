@@ -4,6 +4,11 @@ Module structure (other code relies on these names): ``model.text_emb``,
 ``model.text_pos_emb``, ``model.image_emb`` (``nn.Embedding``), ``model.image_pos_emb``,
 ``model.transformer.layers[i]`` (a :class:`Block` with ``.attn``, ``.ff``), ``model.norm_out``
 (``nn.LayerNorm``) and ``model.to_logits`` (``nn.Linear``).
+
+``attention_api`` is the attention interface components implement; ``linear`` the linear
+layers (oneDNN bf16 products where they are faster). Imports nothing of minidalle outside
+``model/`` but the root helpers (``errors``; a CPU capability probe at the package root):
+the registry that builds the attention is passed in (or is the config's).
 """
 from __future__ import annotations
 
@@ -25,11 +30,8 @@ __all__ = [
 ]
 
 
-def build_attention(name: str, params, spec: AttentionSpec, registry=None):
-    """Build one layer's attention module from the registry."""
-    from minidalle.plugin.discovery import get_registry
-
-    registry = registry or get_registry()
+def build_attention(name: str, params, spec: AttentionSpec, registry):
+    """Build one layer's attention module from ``registry``."""
     obj = registry.get("attention", name).build(params, spec=spec)
     return as_attention_module(obj, spec, name)
 
@@ -42,7 +44,11 @@ def build_model(cfg, *, text_vocab: int | None = None, num_image_tokens: int, fm
     ``codec`` (optional) is attached frozen so the model can take raw images.
     ``image_token_factors``: the codebook sizes of a codec whose codes are tuples (its
     ``token_factors``): the model then predicts each part separately (FactorisedLogits).
+    ``registry`` (default: the one ``cfg`` was validated against) builds the attention.
     """
+    registry = registry or getattr(cfg, "registry", None)
+    if registry is None:
+        raise ValueError("build_model: no registry (pass registry=, or a config from load_config)")
     m = cfg.model
     text_vocab = text_vocab if text_vocab is not None else m.text_vocab
     if text_vocab is None:

@@ -1,7 +1,8 @@
-"""Built-in components, registered through the same hooks as any third-party plugin.
+"""Built-in components, stages and commands, registered through the same hooks as any
+third-party plugin.
 
-Factories and config classes are lazy ``"module:attr"`` strings so that listing components
-imports nothing heavy.
+Factories, stage functions, commands and config classes are lazy ``"module:attr"`` strings
+so that listing components imports nothing heavy.
 """
 from minidalle import hookimpl
 
@@ -70,3 +71,41 @@ def minidalle_rerankers(register):
     register("clip", f"{C}.rerankers.clip:build", config=f"{C}.rerankers.clip:ClipRerankerConfig",
              summary="open_clip image-text similarity, from a local weights file only",
              requires=("open_clip",))
+
+
+Q = "minidalle.recipes.quickstart.stages"
+
+
+@hookimpl
+def minidalle_stages(register):
+    register("transformer", "minidalle.recipes.stages:run_transformer",
+             is_complete="minidalle.recipes.stages:transformer_complete",
+             clean="minidalle.recipes.stages:clean_transformer", parallel=True,
+             summary="train the DALL-E transformer (checkpoints, metrics.jsonl)")
+    # The quickstart recipe's stages.
+    register("codec", f"{Q}:run_codec", is_complete=f"{Q}:codec_complete", clean=f"{Q}:clean_codec",
+             summary="train a VQ image codec ([codec_training]) into [codec] path",
+             sections={"codec_training": f"{C}.codecs.vqgan_training:CodecTrainingConfig"})
+    register("tokenizer", f"{Q}:run_tokenizer", is_complete=f"{Q}:tokenizer_complete",
+             clean=f"{Q}:clean_tokenizer", requires=("youtokentome",),
+             summary="train a youtokentome BPE model on the captions into [tokenizer] path",
+             sections={"tokenizer_training": f"{C}.tokenizers.training:TokenizerTrainingConfig"})
+    register("samples", f"{Q}:run_samples", outputs=f"{Q}:samples_files",
+             summary="samples.png (held-out prompts) and reconstructions.png")
+    register("evaluate", f"{Q}:run_evaluate", outputs=f"{Q}:evaluate_files",
+             summary="metrics.json (prompt fidelity, codec PSNR, losses) and loss.png",
+             sections={"evaluate": "minidalle.recipes.quickstart.evaluation:EvaluateConfig"})
+
+
+@hookimpl
+def minidalle_commands(register):
+    # in the order `minidalle --help` lists them
+    M = "minidalle.commands"
+    for name, module in (("list", "list_cmd"), ("config", "config_cmd"), ("run", "run"),
+                         ("plan", "plan"), ("generate", "generate"), ("evaluate", "evaluate")):
+        register(name, f"{M}.{module}")
+    register("bench", f"{M}.bench", sections={"bench": "minidalle.bench.settings:BenchConfig"})
+    for name, module in (("prepare", "prepare"), ("tokenizer", "tokenizer_cmd"),
+                         ("train-codec", "train_codec"), ("new-plugin", "new_plugin"),
+                         ("env", "env_cmd")):
+        register(name, f"{M}.{module}")

@@ -13,7 +13,14 @@ import traceback
 import pluggy
 
 from minidalle.plugin import hookspecs
-from minidalle.plugin.registry import BUILTIN_PROVIDER, PluginFailure, Registry, make_register
+from minidalle.plugin.registry import (
+    BUILTIN_PROVIDER,
+    PluginFailure,
+    Registry,
+    make_command_register,
+    make_register,
+    make_stage_register,
+)
 
 ENTRY_POINT_GROUP = "minidalle"
 ENV_VAR = "MINIDALLE_PLUGINS"
@@ -62,7 +69,11 @@ def load_registry(autoload: str | None = None, extra_plugins: tuple = ()) -> Reg
             continue
         plugins.append((plugin, dist, version, ep.name))
 
-    for kind, hook_name in hookspecs.HOOKS.items():
+    hooks = [(hook_name, lambda p, v, kind=kind: make_register(registry, kind, p, v))
+             for kind, hook_name in hookspecs.HOOKS.items()]
+    hooks.append((hookspecs.STAGE_HOOK, lambda p, v: make_stage_register(registry, p, v)))
+    hooks.append((hookspecs.COMMAND_HOOK, lambda p, v: make_command_register(registry, p, v)))
+    for hook_name, make in hooks:
         caller = getattr(pm.hook, hook_name)
         # get_hookimpls() is in registration order (built-ins first; pluggy *calls* them
         # in reverse), so a conflict names the built-in first.
@@ -70,7 +81,7 @@ def load_registry(autoload: str | None = None, extra_plugins: tuple = ()) -> Reg
             entry = next((p for p in plugins if p[0] is impl.plugin), None)
             provider, version, label = (entry[1], entry[2], entry[3]) if entry else ("?", "", "?")
             try:
-                impl.function(register=make_register(registry, kind, provider, version))
+                impl.function(register=make(provider, version))
             except Exception as exc:
                 from minidalle.errors import DuplicateComponentError
 

@@ -45,7 +45,28 @@ def minidalle_rerankers(register):
     """Register rerankers that score (caption, image) pairs: ``factory(config) -> Reranker``."""
 
 
-#: kind name -> hook name
+@hookspec
+def minidalle_stages(register):
+    """Register stages of ``minidalle run``::
+
+        register(name, run, *, is_complete=None, outputs=None, clean=None, summary="",
+                 parallel=False, requires=(), sections=None)
+
+    ``run(ctx)``, ``is_complete(ctx) -> bool``, ``outputs(ctx) -> [Path]`` and
+    ``clean(ctx)`` may be lazy ``"module:attr"`` strings; ``sections`` maps the config
+    sections the stage owns (e.g. ``"codec_training"``) to the attrs class that validates
+    each (also allowed as a lazy string)."""
+
+
+@hookspec
+def minidalle_commands(register):
+    """Register subcommands of ``minidalle``: ``register(name, module, *, sections=None)``.
+
+    ``module`` (a module or its dotted name) has ``add_parser(subparsers)``; it must import
+    nothing heavy at module level. ``sections`` as for stages."""
+
+
+#: kind name -> hook name (component kinds; stages and commands have their own hooks)
 HOOKS = {
     "tokenizer": "minidalle_tokenizers",
     "codec": "minidalle_codecs",
@@ -55,3 +76,5 @@ HOOKS = {
     "reranker": "minidalle_rerankers",
 }
 KINDS = tuple(HOOKS)
+STAGE_HOOK = "minidalle_stages"
+COMMAND_HOOK = "minidalle_commands"

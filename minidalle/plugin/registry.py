@@ -1,4 +1,8 @@
-"""The component registry: kind -> name -> Component."""
+"""The registry: kind -> name -> Component, plus the stages of ``minidalle run``, the
+subcommands of ``minidalle`` and the config sections that stages and commands own.
+
+Everything here arrives through a hook (:mod:`minidalle.plugin.hookspecs`); the built-ins
+register through the same hooks as third-party plugins."""
 from __future__ import annotations
 
 import difflib
@@ -120,9 +124,82 @@ class PluginFailure:
     error: str
 
 
+@attrs.frozen
+class Stage:
+    """A stage of ``minidalle run``: ``run(ctx)``, ``is_complete(ctx)`` and optionally
+    ``clean(ctx)``, which removes its outputs before a forced rerun. Given ``outputs(ctx) ->
+    [Path]`` instead, the stage is complete when they all exist and cleaning removes them.
+    Each callable may be a lazy ``"module:attr"`` string, resolved on first call."""
+
+    name: str
+    run_ref: Any
+    is_complete_ref: Any = None
+    clean_ref: Any = None
+    outputs_ref: Any = None
+    summary: str = ""
+    parallel: bool = False  # runs in every process of a multi-process job
+    requires: tuple[str, ...] = ()
+    provider: str = BUILTIN_PROVIDER
+    version: str = ""
+
+    def _call(self, ref, ctx):
+        missing = [r for r in self.requires if module_missing(r)]
+        if missing:
+            raise UnavailableComponentError(
+                f"stage {self.name!r} is unavailable: missing Python package(s): {', '.join(missing)}")
+        return resolve(ref)(ctx)
+
+    def run(self, ctx) -> Any:
+        return self._call(self.run_ref, ctx)
+
+    def is_complete(self, ctx) -> bool:
+        if self.is_complete_ref is not None:
+            return bool(self._call(self.is_complete_ref, ctx))
+        return all(p.exists() for p in self._call(self.outputs_ref, ctx))
+
+    @property
+    def clean(self) -> Callable | None:
+        """``clean(ctx)``, or None when the stage has nothing to clean."""
+        if self.clean_ref is not None:
+            return lambda ctx: self._call(self.clean_ref, ctx)
+        if self.outputs_ref is not None:
+            return lambda ctx: [p.unlink(missing_ok=True) for p in self._call(self.outputs_ref, ctx)]
+        return None
+
+
+@attrs.frozen
+class Section:
+    """A config section owned by a stage or command, validated by ``config`` (attrs class
+    or lazy string) when its owner reads it."""
+
+    name: str
+    config: Any
+    owner: str  # "stage codec", "command bench"
+
+    @property
+    def config_class(self):
+        return resolve(self.config)
+
+
+@attrs.frozen
+class Command:
+    """A ``minidalle`` subcommand: ``module`` has ``add_parser(subparsers)``."""
+
+    name: str
+    module: Any  # module or dotted name
+    provider: str = BUILTIN_PROVIDER
+
+    def add_parser(self, subparsers) -> None:
+        module = importlib.import_module(self.module) if isinstance(self.module, str) else self.module
+        module.add_parser(subparsers)
+
+
 class Registry:
     def __init__(self) -> None:
         self._components: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
+        self.stages: dict[str, Stage] = {}
+        self.commands: dict[str, Command] = {}  # in registration order (`--help` order)
+        self.sections: dict[str, Section] = {}
         self.failures: list[PluginFailure] = []
 
     def add(self, component: Component) -> None:
@@ -160,6 +237,37 @@ class Registry:
     def build(self, kind: str, name: str, config=None, **kwargs):
         return self.get(kind, name).build(config, **kwargs)
 
+    def stage(self, name: str) -> Stage:
+        try:
+            return self.stages[name]
+        except KeyError:
+            raise UnknownComponentError(f"unknown stage {name!r} (known: {', '.join(self.stages)})") from None
+
+    def add_stage(self, stage: Stage, sections=None) -> None:
+        if stage.name in self.stages:
+            raise DuplicateComponentError(f"stage {stage.name!r} is registered twice "
+                                          f"({self.stages[stage.name].provider} and {stage.provider})")
+        self._add_sections(sections, f"stage {stage.name}")
+        self.stages[stage.name] = stage
+
+    def add_command(self, command: Command, sections=None) -> None:
+        if command.name in self.commands:
+            raise DuplicateComponentError(f"command {command.name!r} is registered twice "
+                                          f"({self.commands[command.name].provider} and {command.provider})")
+        self._add_sections(sections, f"command {command.name}")
+        self.commands[command.name] = command
+
+    def _add_sections(self, sections, owner: str) -> None:
+        for name, config in (sections or {}).items():
+            if name in self.sections:
+                raise DuplicateComponentError(f"config section [{name}] is claimed by "
+                                              f"{self.sections[name].owner} and {owner}")
+            self.sections[name] = Section(name, config, owner)
+
+    def section_class(self, name: str):
+        """The attrs class that validates config section ``[name]``."""
+        return self.sections[name].config_class
+
 
 def make_register(registry: Registry, kind: str, provider: str, version: str) -> Callable:
     """The ``register`` callable handed to a plugin's hook for one kind."""
@@ -182,5 +290,31 @@ def make_register(registry: Registry, kind: str, provider: str, version: str) ->
                 check=check,
             )
         )
+
+    return register
+
+
+def make_stage_register(registry: Registry, provider: str, version: str) -> Callable:
+    """The ``register`` callable handed to a plugin's ``minidalle_stages`` hook."""
+
+    def register(name, run, *, is_complete=None, outputs=None, clean=None, summary="",
+                 parallel=False, requires=(), sections=None):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"stage name must be a non-empty string, got {name!r}")
+        if is_complete is None and outputs is None:
+            raise ValueError(f"stage {name!r} needs is_complete or outputs")
+        if isinstance(requires, str):
+            requires = (requires,)
+        registry.add_stage(Stage(name, run, is_complete, clean, outputs, summary, bool(parallel),
+                                 tuple(requires), provider, version), sections)
+
+    return register
+
+
+def make_command_register(registry: Registry, provider: str, version: str) -> Callable:
+    """The ``register`` callable handed to a plugin's ``minidalle_commands`` hook."""
+
+    def register(name, module, *, sections=None):
+        registry.add_command(Command(name, module, provider), sections)
 
     return register

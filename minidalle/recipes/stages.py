@@ -2,7 +2,9 @@
 ``run.out_dir``.
 
 A stage is a ``run(ctx)`` function plus an ``is_complete(ctx)`` check of its outputs (and
-optionally ``clean(ctx)``, which removes them before a forced rerun). ``run_stages``:
+optionally ``clean(ctx)``, which removes them before a forced rerun), registered through the
+``minidalle_stages`` hook like any component (:class:`minidalle.plugin.registry.Stage`).
+``run_stages``:
 
 - skips a stage whose outputs are complete, unless an earlier stage ran in this invocation
   (its inputs may have changed) or ``--from`` names it or an earlier stage;
@@ -16,10 +18,16 @@ runs in rank 0 only, and the other processes wait for rank 0's word on it (a mar
 in ``run.out_dir/.stages/``, so the processes must share ``run.out_dir``) and then follow
 its decision; only rank 0 prints stage lines.
 
-Adding a stage is one function and one registration line::
+Adding a stage is one function and one registration line in a plugin::
 
-    def run_codec(ctx): ...              # write into ctx.out_dir
-    register_stage("codec", run_codec, is_complete=lambda ctx: (ctx.out_dir / "codec.safetensors").exists())
+    @minidalle.hookimpl
+    def minidalle_stages(register):
+        register("paint", "my_plugin.stages:run_paint",
+                 outputs="my_plugin.stages:paint_outputs",   # ctx -> [Path]
+                 sections={"paint": "my_plugin.stages:PaintConfig"})
+
+This module also holds the built-in ``transformer`` stage (registered by
+:mod:`minidalle.plugin.builtins`).
 """
 from __future__ import annotations
 
@@ -31,44 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from minidalle.config import Config
 from minidalle.errors import ConfigError
+from minidalle.plugin.registry import Stage
 
 
 @dataclass
 class StageContext:
-    cfg: Any  # minidalle.config.Config
+    cfg: Config
     out_dir: Path
     resume: bool = False
     registry: Any = None
     log: Callable[[str], None] = print
     options: dict[str, Any] = field(default_factory=dict)  # command-line extras, by name
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    run: Callable[[StageContext], Any]
-    is_complete: Callable[[StageContext], bool]
-    clean: Callable[[StageContext], None] | None = None
-    summary: str = ""
-    parallel: bool = False  # runs in every process of a multi-process job
-
-
-STAGES: dict[str, Stage] = {}
-
-
-def register_stage(name: str, run, *, is_complete=None, clean=None, outputs=None,
-                   summary: str = "", parallel: bool = False) -> None:
-    """``outputs(ctx) -> [Path]`` names the files a stage writes: unless ``is_complete`` /
-    ``clean`` are given, the stage is complete when they all exist and cleaning removes them."""
-    if outputs is not None:
-        is_complete = is_complete or (lambda ctx: all(p.exists() for p in outputs(ctx)))
-        clean = clean or (lambda ctx: [p.unlink(missing_ok=True) for p in outputs(ctx)])
-    if is_complete is None:
-        raise ValueError(f"stage {name!r} needs is_complete or outputs")
-    if name in STAGES:
-        raise ValueError(f"stage {name!r} is registered twice")
-    STAGES[name] = Stage(name, run, is_complete, clean, summary, parallel)
 
 
 def _process() -> tuple[int, int]:
@@ -99,23 +82,25 @@ def _wait_for_rank0(ctx: StageContext, stage: Stage, poll_s: float = 1.0) -> str
     return path.read_text(encoding="utf-8").strip()
 
 
-def check_stages(cfg, from_stage: str | None = None) -> list[Stage]:
+def check_stages(cfg, registry, from_stage: str | None = None) -> list[Stage]:
     stages = []
     for i, name in enumerate(cfg.run.stages):
-        if name not in STAGES:
+        if name not in registry.stages:
             raise ConfigError(f"{cfg.source}: run.stages[{i}]: unknown stage {name!r} "
-                              f"(known: {', '.join(STAGES)})")
-        stages.append(STAGES[name])
+                              f"(known: {', '.join(registry.stages)})")
+        stages.append(registry.stages[name])
     if from_stage is not None and from_stage not in cfg.run.stages:
         raise ConfigError(f"--from {from_stage}: not one of this config's run.stages "
                           f"({', '.join(cfg.run.stages)})")
     return stages
 
 
-def run_stages(cfg, *, from_stage: str | None = None, resume: bool = False, registry=None,
+def run_stages(cfg, *, registry=None, from_stage: str | None = None, resume: bool = False,
                log: Callable[[str], None] = print, options: dict | None = None) -> list[str]:
-    """Run ``cfg.run.stages``; returns the names of the stages that ran."""
-    stages = check_stages(cfg, from_stage)
+    """Run ``cfg.run.stages`` as ``registry`` (default: the config's) registers them;
+    returns the names of the stages that ran."""
+    registry = registry or cfg.registry
+    stages = check_stages(cfg, registry, from_stage)
     rank, world = _process()
     if rank != 0:
         log = lambda line: None  # noqa: E731  (rank 0 prints for the job)
@@ -151,13 +136,13 @@ def run_stages(cfg, *, from_stage: str | None = None, resume: bool = False, regi
 # --------------------------------------------------------------------------- transformer
 
 
-def _transformer_run(ctx: StageContext) -> None:
-    from minidalle.train.trainer import train
+def run_transformer(ctx: StageContext) -> None:
+    from minidalle.train.trainer import train_from_config
 
-    train(ctx.cfg, resume=ctx.resume, registry=ctx.registry)
+    train_from_config(ctx.cfg, resume=ctx.resume, registry=ctx.registry)
 
 
-def _transformer_complete(ctx: StageContext) -> bool:
+def transformer_complete(ctx: StageContext) -> bool:
     """Complete when the newest checkpoint is the final one of a finished run."""
     import json
 
@@ -173,7 +158,7 @@ def _transformer_complete(ctx: StageContext) -> bool:
     return bool(meta.get("info", {}).get("final"))
 
 
-def _transformer_clean(ctx: StageContext) -> None:
+def clean_transformer(ctx: StageContext) -> None:
     from minidalle.train.trainer import METRICS_FILE
 
     for path in (ctx.out_dir / "checkpoints", ctx.out_dir / "tensorboard"):
@@ -181,9 +166,3 @@ def _transformer_clean(ctx: StageContext) -> None:
     (ctx.out_dir / METRICS_FILE).unlink(missing_ok=True)
 
 
-register_stage("transformer", _transformer_run, is_complete=_transformer_complete,
-               clean=_transformer_clean, summary="train the DALL-E transformer (checkpoints, metrics.jsonl)",
-               parallel=True)
-
-# The quickstart's stages (codec, tokenizer, samples, evaluate) register themselves.
-import minidalle.recipes.quickstart.stages  # noqa: E402,F401

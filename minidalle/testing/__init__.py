@@ -10,6 +10,7 @@ CONTRIBUTING.md shows each in a plugin's test; ``minidalle new-plugin`` writes s
 
 The check functions are also importable from here (``from minidalle.testing import
 check_tokenizer``); their modules load on first use, so importing this package is cheap.
+The kits may import anything below ``commands``.
 """
 import importlib
 

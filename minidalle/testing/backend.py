@@ -37,7 +37,7 @@ RECIPE_SIZES = dict(text_vocab=8192, num_image_tokens=1024, fmap_size=16)
 
 def unit_test_config(**sections):
     """The ``unit_test`` recipe as a Config; ``sections`` replace/extend its tables."""
-    from minidalle.config import config_from_dict
+    from minidalle.api import config_from_dict
 
     data = copy.deepcopy(UNIT_TEST)
     for key, table in sections.items():

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from minidalle import __version__
 from minidalle.errors import CheckpointError
+from minidalle.fileio import replace_dir
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -203,13 +204,8 @@ def save_checkpoint(ckpt_dir: Path | str, *, step: int, model_state: dict[str, t
     os.replace(meta_tmp, tmp / META_FILE)
     _fsync_dir(tmp)
 
-    if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
-        old = ckpt_dir / f".tmp-old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    # replaces an existing step directory (e.g. the final save after a periodic one)
+    replace_dir(tmp, final, aside=ckpt_dir / f".tmp-old-{final.name}-{os.getpid()}")
     _fsync_dir(ckpt_dir)
     if keep:
         for old in list_checkpoints(ckpt_dir)[:-keep]:
@@ -316,7 +312,7 @@ def load_checkpoint(path: Path | str, *, with_config: bool = True, verify: bool 
         raise CheckpointError(f"{step_dir / STATE_FILE}: corrupt checkpoint file: no tensor {exc}") from None
     config = None
     if with_config:
-        from minidalle.config import config_from_dict
+        from minidalle.api import config_from_dict
         from minidalle.errors import ConfigError
 
         try:

@@ -16,23 +16,25 @@ from minidalle.errors import ConfigError, DataError
 DEFAULT_IMAGE_SIZE = 256
 
 
-def _registry(registry=None):
-    from minidalle.plugin.discovery import get_registry
-
-    return registry or get_registry()
+def _registry(cfg, registry=None):
+    """``registry`` when given, else the one ``cfg`` was validated against."""
+    registry = registry or getattr(cfg, "registry", None)
+    if registry is None:
+        raise ValueError("no registry: pass registry=, or a config from load_config")
+    return registry
 
 
 def build_tokenizer(cfg, registry=None):
     if cfg.tokenizer is None:
         raise ConfigError(f"{cfg.source}: tokenizer: missing section (e.g. [tokenizer] name = \"yttm\")")
-    return _registry(registry).build("tokenizer", cfg.tokenizer.name, cfg.tokenizer.params)
+    return _registry(cfg, registry).build("tokenizer", cfg.tokenizer.name, cfg.tokenizer.params)
 
 
 def build_codec(cfg, registry=None):
     """The frozen image codec, or None when the config has no ``[codec]``."""
     if cfg.codec is None:
         return None
-    codec = _registry(registry).build("codec", cfg.codec.name, cfg.codec.params)
+    codec = _registry(cfg, registry).build("codec", cfg.codec.name, cfg.codec.params)
     codec.eval()
     for p in codec.parameters():
         p.requires_grad_(False)
@@ -42,7 +44,7 @@ def build_codec(cfg, registry=None):
 def build_dataset(cfg, *, split: str = "train", image_size: int | None = None, registry=None):
     if cfg.dataset is None:
         raise ConfigError(f"{cfg.source}: dataset: missing section (e.g. [dataset] name = \"shapes\")")
-    return _registry(registry).build("dataset", cfg.dataset.name, cfg.dataset.params,
+    return _registry(cfg, registry).build("dataset", cfg.dataset.name, cfg.dataset.params,
                                      image_size=image_size or DEFAULT_IMAGE_SIZE, split=split,
                                      seed=cfg.run.seed)
 
@@ -70,7 +72,7 @@ def build_model(cfg, *, text_vocab: int, num_image_tokens: int, fmap_size: int, 
     from minidalle.model import build_model as _build
 
     return _build(cfg, text_vocab=text_vocab, num_image_tokens=num_image_tokens,
-                  fmap_size=fmap_size, registry=_registry(registry), codec=codec,
+                  fmap_size=fmap_size, registry=_registry(cfg, registry), codec=codec,
                   image_token_factors=image_token_factors or token_factors(codec))
 
 
@@ -100,7 +102,7 @@ class Pipeline:
 
     def __init__(self, cfg, registry=None, *, with_model: bool = True) -> None:
         self.cfg = cfg
-        self.registry = _registry(registry)
+        self.registry = _registry(cfg, registry)
         self.tokenizer = build_tokenizer(cfg, self.registry)
         self.codec = build_codec(cfg, self.registry)
         image_size = getattr(self.codec, "image_size", None)

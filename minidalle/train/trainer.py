@@ -250,28 +250,44 @@ class Trainer:
                                config=config_to_dict(self.cfg), training_state=state, info=info,
                                keep=self.t.keep_checkpoints)
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the main path
     def train(self, resume: bool = False) -> TrainResult:
+        """setup, then for each batch: train_step, log_step and after_step (validation,
+        periodic checkpoint, callbacks); the final checkpoint; cleanup whatever happens."""
+        self.setup(resume)
+        try:
+            for batch in self._batches():
+                result, loss, lr = self.train_step(batch)
+                self.log_step(result, loss, lr)
+                self.after_step(result)
+            self.finish()
+        finally:
+            self.cleanup()
+        return TrainResult(step=self.step, epoch=self.epoch, loss=self.last_loss,
+                           checkpoint=self.last_ckpt, resumed_from=self.resumed_from)
+
+    def setup(self, resume: bool = False) -> None:
+        """Data split and step arithmetic, the model on its device, optimizer and LR
+        schedule, the resumed state, the backend's runner, logging and the metrics file."""
         t, backend = self.t, self.backend
         self._plan()
         self.resumed_from = None
         self.model = backend.setup_model(self.model)
-        optimizer = backend.build_optimizer(self.model, t)
-        schedule = LrSchedule(optimizer, t, self.total_steps)
+        self.optimizer = backend.build_optimizer(self.model, t)
+        self.schedule = LrSchedule(self.optimizer, t, self.total_steps)
         runner_state = None
         if resume:
-            runner_state = self._resume(optimizer, schedule)
+            runner_state = self._resume(self.optimizer, self.schedule)
         elif list_checkpoints(self.ckpt_dir):
             raise CheckpointError(f"{self.ckpt_dir}: holds checkpoints of an earlier run; pass "
                                   "--resume to continue it or use another run.out_dir")
-        main = backend.is_main
-        if main:
+        if backend.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        runner = backend.prepare(self.model, optimizer, t)
+        self.runner = backend.prepare(self.model, self.optimizer, t)
         if runner_state:
-            runner.load_state_dict(runner_state)
+            self.runner.load_state_dict(runner_state)
 
-        log = _Log(main, self.show_progress, self.total_steps, self.step)
+        self._log = log = _Log(backend.is_main, self.show_progress, self.total_steps, self.step)
         self._open_trackers(log)
         log.line(f"Training on {backend.describe()}: {len(self.train_idx)} samples, "
                  f"{self.sps * backend.world_size} per step"
@@ -279,94 +295,119 @@ class Trainer:
                  + f", {self.steps_per_epoch} steps per epoch, "
                  f"{self.total_steps} steps"
                  + (f" (resumed at step {self.step})" if self.resumed_from is not None else ""))
-        metrics = open(self.metrics_path, "a", encoding="utf-8") if main else None
-        last_loss, last_ckpt, compiled = None, None, False
-        skipped_total = 0  # updates skipped by dynamic loss scaling (fp16 overflow)
-        window_start, window_samples = time.perf_counter(), 0
-        try:
-            if self.batches_in_epoch >= self.steps_per_epoch:
-                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-            while self.step < self.total_steps and self.epoch < t.epochs:
-                if hasattr(self.train_dataset, "set_epoch"):
-                    self.train_dataset.set_epoch(self.epoch)
-                order = backend.sampler(len(self.train_idx), shuffle=True, seed=self.cfg.run.seed,
-                                        epoch=self.epoch)
-                order = ([self.train_idx[i] for i in order] if order is not None
-                         else epoch_order(self.train_idx, self.cfg.run.seed, self.epoch))
-                order = order[self.batches_in_epoch * self.sps: self.steps_per_epoch * self.sps]
-                seed = self.cfg.run.seed * 1_000_003 + self.epoch
-                for batch in self._step_batches(runner, order, seed):
-                    if not compiled:
-                        compiled = True
-                        first = batch
-                        if not isinstance(batch, dict):  # an iterator of micro-batches
-                            first = next(batch)
-                            batch = itertools.chain([first], batch)
-                        secs = runner.compile(first)
-                        if secs is not None:
-                            log.line(f"Compiled model in {secs:.1f} secs")
-                        window_start = time.perf_counter()
-                    result: StepResult = runner.train_step(batch)
-                    if not isinstance(batch, dict) and next(batch, None) is not None:
-                        raise RuntimeError("the runner did not consume all of the step's micro-batches")
-                    self.step += 1
-                    self.batches_in_epoch += 1
-                    window_samples += self.sps * backend.world_size
-                    loss = backend.reduce_mean(result.loss)
-                    last_loss = loss
-                    lr = schedule.lr
-                    if schedule.step(loss):
-                        runner.lr_changed()
-                    now = time.perf_counter()
-                    record = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
-                              "time": time.time()}
-                    if result.skipped_updates:
-                        record["skipped_updates"] = result.skipped_updates
-                        skipped_total += result.skipped_updates
-                    if result.grad_norm is not None:
-                        record["grad_norm"] = result.grad_norm
-                    record.update(result.extra)
-                    is_last = self.step >= self.total_steps
-                    if self.step % t.log_every == 0 or is_last:
-                        throughput = window_samples / max(now - window_start, 1e-9)
-                        record["samples_per_sec"] = throughput
-                        log.line(f"Epoch {self.epoch + 1}/{t.epochs} step {self.step}/{self.total_steps} "
-                                 f"Loss: {loss:.6f} Throughput: {throughput:.3f} samples/sec "
-                                 f"lr: {lr:.3e}"
-                                 + (f" skipped updates: {skipped_total}" if skipped_total else ""))
-                        window_start, window_samples = time.perf_counter(), 0
-                    if metrics is not None:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                    log.scalars(self.step, {"train/loss": loss, "train/lr": lr})
-                    if log.bar is not None:
-                        log.bar.update(1)
-                        log.bar.set_postfix(loss=f"{loss:.4f}")
-                    end_of_epoch = self.batches_in_epoch >= self.steps_per_epoch
-                    if self.val_idx and ((t.val_every and self.step % t.val_every == 0)
-                                         or (not t.val_every and end_of_epoch) or is_last):
-                        self._validate(runner, log, metrics)
-                    if main and not is_last and t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                        last_ckpt = self.save(optimizer, schedule, runner)
-                    backend.barrier()
-                    for cb in self.callbacks:
-                        cb(self, self.step, result)
-                    if is_last:
-                        break
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8") if backend.is_main else None
+        self.last_loss, self.last_ckpt = None, None
+        self._skipped_total = 0  # updates skipped by dynamic loss scaling (fp16 overflow)
+        self._window_start, self._window_samples = time.perf_counter(), 0
+
+    def _batches(self):
+        """The batches of the remaining steps, epoch after epoch, in the backend's sampler
+        order (or the seeded one); the runner compiles on the first."""
+        t, backend = self.t, self.backend
+        compiled = False
+        if self.batches_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+        while self.step < self.total_steps and self.epoch < t.epochs:
+            if hasattr(self.train_dataset, "set_epoch"):
+                self.train_dataset.set_epoch(self.epoch)
+            order = backend.sampler(len(self.train_idx), shuffle=True, seed=self.cfg.run.seed,
+                                    epoch=self.epoch)
+            order = ([self.train_idx[i] for i in order] if order is not None
+                     else epoch_order(self.train_idx, self.cfg.run.seed, self.epoch))
+            order = order[self.batches_in_epoch * self.sps: self.steps_per_epoch * self.sps]
+            seed = self.cfg.run.seed * 1_000_003 + self.epoch
+            for batch in self._step_batches(self.runner, order, seed):
+                if not compiled:
+                    compiled = True
+                    batch = self._compile(batch)
+                yield batch
                 if self.step >= self.total_steps:
-                    break
-                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-            if main:
-                last_ckpt = self.save(optimizer, schedule, runner, final=True)
-                log.line(f"Saved checkpoint {last_ckpt}")
-            backend.barrier()
-        finally:
-            if metrics is not None:
-                metrics.close()
-            log.close()
-            runner.close()
-        return TrainResult(step=self.step, epoch=self.epoch, loss=last_loss,
-                           checkpoint=last_ckpt, resumed_from=self.resumed_from)
+                    return
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+
+    def _compile(self, batch):
+        first = batch
+        if not isinstance(batch, dict):  # an iterator of micro-batches
+            first = next(batch)
+            batch = itertools.chain([first], batch)
+        secs = self.runner.compile(first)
+        if secs is not None:
+            self._log.line(f"Compiled model in {secs:.1f} secs")
+        self._window_start = time.perf_counter()
+        return batch
+
+    def train_step(self, batch) -> tuple[StepResult, float, float]:
+        """One optimizer step: the runner's step, the loss averaged over processes and the
+        LR schedule; returns (the runner's result, that loss, the step's learning rate)."""
+        result: StepResult = self.runner.train_step(batch)
+        if not isinstance(batch, dict) and next(batch, None) is not None:
+            raise RuntimeError("the runner did not consume all of the step's micro-batches")
+        self.step += 1
+        self.batches_in_epoch += 1
+        self._window_samples += self.sps * self.backend.world_size
+        loss = self.backend.reduce_mean(result.loss)
+        self.last_loss = loss
+        lr = self.schedule.lr
+        if self.schedule.step(loss):
+            self.runner.lr_changed()
+        return result, loss, lr
+
+    def log_step(self, result: StepResult, loss: float, lr: float) -> None:
+        """The step's record in metrics.jsonl, TensorBoard/wandb and the progress bar; every
+        ``log_every`` steps (and the last) a line with the throughput since the previous."""
+        t, log = self.t, self._log
+        now = time.perf_counter()
+        record = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
+                  "time": time.time()}
+        if result.skipped_updates:
+            record["skipped_updates"] = result.skipped_updates
+            self._skipped_total += result.skipped_updates
+        if result.grad_norm is not None:
+            record["grad_norm"] = result.grad_norm
+        record.update(result.extra)
+        if self.step % t.log_every == 0 or self.step >= self.total_steps:
+            throughput = self._window_samples / max(now - self._window_start, 1e-9)
+            record["samples_per_sec"] = throughput
+            log.line(f"Epoch {self.epoch + 1}/{t.epochs} step {self.step}/{self.total_steps} "
+                     f"Loss: {loss:.6f} Throughput: {throughput:.3f} samples/sec "
+                     f"lr: {lr:.3e}"
+                     + (f" skipped updates: {self._skipped_total}" if self._skipped_total else ""))
+            self._window_start, self._window_samples = time.perf_counter(), 0
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+        log.scalars(self.step, {"train/loss": loss, "train/lr": lr})
+        if log.bar is not None:
+            log.bar.update(1)
+            log.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def after_step(self, result: StepResult) -> None:
+        """Validation when due, the periodic checkpoint (rank 0), then the callbacks."""
+        t = self.t
+        is_last = self.step >= self.total_steps
+        end_of_epoch = self.batches_in_epoch >= self.steps_per_epoch
+        if self.val_idx and ((t.val_every and self.step % t.val_every == 0)
+                             or (not t.val_every and end_of_epoch) or is_last):
+            self._validate(self.runner, self._log, self._metrics)
+        if self.backend.is_main and not is_last and t.checkpoint_every \
+                and self.step % t.checkpoint_every == 0:
+            self.last_ckpt = self.save(self.optimizer, self.schedule, self.runner)
+        self.backend.barrier()
+        for cb in self.callbacks:
+            cb(self, self.step, result)
+
+    def finish(self) -> None:
+        """The final checkpoint (rank 0); every process waits for it."""
+        if self.backend.is_main:
+            self.last_ckpt = self.save(self.optimizer, self.schedule, self.runner, final=True)
+            self._log.line(f"Saved checkpoint {self.last_ckpt}")
+        self.backend.barrier()
+
+    def cleanup(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        self._log.close()
+        self.runner.close()
 
     def _validate(self, runner, log: _Log, metrics) -> float:
         size = self.t.batch_size * self.t.gradient_accumulation
@@ -439,13 +480,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Config, *, resume: bool = False, registry=None, callbacks: Sequence[Callable] = (),
-          show_progress: bool | None = None) -> TrainResult:
+def train_from_config(cfg: Config, *, resume: bool = False, registry=None,
+                      callbacks: Sequence[Callable] = (), show_progress: bool | None = None) -> TrainResult:
     """Build everything from ``cfg`` and train (what the ``transformer`` stage runs)."""
     from minidalle.train.pipeline import Pipeline
-    from minidalle.plugin.discovery import get_registry
 
-    registry = registry or get_registry()
+    registry = registry or cfg.registry
     backend = registry.build("backend", cfg.backend.name, cfg.backend.params)
     # Seed before the model is built so that its initial weights depend only on the seed.
     seed_everything(cfg.run.seed)

@@ -433,10 +433,6 @@ def load_vqgan(path, config_path=None) -> VQGAN:
     return model.freeze()
 
 
-# kept under this name: codec_training imports it
-_atomic_write = atomic_write
-
-
 def save_vqgan(model: VQGAN, ckpt_path, yaml_path=None, *, meta: dict | None = None) -> tuple[Path, Path]:
     """Write ``model`` as taming does: ``{"state_dict": ...}`` .ckpt plus the .yaml beside it.
 
@@ -449,10 +445,10 @@ def save_vqgan(model: VQGAN, ckpt_path, yaml_path=None, *, meta: dict | None = N
     yaml_path = Path(yaml_path) if yaml_path else ckpt_path.with_suffix(".yaml")
     text = yaml.safe_dump(taming_yaml(model.ddconfig, model.n_embed, model.embed_dim,
                                       structure=model.structure), sort_keys=False)
-    _atomic_write(yaml_path, lambda f: f.write(text.encode()))
+    atomic_write(yaml_path, lambda f: f.write(text.encode()))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = {"state_dict": state, **(meta or {})}
-    _atomic_write(ckpt_path, lambda f: torch.save(blob, f))
+    atomic_write(ckpt_path, lambda f: torch.save(blob, f))
     return ckpt_path, yaml_path
 
 

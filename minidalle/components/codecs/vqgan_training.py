@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from minidalle import hardware
-from minidalle.config import Config, non_negative, one_of, positive, structure_section
+from minidalle.config import Config, non_negative, one_of, positive, read_section
 from minidalle.errors import CheckpointError, ConfigError, DataError
 
 SECTION = "codec_training"
@@ -112,10 +112,7 @@ class CodecTrainingConfig:
 
 def read_settings(cfg: Config) -> CodecTrainingConfig:
     """The validated ``[codec_training]`` table of ``cfg`` (defaults when absent)."""
-    try:
-        ct = structure_section(cfg.extra.get(SECTION, {}), CodecTrainingConfig, SECTION)
-    except ConfigError as exc:
-        raise ConfigError(f"{cfg.source}: {exc}") from None
+    ct = read_section(cfg, SECTION, CodecTrainingConfig)
     down = 2 ** (len(ct.ch_mult) - 1)
     if ct.image_size % down:
         raise ConfigError(f"{cfg.source}: {SECTION}.image_size: expected a multiple of {down} "
@@ -281,12 +278,12 @@ def train_codec(cfg: Config, *, registry=None, log: Callable[[str], None] = prin
 def _train(cfg: Config, ct: CodecTrainingConfig, registry, log) -> dict:
     from torch.utils.data import DataLoader, Subset
 
-    from minidalle.components.codecs.vqgan import VQGAN, _atomic_write, save_vqgan
-    from minidalle.plugin.discovery import get_registry
+    from minidalle.components.codecs.vqgan import VQGAN, save_vqgan
+    from minidalle.fileio import atomic_write as _atomic_write
 
     if cfg.dataset is None:
         raise ConfigError(f"{cfg.source}: dataset: train-codec needs a [dataset] section")
-    registry = registry or get_registry()
+    registry = registry or cfg.registry
     ct = attrs.evolve(ct, precision=hardware.resolve_precision(
         ct.precision, what=f"{SECTION}.precision", log=log))
     seed = cfg.run.seed if ct.seed is None else ct.seed

@@ -120,6 +120,8 @@ def prepare_captions(root, split: str) -> dict:
     import shutil
     import tempfile
 
+    from minidalle.fileio import replace_dir
+
     import ftfy
 
     root = Path(root)
@@ -147,14 +149,7 @@ def prepare_captions(root, split: str) -> dict:
         for image_id, texts in by_image.items():
             stem = Path(files[image_id]).stem
             (tmp / f"{stem}.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-        if target.exists():
-            old = target.with_name(f".{target.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target, aside=target.with_name(f".{target.name}-old"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {

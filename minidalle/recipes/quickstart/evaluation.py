@@ -3,7 +3,7 @@
 ``evaluate_run(run_dir)`` (what ``minidalle evaluate RUN_DIR`` and the ``evaluate`` stage
 call) measures, from the run's final checkpoint and the config stored in it:
 
-* **analyser accuracy**: the pixel analyser (:func:`minidalle.components.datasets.shapes.
+* **analyser accuracy**: the pixel analyser (:func:`minidalle.recipes.quickstart.analyse.
   analyse`) must recover shape, colour and position from real dataset images at least
   ``min_analyser_accuracy`` (98%) of the time, or no fidelity is reported (a DataError);
 * **prompt fidelity**: the share of generated images whose shape, colour and position, as
@@ -34,7 +34,7 @@ from typing import Callable, Union
 
 import attrs
 
-from minidalle.config import non_negative, positive, structure_section
+from minidalle.config import non_negative, positive, read_section
 from minidalle.errors import ConfigError, DataError
 from minidalle.fileio import atomic_write
 
@@ -74,10 +74,7 @@ class EvaluateConfig:
 
 
 def read_settings(cfg) -> EvaluateConfig:
-    try:
-        return structure_section(cfg.extra.get(SECTION, {}), EvaluateConfig, SECTION)
-    except ConfigError as exc:
-        raise ConfigError(f"{cfg.source}: {exc}") from None
+    return read_section(cfg, SECTION, EvaluateConfig)
 
 
 # --------------------------------------------------------------------------- files
@@ -103,7 +100,7 @@ def _shapes_params(cfg):
 
 def analyser_for(cfg) -> Callable:
     """``analyse(image) -> attributes or None`` for the config's shapes dataset."""
-    from minidalle.components.datasets.shapes import analyse
+    from minidalle.recipes.quickstart.analyse import analyse
 
     p = _shapes_params(cfg)
     return lambda image: analyse(image, colours=p.colours, shapes=p.shapes,
@@ -173,59 +170,38 @@ class LoadedRun:
     def __init__(self, run_dir, registry=None) -> None:
         import torch
 
-        from minidalle.train.checkpoint import load_checkpoint
-        from minidalle.train.pipeline import build_codec, build_model, build_tokenizer, token_factors
+        from minidalle.inference.loader import load_for_inference
 
-        ck = load_checkpoint(run_dir, registry=registry)
-        self.checkpoint = ck.path
-        self.step = ck.step
-        self.cfg = cfg = ck.config
-        self.tokenizer = build_tokenizer(cfg, registry)
-        self.codec = build_codec(cfg, registry)
-        if self.codec is None:
-            raise ConfigError(f"{ck.path}: the run's config has no [codec]: cannot draw images")
+        loaded = load_for_inference(run_dir, registry)
+        self.checkpoint = loaded.checkpoint
+        self.step = loaded.step
+        self.cfg = loaded.cfg
+        self.tokenizer = loaded.tokenizer
+        self.codec = loaded.codec
         self.image_size = int(self.codec.image_size)
-        vocab = cfg.model.text_vocab or self.tokenizer.vocab_size
-        self.model = build_model(cfg, text_vocab=vocab, num_image_tokens=self.codec.num_tokens,
-                                 fmap_size=self.codec.fmap_size, registry=registry,
-                                 image_token_factors=token_factors(self.codec))
-        missing, unexpected = self.model.load_state_dict(ck.state_dict, strict=False)
-        missing = [k for k in missing if not k.startswith("codec.")]
-        if missing or unexpected:
-            from minidalle.errors import CheckpointError
-
-            raise CheckpointError(f"{ck.path}: weights do not fit the model of its config "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.model.eval()
+        self.model = loaded.model
         self.torch = torch
 
     def draw(self, captions: list[str], *, seed: int, batch_size: int = 64,
              generate=None, cond_scale: float | None = None, codes_out: list | None = None) -> "torch.Tensor":
         """uint8 images ``[N, 3, S, S]`` drawn for ``captions`` (in order); ``cond_scale``
         default: ``generate.cond_scale``; ``codes_out`` collects the sampled codes."""
-        from minidalle.inference.sampling import generate_image_codes
+        from minidalle.inference.sampling import draw_images
 
         torch = self.torch
         g = generate or self.cfg.generate
-        cast = (torch.autocast("cpu", dtype=torch.bfloat16) if g.precision == "bf16"
-                else _nullcontext())
+        cast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if g.precision == "bf16"
+                else None)
         gen = torch.Generator().manual_seed(int(seed))
-        out = []
-        for i in range(0, len(captions), batch_size):
-            chunk = captions[i:i + batch_size]
-            text = self.tokenizer.encode(chunk, self.cfg.model.text_seq_len, truncate=True)
-            with torch.no_grad():
-                with cast:
-                    codes = generate_image_codes(self.model, text, filter_thres=g.filter_thres,
-                                                 top_p=g.top_p, temperature=g.temperature,
-                                                 generator=gen, use_cache=g.use_cache,
-                                                 cond_scale=g.cond_scale if cond_scale is None else cond_scale)
-                if codes_out is not None:
-                    codes_out.append(codes)
-                images = self.codec.decode(codes).float()  # the codec in fp32
-            out.append((images.clamp(0, 1) * 255).round().to(torch.uint8))
-        return torch.cat(out) if out else torch.zeros(0, 3, self.image_size, self.image_size,
-                                                       dtype=torch.uint8)
+        if not captions:
+            return torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        text = self.tokenizer.encode(captions, self.cfg.model.text_seq_len, truncate=True)
+        images = draw_images(self.model, self.codec, text, batch_size=batch_size, generator=gen,
+                             filter_thres=g.filter_thres, top_p=g.top_p, temperature=g.temperature,
+                             use_cache=g.use_cache, sample_context=cast,
+                             cond_scale=g.cond_scale if cond_scale is None else cond_scale,
+                             codes_out=codes_out)
+        return (images * 255).round().to(torch.uint8)
 
     def reconstruct(self, images) -> "torch.Tensor":
         """uint8 images through the codec (encode, decode)."""
@@ -234,14 +210,6 @@ class LoadedRun:
             x = images.float() / 255
             rec = self.codec.decode(self.codec.encode(x)).float()
         return (rec.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- codec, losses

@@ -1,5 +1,6 @@
 """The quickstart's stages besides ``transformer``: ``codec``, ``tokenizer``, ``samples`` and
-``evaluate`` (registered with :func:`minidalle.recipes.stages.register_stage`).
+``evaluate``, registered through the ``minidalle_stages`` hook by
+:mod:`minidalle.plugin.builtins` (which names the functions here as lazy strings).
 
 * ``codec``: trains a VQ codec as ``[codec_training]`` says (``minidalle/components/codecs/vqgan_training.py``)
   and writes it where ``[codec] path`` points (unless ``codec_training.out`` says otherwise),
@@ -21,9 +22,8 @@ from pathlib import Path
 
 import attrs
 
-from minidalle.config import positive, structure_section
 from minidalle.errors import ConfigError
-from minidalle.recipes.stages import StageContext, register_stage
+from minidalle.recipes.stages import StageContext
 
 # --------------------------------------------------------------------------- codec
 
@@ -77,31 +77,29 @@ def clean_codec(ctx: StageContext) -> None:
 # --------------------------------------------------------------------------- tokenizer
 
 
-@attrs.define
-class TokenizerTrainingConfig:
-    vocab_size: int = attrs.field(default=256, validator=positive)
-    split: str = "train"
+def _tokenizer_target(cfg):
+    """(tokenizer_training settings, the model path the stage writes: [tokenizer] path)."""
+    from minidalle.components.tokenizers.training import SECTION, default_output, read_settings
 
-
-def _tokenizer_target(cfg) -> tuple[TokenizerTrainingConfig, Path]:
-    try:
-        tt = structure_section(cfg.extra.get("tokenizer_training", {}), TokenizerTrainingConfig,
-                               "tokenizer_training")
-    except ConfigError as exc:
-        raise ConfigError(f"{cfg.source}: {exc}") from None
-    if cfg.tokenizer is None or cfg.tokenizer.name != "yttm":
+    tt = read_settings(cfg)
+    target = default_output(cfg)
+    if target is None:
         raise ConfigError(f"{cfg.source}: tokenizer: the tokenizer stage trains a `yttm` model; "
                           "the config needs [tokenizer] name = \"yttm\" with the path to write")
-    return tt, Path(cfg.tokenizer.params.path)
+    if tt.out and Path(tt.out) != Path(target):
+        raise ConfigError(f"{cfg.source}: {SECTION}.out: {tt.out!r} differs from tokenizer.path "
+                          f"{target!r}; the transformer stage would not find the tokenizer")
+    return tt, Path(target)
 
 
 def run_tokenizer(ctx: StageContext) -> None:
-    from minidalle.components.tokenizers.yttm import train
+    from minidalle.components.tokenizers.training import STAGE_VOCAB_SIZE, train_tokenizer
     from minidalle.train.pipeline import build_dataset
 
     tt, path = _tokenizer_target(ctx.cfg)
+    tok, _ = train_tokenizer(ctx.cfg, vocab_size=tt.vocab_size or STAGE_VOCAB_SIZE, out=path,
+                                 registry=ctx.registry, split=tt.split, image_size=8)
     ds = build_dataset(ctx.cfg, split=tt.split, image_size=8, registry=ctx.registry)
-    tok = train(ds.captions(), tt.vocab_size, path)
     longest = max(len(ids) for ids in tok.bpe.encode(list(_sample(ds.captions(), 2000))))
     ctx.log(f"tokenizer: {tok.vocab_size} ids trained on {len(ds)} captions -> {path} "
             f"(longest caption: {longest} tokens; model.text_seq_len = {ctx.cfg.model.text_seq_len})")
@@ -179,7 +177,7 @@ def run_samples(ctx: StageContext) -> None:
     ctx.log(f"samples: {len(x)} codec reconstructions -> {path}")
 
 
-def _samples_files(ctx):
+def samples_files(ctx):
     from minidalle.recipes.quickstart import evaluation as ev
 
     return [ctx.out_dir / ev.SAMPLES_PNG, ctx.out_dir / ev.RECONSTRUCTIONS_PNG]
@@ -194,17 +192,7 @@ def run_evaluate(ctx: StageContext) -> None:
     evaluate_run(ctx.out_dir, cfg=ctx.cfg, registry=ctx.registry, log=ctx.log)
 
 
-def _evaluate_files(ctx):
+def evaluate_files(ctx):
     from minidalle.recipes.quickstart import evaluation as ev
 
     return [ctx.out_dir / ev.LOSS_PNG, ctx.out_dir / ev.METRICS_JSON]
-
-
-register_stage("codec", run_codec, is_complete=codec_complete, clean=clean_codec,
-               summary="train a VQ image codec ([codec_training]) into [codec] path")
-register_stage("tokenizer", run_tokenizer, is_complete=tokenizer_complete, clean=clean_tokenizer,
-               summary="train a youtokentome BPE model on the captions into [tokenizer] path")
-register_stage("samples", run_samples, outputs=_samples_files,
-               summary="samples.png (held-out prompts) and reconstructions.png")
-register_stage("evaluate", run_evaluate, outputs=_evaluate_files,
-               summary="metrics.json (prompt fidelity, codec PSNR, losses) and loss.png")

@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 
 import minidalle_webdataset
-from minidalle.errors import DataError
-from minidalle.plugin.discovery import load_registry
+from minidalle.api import DataError, load_registry
 from minidalle_webdataset.dataset import WebDatasetConfig, build
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}

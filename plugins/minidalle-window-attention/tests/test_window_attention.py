@@ -11,11 +11,8 @@ import pytest
 import torch
 
 import minidalle_window_attention
-from minidalle.config import config_from_dict
-from minidalle.errors import ConfigError
+from minidalle.api import AttentionSpec, ConfigError, config_from_dict, load_registry, pattern_mask
 from minidalle.model import build_model
-from minidalle.model.attention_api import AttentionSpec, pattern_mask
-from minidalle.plugin.discovery import load_registry
 from minidalle_window_attention.attention import WindowConfig, WindowPattern, build
 
 REPO = Path(__file__).resolve().parents[3]
@@ -57,7 +54,7 @@ def test_mask_matches_brute_force(size):
 
 
 def test_window_covering_the_image_is_full_causal():
-    from minidalle.model.attention_api import causal_mask
+    from minidalle.api import causal_mask
 
     assert torch.equal(WindowPattern(16).mask(3, 4), causal_mask(3, 4))
     assert not torch.equal(WindowPattern(15).mask(3, 4), causal_mask(3, 4))

@@ -292,23 +292,72 @@ def build_plan(
     checks: list[str] = []
     warnings: list[str] = []
     n_ipus = ipu.ipus_per_replica
-
-    # --- pipeline placement
-    if ipu.layers_per_ipu is None:
-        layers = default_layers_per_ipu(model.depth, n_ipus)
-    else:
-        layers = list(ipu.layers_per_ipu)
-        if sum(layers) != model.depth:
-            _fail(src, "backend.layers_per_ipu",
-                  f"{layers} places {sum(layers)} layers but model.depth is {model.depth}")
-        layers += [0] * (n_ipus - len(layers))
-    checks.append(f"layers_per_ipu {layers} sums to model.depth {model.depth}")
-    last_layer_ipu = max(i for i, n in enumerate(layers) if n > 0)
-    output_ipu = ipu.output_ipu if ipu.output_ipu is not None else last_layer_ipu
-
     if codec_on_device is None:
         codec_on_device = cfg.codec is not None and not (
             cfg.dataset is not None and cfg.dataset.name == "codes")
+
+    layers, output_ipu, blocks, used = _placement(src, ipu, model.depth, codec_on_device,
+                                                  checks, warnings)
+    replicas = tr.replication_factor
+    samples_per_step, steps_per_epoch = _batching(src, tr, len(used), dataset_size, checks)
+    text_rows, logits_dim, factor = _serialization(src, ipu, model, text_vocab, num_image_tokens,
+                                                   checks)
+    proportion = _memory_proportion(ipu)
+    total, requested = _replication(src, ipu, replicas, warnings)
+    # --- precision and optimizer state
+    if ipu.fp16 and tr.loss_scaling == 1 and not ipu.automatic_loss_scaling:
+        warnings.append("fp16 with training.loss_scaling = 1: small gradients may underflow")
+    dtype = "float16" if ipu.fp16 else "float32"
+    first_dtype = "float16" if ipu.half_first_order_momentum else "float32"
+    rebatched = _rebatched_size(src, ipu, tr, samples_per_step)
+    if counts is None:
+        counts = parameter_counts(model, text_vocab=text_vocab,
+                                  num_image_tokens=num_image_tokens, fmap_size=fmap_size)
+    stages = _memory_stages(ipu, tr, model.depth, counts, layers, output_ipu, codec_on_device,
+                            codec_params, checks, warnings)
+    e = ipu.embedding_ipu
+
+    return IpuPlan(
+        ipus_per_replica=n_ipus, replication_factor=replicas, total_ipus=total,
+        requested_ipus=requested if ipu.auto_round_num_ipus else total,
+        layers_per_ipu=tuple(layers), blocks=tuple(blocks), stages=tuple(stages),
+        embedding_ipu=e, output_ipu=output_ipu, codec_on_device=codec_on_device,
+        recompute_checkpoints=ipu.recompute_checkpoints,
+        micro_batch_size=tr.batch_size, gradient_accumulation=tr.gradient_accumulation,
+        device_iterations=tr.device_iterations, samples_per_step=samples_per_step,
+        dataset_size=dataset_size, steps_per_epoch=steps_per_epoch,
+        embedding_serialization_factor=factor, text_rows=text_rows, logits_dim=logits_dim,
+        fp16=ipu.fp16, half_partials=ipu.enable_half_partials,
+        stochastic_rounding=ipu.stochastic_rounding,
+        automatic_loss_scaling=ipu.automatic_loss_scaling, loss_scaling=tr.loss_scaling,
+        optimizer=tr.optimizer, lr=tr.lr, accum_dtype=dtype,
+        first_order_momentum_dtype=first_dtype, second_order_momentum_dtype="float32",
+        enable_rts=ipu.enable_rts, optimizer_state_offchip=ipu.optimizer_state_offchip,
+        available_memory_proportion=proportion, executable_cache_dir=ipu.executable_cache_dir,
+        auto_round_num_ipus=ipu.auto_round_num_ipus, ipu_model=ipu.ipu_model,
+        compile_only=ipu.compile_only, synthetic_data=ipu.synthetic_data, seed=cfg.run.seed,
+        dataloader_mode=ipu.dataloader_mode, dataloader_workers=tr.dataloader_workers,
+        rebatched_worker_size=rebatched, checks=tuple(checks), warnings=tuple(warnings),
+    )
+
+
+# --------------------------------------------------------------------------- build_plan's steps
+
+
+def _placement(src, ipu: IpuConfig, depth: int, codec_on_device: bool, checks, warnings):
+    """Pipeline placement: (layers per IPU, the output IPU, the blocks, the IPUs used)."""
+    n_ipus = ipu.ipus_per_replica
+    if ipu.layers_per_ipu is None:
+        layers = default_layers_per_ipu(depth, n_ipus)
+    else:
+        layers = list(ipu.layers_per_ipu)
+        if sum(layers) != depth:
+            _fail(src, "backend.layers_per_ipu",
+                  f"{layers} places {sum(layers)} layers but model.depth is {depth}")
+        layers += [0] * (n_ipus - len(layers))
+    checks.append(f"layers_per_ipu {layers} sums to model.depth {depth}")
+    last_layer_ipu = max(i for i, n in enumerate(layers) if n > 0)
+    output_ipu = ipu.output_ipu if ipu.output_ipu is not None else last_layer_ipu
 
     blocks: list[Block] = []
     if codec_on_device:
@@ -328,11 +377,13 @@ def build_plan(
         if i not in used:
             warnings.append(f"IPU {i} of each replica has nothing placed on it")
     checks.append("every block is placed on an IPU of the replica")
+    return layers, output_ipu, blocks, used
 
-    # --- batching
+
+def _batching(src, tr, n_pipeline: int, dataset_size, checks):
+    """(samples per step, steps per epoch or None); the pipeline must be filled."""
     replicas = tr.replication_factor
     samples_per_step = tr.batch_size * tr.gradient_accumulation * replicas * tr.device_iterations
-    n_pipeline = len(used)
     if n_pipeline > 1 and tr.gradient_accumulation < 2 * n_pipeline - 1:
         _fail(src, "training.gradient_accumulation",
               f"{tr.gradient_accumulation} is too small for a pipeline over {n_pipeline} IPUs: "
@@ -350,8 +401,11 @@ def build_plan(
                 f"device_iterations {tr.device_iterations})")
         steps_per_epoch = dataset_size // samples_per_step  # poptorch.DataLoader drops the rest
         checks.append(f"dataset of {dataset_size:,} samples holds {steps_per_epoch} steps")
+    return samples_per_step, steps_per_epoch
 
-    # --- serialization
+
+def _serialization(src, ipu: IpuConfig, model, text_vocab: int, num_image_tokens: int, checks):
+    """(text embedding rows, logits width, serialization factor); the factor must divide both."""
     text_rows = text_vocab + model.text_seq_len
     logits_dim = text_rows + num_image_tokens
     factor = ipu.embedding_serialization_factor
@@ -364,26 +418,30 @@ def build_plan(
         _fail(src, "backend.embedding_serialization_factor", f"{factor} does not divide {what}{hint}")
         checks.append(f"embedding_serialization_factor {factor} divides the text embedding "
                       f"({text_rows}) and the logits ({logits_dim})")
+    return text_rows, logits_dim, factor
 
-    # --- memory proportion
+
+def _memory_proportion(ipu: IpuConfig) -> dict[str, float]:
     mp = ipu.matmul_proportion
     if isinstance(mp, list):
-        mp = mp * n_ipus if len(mp) == 1 else mp  # length checked by IpuConfig
+        mp = mp * ipu.ipus_per_replica if len(mp) == 1 else mp  # length checked by IpuConfig
     else:
-        mp = [mp] * n_ipus
-    proportion = {f"IPU{i}": float(v) for i, v in enumerate(mp)}
+        mp = [mp] * ipu.ipus_per_replica
+    return {f"IPU{i}": float(v) for i, v in enumerate(mp)}
 
-    # --- replication and RTS
+
+def _replication(src, ipu: IpuConfig, replicas: int, warnings) -> tuple[int, int]:
+    """(IPUs used, IPUs reserved: the next power of two)."""
     if ipu.enable_rts and replicas < 2:
         _fail(src, "backend.enable_rts",
               "replicated tensor sharding needs training.replication_factor > 1, "
               f"got {replicas}")
-    total = n_ipus * replicas
+    total = ipu.ipus_per_replica * replicas
     requested = _power_of_two_ceil(total)
     if requested != total:
         if not ipu.auto_round_num_ipus:
             _fail(src, "backend.auto_round_num_ipus",
-                  f"{n_ipus} IPUs x {replicas} replicas = {total} IPUs is not a power of two; "
+                  f"{ipu.ipus_per_replica} IPUs x {replicas} replicas = {total} IPUs is not a power of two; "
                   "set backend.auto_round_num_ipus = true to reserve "
                   f"{requested}")
         warnings.append(f"{total} IPUs is not a power of two: {requested} are reserved, "
@@ -391,26 +449,24 @@ def build_plan(
     if total > 64:
         warnings.append(f"{total} IPUs is more than one IPU-POD64: launch with PopRun "
                         "across hosts (see README)")
+    return total, requested
 
-    # --- precision and optimizer state
-    if ipu.fp16 and tr.loss_scaling == 1 and not ipu.automatic_loss_scaling:
-        warnings.append("fp16 with training.loss_scaling = 1: small gradients may underflow")
-    dtype = "float16" if ipu.fp16 else "float32"
-    first_dtype = "float16" if ipu.half_first_order_momentum else "float32"
 
-    # --- dataloader
-    rebatched = None
-    if ipu.dataloader_mode == "async_rebatched":
-        rebatched = ipu.rebatched_worker_size or max(tr.gradient_accumulation // 4, tr.batch_size)
-        if rebatched > samples_per_step:
-            _fail(src, "backend.rebatched_worker_size",
-                  f"{rebatched} is larger than one step's {samples_per_step} samples")
+def _rebatched_size(src, ipu: IpuConfig, tr, samples_per_step: int):
+    if ipu.dataloader_mode != "async_rebatched":
+        return None
+    rebatched = ipu.rebatched_worker_size or max(tr.gradient_accumulation // 4, tr.batch_size)
+    if rebatched > samples_per_step:
+        _fail(src, "backend.rebatched_worker_size",
+              f"{rebatched} is larger than one step's {samples_per_step} samples")
+    return rebatched
 
-    # --- memory estimate
-    if counts is None:
-        counts = parameter_counts(model, text_vocab=text_vocab,
-                                  num_image_tokens=num_image_tokens, fmap_size=fmap_size)
-    layer_params = list(counts.get("layers") or [counts["layer"]] * model.depth)
+
+def _memory_stages(ipu: IpuConfig, tr, depth: int, counts: dict, layers, output_ipu: int,
+                   codec_on_device: bool, codec_params: int, checks, warnings) -> list[Stage]:
+    """What each IPU holds: parts, parameters, weight and optimizer-state bytes."""
+    n_ipus, replicas = ipu.ipus_per_replica, tr.replication_factor
+    layer_params = list(counts.get("layers") or [counts["layer"]] * depth)
     w_bytes = 2 if ipu.fp16 else 4
     accum_bytes = (2 if ipu.fp16 else 4) if tr.gradient_accumulation > 1 else 0
     moment_bytes = (2 if ipu.half_first_order_momentum else 4) + 4  # Adam m and v
@@ -456,26 +512,4 @@ def build_plan(
     checks.append(f"weights + optimizer state fit in {IPU_MEMORY_BYTES // 10**6} MB per IPU"
                   if not any(s.over_memory for s in stages)
                   else "weights + optimizer state per IPU: see warnings")
-
-    return IpuPlan(
-        ipus_per_replica=n_ipus, replication_factor=replicas, total_ipus=total,
-        requested_ipus=requested if ipu.auto_round_num_ipus else total,
-        layers_per_ipu=tuple(layers), blocks=tuple(blocks), stages=tuple(stages),
-        embedding_ipu=e, output_ipu=output_ipu, codec_on_device=codec_on_device,
-        recompute_checkpoints=ipu.recompute_checkpoints,
-        micro_batch_size=tr.batch_size, gradient_accumulation=tr.gradient_accumulation,
-        device_iterations=tr.device_iterations, samples_per_step=samples_per_step,
-        dataset_size=dataset_size, steps_per_epoch=steps_per_epoch,
-        embedding_serialization_factor=factor, text_rows=text_rows, logits_dim=logits_dim,
-        fp16=ipu.fp16, half_partials=ipu.enable_half_partials,
-        stochastic_rounding=ipu.stochastic_rounding,
-        automatic_loss_scaling=ipu.automatic_loss_scaling, loss_scaling=tr.loss_scaling,
-        optimizer=tr.optimizer, lr=tr.lr, accum_dtype=dtype,
-        first_order_momentum_dtype=first_dtype, second_order_momentum_dtype="float32",
-        enable_rts=ipu.enable_rts, optimizer_state_offchip=ipu.optimizer_state_offchip,
-        available_memory_proportion=proportion, executable_cache_dir=ipu.executable_cache_dir,
-        auto_round_num_ipus=ipu.auto_round_num_ipus, ipu_model=ipu.ipu_model,
-        compile_only=ipu.compile_only, synthetic_data=ipu.synthetic_data, seed=cfg.run.seed,
-        dataloader_mode=ipu.dataloader_mode, dataloader_workers=tr.dataloader_workers,
-        rebatched_worker_size=rebatched, checks=tuple(checks), warnings=tuple(warnings),
-    )
+    return stages

@@ -31,8 +31,7 @@ from typing import Iterator, Union
 import attrs
 import torch
 
-from minidalle.config import positive
-from minidalle.errors import DataError
+from minidalle.api import DataError, positive
 
 log = logging.getLogger("minidalle.webdataset")
 
@@ -204,7 +203,7 @@ class WebDataset(torch.utils.data.Dataset):
     def _image(self, sample: Sample) -> torch.Tensor | None:
         from PIL import Image
 
-        from minidalle.data import pil_to_uint8
+        from minidalle.api import pil_to_uint8
 
         try:
             with Image.open(io.BytesIO(self._read(sample))) as img:
@@ -231,7 +230,7 @@ class WebDataset(torch.utils.data.Dataset):
                 continue
             caption = sample.captions[0]
             if len(sample.captions) > 1:
-                from minidalle.data import item_rng
+                from minidalle.api import item_rng
 
                 caption = item_rng(self.seed, self.epoch, i).choice(sample.captions)
             return {"caption": caption, "image": image,

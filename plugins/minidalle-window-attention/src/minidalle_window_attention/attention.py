@@ -13,8 +13,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from minidalle.config import positive
-from minidalle.model.attention_api import AttentionPattern, AttentionSpec, causal_mask, positions
+from minidalle.api import AttentionPattern, AttentionSpec, causal_mask, positions, positive
 
 
 @attrs.define
