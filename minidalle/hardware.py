@@ -286,10 +286,4 @@ def report() -> dict:
     out["bf16_native"] = bf16_native()
     out["bf16_speed_vs_fp32"] = round(bf16_speed(), 3)
     out["precision_auto"] = "bf16" if bf16_verdict()[0] else "fp32"
-    try:
-        from minidalle.inference import gemv
-
-        out["gemv_kernel"] = gemv.status()
-    except Exception as e:  # the kernel module is optional
-        out["gemv_kernel"] = f"unavailable: {e}"
     return out

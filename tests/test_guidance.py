@@ -22,8 +22,11 @@ TEXT = torch.tensor([[3, 5, 7, 0, 0], [1, 2, 0, 0, 0]])
 
 
 def tiny(attn_types=("axial_row", "full"), factors=None, tokens=IMG_TOKENS):
-    cfg = Config(model=ModelConfig(dim=32, depth=len(attn_types), heads=2, dim_head=8,
-                                   text_seq_len=TEXT_LEN, attn_types=list(attn_types)))
+    from minidalle.plugin.discovery import get_registry
+
+    cfg = Config(registry=get_registry(), model=ModelConfig(dim=32, depth=len(attn_types), heads=2,
+                                                            dim_head=8, text_seq_len=TEXT_LEN,
+                                                            attn_types=list(attn_types)))
     torch.manual_seed(0)
     m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=tokens, fmap_size=FMAP,
                     image_token_factors=factors)

@@ -19,6 +19,13 @@ def run(args) -> int:
     from minidalle import hardware
 
     found = hardware.report()
+    if "torch" in found:  # the decoding kernel (asked here: inference.gemv itself asks hardware)
+        try:
+            from minidalle.inference import gemv
+
+            found["gemv_kernel"] = gemv.status()
+        except Exception as e:  # the kernel module is optional
+            found["gemv_kernel"] = f"unavailable: {e}"
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
