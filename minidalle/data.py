@@ -31,6 +31,44 @@ def item_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{index}")
 
 
+class NullCaptions(torch.utils.data.Dataset):
+    """``dataset`` whose items get the null caption (all padding) with probability ``prob``,
+    for classifier-free guidance (``training.null_caption_prob``).
+
+    The draw for item ``i`` in epoch ``e`` comes from :func:`item_rng` seeded by the run's
+    seed, so it is the same on every backend, for any number of worker processes or data
+    parallel processes, and after a resume. A nulled item has ``caption = ""`` and
+    ``null_caption = True``; the collate writes an all-padding text row for it.
+    """
+
+    SALT = 1_000_033  # keeps these draws apart from the datasets' own item_rng choices
+
+    def __init__(self, dataset, prob: float, seed: int) -> None:
+        self.dataset, self.prob, self.seed, self.epoch = dataset, float(prob), int(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # num_tokens, fmap_size, captions(), ... of the dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def is_null(self, index: int) -> bool:
+        return item_rng(self.seed + self.SALT, self.epoch, int(index)).random() < self.prob
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        if self.is_null(index):
+            item = {**item, "caption": "", "null_caption": True}
+        return item
+
+
 def pil_to_uint8(img, image_size: int) -> torch.Tensor:
     """A PIL image -> ``uint8 [3, S, S]``: RGB, shorter side resized to S, centre crop."""
     from PIL import Image

@@ -105,7 +105,8 @@ def test_rerank_sorts_each_prompt(tmp_path, registry, capsys):
     rc, stdout, err = _main(capsys, "--checkpoint", run, "--text", "red cat", "--num-images", "4",
                             "--rerank", "brightness", "--out", tmp_path / "o", "--temperature", "3")
     assert rc == 0, err
-    means = [_read(p).mean() for p in stdout.split()[:-1]]
+    means = [_read(p).mean() for p in stdout.split()[:-1] if p.endswith(".png")]
+    assert (tmp_path / "o" / "scores.json").is_file()
     assert means == sorted(means, reverse=True) and len(set(means)) > 1
 
 

@@ -143,6 +143,13 @@ def test_run_directory_holds_everything(mini_run):
     assert metrics["heldout"]["source"] == "the dataset's val split"
     assert metrics["heldout_loss"]["image_loss"] > 0 and -1 <= metrics["codec"]["ssim"] <= 1
     assert "fid_weights" in metrics["fid"]["skipped"] and _opens(run / "evaluate_grid.png")[0] >= 64
+    # trained with null captions (quickstart.toml): fidelity and loss at each cond_scale
+    assert set(metrics["guidance"]) == {"1", "2"}
+    for row in metrics["guidance"].values():
+        assert 0 <= row["seen"] <= 1 and 0 <= row["withheld"] <= 1 and row["image_loss"] > 0
+    assert metrics["guidance"]["1"]["image_loss"] != metrics["guidance"]["2"]["image_loss"]
+    r = metrics["rerank"]
+    assert r["candidates"] == 2 and r["group"] == "withheld" and 0 <= r["reranked"] <= 1
     assert not list(run.rglob("*.tmp"))
 
 

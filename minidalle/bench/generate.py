@@ -12,6 +12,8 @@ weights (speed does not depend on the weights); vocabulary sizes as for ``bench`
 ``cuda`` backend it runs on its GPU (fp32 and bf16 only; no floor): the timings synchronise
 the GPU, and cached steps replay a CUDA graph when the backend's ``cuda_graphs`` is on
 (``minidalle/inference/graph_decode.py``); with any other backend, on the CPU.
+Then one image with classifier-free guidance (cond_scale 3: the caption and null-caption rows
+in one cached batch of 2) against the unguided one, in fp32 and bf16.
 """
 from __future__ import annotations
 
@@ -83,10 +85,10 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
     chosen = [p for p in PRECISIONS if p in wanted and not (on_gpu and p == "bf16-weights")]
     setups = {p: setups[p] for p in chosen}
 
-    def draw(precision, n, cache):
+    def draw(precision, n, cache, cond_scale=1.0):
         m, store = setups[precision]
         return lambda: generate_image_codes(m, text[:n], seed=0, use_cache=cache, weight_store=store,
-                                            cuda_graph=graphs)
+                                            cuda_graph=graphs, cond_scale=cond_scale)
 
     # warm-up: a short primed run in each precision (first calls allocate, pack the weights,
     # capture the graphs)
@@ -152,6 +154,17 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
         timed(k, draw(p, many, True), f"{many} images together, cached, {p}{mark}", n=repeats,
               extra=lambda k=k: f"; {many / r[k]:.1f} images/s")
         r[f"images_per_sec_{key(p)}"] = many / r[k]
+
+    for p in [p for p in ("fp32", "bf16") if p in chosen]:
+        k, base = f"guided_cached_{key(p)}_s", f"cached_{key(p)}_s"
+        cpu, cpu_base = k.replace("_s", "_cpu_s"), base.replace("_s", "_cpu_s")
+        timed(k, draw(p, 1, True, 3.0), f"1 image, guided (cond_scale 3), cached, {p}",
+              lambda k=k, base=base, cpu=cpu, cpu_base=cpu_base:
+                  f"; a guided step costs {r[k] / r[base]:.2f}x an unguided one "
+                  f"({1e3 * r[k] / model.image_seq_len:.2f} ms), {r[cpu] / r[cpu_base]:.2f}x in CPU time",
+              n=repeats)
+        r[f"guided_step_ratio_{key(p)}"] = r[k] / r[base]
+        r[f"guided_step_cpu_ratio_{key(p)}"] = r[cpu] / r[cpu_base]
 
     if "bf16" not in chosen:
         return r

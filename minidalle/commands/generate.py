@@ -38,8 +38,16 @@ def add_parser(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute every step (slow; for checks)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch threads (default: all cores; 1 is faster on a machine other jobs keep busy)")
+    p.add_argument("--cond-scale", type=float, metavar="S",
+                   help="classifier-free guidance scale (1 = off; needs a checkpoint trained "
+                        "with training.null_caption_prob > 0)")
+    p.add_argument("--candidates", type=int, metavar="N",
+                   help="images drawn per prompt before reranking (default: --num-images)")
+    p.add_argument("--keep", type=int, metavar="K",
+                   help="images kept per prompt, the best K by --rerank (default: --num-images)")
     p.add_argument("--rerank", metavar="NAME",
-                   help="sort each prompt's images by this reranker's score (best first)")
+                   help="sort each prompt's images by this reranker's score, best first "
+                        "(built in: likelihood, clip); scores go to scores.json")
     p.set_defaults(func=run)
 
 
@@ -54,15 +62,36 @@ def _settings(args, g):
         "batch_size": args.batch_size if args.batch_size is not None else g.batch_size,
         "precision": args.precision or g.precision,
         "use_cache": g.use_cache and not args.no_cache,
+        "cond_scale": _pick(args, "cond_scale", g.cond_scale),
+        "rerank": _pick(args, "rerank", g.rerank),
     }
+    candidates, keep = _pick(args, "candidates", g.candidates), _pick(args, "keep", g.keep)
+    out["candidates"] = candidates if candidates is not None else out["num_images"]
+    out["keep"] = keep if keep is not None else min(out["num_images"], out["candidates"])
     checks = [("num-images", out["num_images"] >= 1), ("batch-size", out["batch_size"] >= 1),
               ("filter-thres", 0 <= out["filter_thres"] < 1), ("temperature", out["temperature"] > 0),
               ("top-p", out["top_p"] is None or 0 < out["top_p"] <= 1),
-              ("prime-fraction", 0 <= out["prime_fraction"] <= 1)]
+              ("prime-fraction", 0 <= out["prime_fraction"] <= 1),
+              ("cond-scale", out["cond_scale"] >= 0), ("candidates", out["candidates"] >= 1),
+              ("keep", 1 <= out["keep"] <= out["candidates"])]
     for name, ok in checks:
         if not ok:
-            raise ConfigError(f"--{name}: out of range: {out[name.replace('-', '_')]}")
+            raise ConfigError(f"--{name}: out of range: {out[name.replace('-', '_')]}"
+                              + (f" (at most --candidates {out['candidates']})" if name == "keep" else ""))
     return out
+
+
+def _pick(args, name, default):
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def check_guidance(cfg, cond_scale: float, where) -> None:
+    """Refuse ``cond_scale`` != 1 for a checkpoint trained without null captions."""
+    if cond_scale != 1 and cfg.training.null_caption_prob <= 0:
+        raise ConfigError(f"{where}: --cond-scale {cond_scale:g}: the checkpoint was trained with "
+                          "training.null_caption_prob = 0, so it has no null-caption model to guide "
+                          "with (use cond_scale = 1, or train with null_caption_prob > 0)")
 
 
 def _encode_prompts(tokenizer, prompts, text_seq_len):
@@ -130,14 +159,26 @@ def generate(args, registry=None) -> list:
     if not prompts:
         raise ConfigError("no prompt: give --text \"...\" (or generate.prompts in the config)")
     s = _settings(args, cfg.generate)
-    reranker = _reranker(args.rerank, cfg, registry)
+    check_guidance(cfg, s["cond_scale"], args.checkpoint)
+    reranker = _reranker(s["rerank"], cfg, registry)
+    if reranker is not None and s["rerank"] is None:
+        s["rerank"] = cfg.reranker.name  # named by the config's [reranker] section
+    if reranker is None and s["keep"] < s["candidates"]:
+        raise ConfigError(f"--keep {s['keep']} of --candidates {s['candidates']}: choose the "
+                          "kept ones with --rerank NAME (or generate.rerank)")
+    if getattr(reranker, "needs_null_captions", False) and cfg.training.null_caption_prob <= 0:
+        raise ConfigError(f"{args.checkpoint}: reranker {s['rerank']!r} with pmi = true scores "
+                          "against the null caption, but the checkpoint was trained with "
+                          "training.null_caption_prob = 0")
+    if hasattr(reranker, "bind"):  # a reranker that scores with the generating model
+        reranker.bind(model=model, tokenizer=tokenizer, codec=codec)
 
     precision = generation_precision(s["precision"])
     if precision == "bf16":
         model.to(torch.bfloat16)
     weight_store = "bf16" if precision == "bf16-weights" else None
     text = _encode_prompts(tokenizer, prompts, cfg.model.text_seq_len)
-    _check_memory(len(prompts) * s["num_images"], codec.image_size)
+    _check_memory(len(prompts) * s["candidates"], codec.image_size)
     prime = None
     if args.prime_image:
         prime = _prime_codes(args.prime_image, codec, s["prime_fraction"], model.image_seq_len)
@@ -149,29 +190,51 @@ def generate(args, registry=None) -> list:
         print(f"minidalle: warning: {out_dir} holds images of an earlier run: those of the same "
               "names (grid.png, ...) are replaced", file=sys.stderr)
 
-    n = s["num_images"]
+    n = s["candidates"]
     text = text.repeat_interleave(n, dim=0)
     generator = torch.Generator().manual_seed(args.seed)
     todo = model.image_seq_len - (prime.shape[1] if prime is not None else 0)
     bar = tqdm(total=len(text) * todo, desc="sampling", unit="tok", file=sys.stderr,
                disable=None, leave=False)
+    all_codes = []
     images = draw_images(model, codec, text, batch_size=s["batch_size"], generator=generator,
                          filter_thres=s["filter_thres"], top_p=s["top_p"],
                          temperature=s["temperature"], use_cache=s["use_cache"],
-                         prime_codes=prime, progress=bar.update, weight_store=weight_store)
+                         cond_scale=s["cond_scale"], prime_codes=prime, progress=bar.update,
+                         codes_out=all_codes, weight_store=weight_store)
     bar.close()
     images = images.view(len(prompts), n, *images.shape[1:])
+    all_codes = torch.cat(all_codes).view(len(prompts), n, -1)
 
-    if reranker is not None:
-        for p, prompt in enumerate(prompts):
-            with torch.no_grad():
-                scores = torch.as_tensor(reranker.score([prompt] * n, images[p])).flatten()
-            images[p] = images[p][scores.argsort(descending=True)]
-
-    paths = []
+    k = s["keep"]
+    kept, scores = [], []
     for p, prompt in enumerate(prompts):
-        paths += img_io.save_images(images[p], out_dir, f"{p:02d}-{img_io.slug(prompt)}")
-    paths.append(img_io.save_grid(list(images), prompts, f"{out_dir}/grid.png"))
+        if reranker is None:
+            kept.append(images[p][:k])
+            continue
+        with torch.no_grad():
+            if getattr(reranker, "takes_codes", False):
+                score = reranker.score([prompt] * n, images[p], codes=all_codes[p])
+            else:
+                score = reranker.score([prompt] * n, images[p])
+        score = torch.as_tensor(score).flatten().float()
+        order = score.argsort(descending=True)
+        kept.append(images[p][order[:k]])
+        scores.append((order, score))
+
+    paths, table = [], []
+    for p, prompt in enumerate(prompts):
+        written = img_io.save_images(kept[p], out_dir, f"{p:02d}-{img_io.slug(prompt)}")
+        paths += written
+        if scores:
+            order, score = scores[p]
+            table.append({"prompt": prompt,
+                          "kept": [{"file": w.name, "candidate": int(i), "score": float(score[i])}
+                                   for w, i in zip(written, order[:k])],
+                          "dropped": [{"candidate": int(i), "score": float(score[i])} for i in order[k:]]})
+    if scores:
+        paths.append(_write_scores(out_dir, s, table))
+    paths.append(img_io.save_grid(kept, prompts, f"{out_dir}/grid.png"))
     return paths
 
 
@@ -185,6 +248,20 @@ def _check_memory(count: int, image_size: int) -> None:
     if need > physical:
         raise ConfigError(f"--num-images: {count} images of {image_size} px need {need / 2**30:.0f} GiB "
                           f"of memory, more than this machine's {physical / 2**30:.0f} GiB")
+
+
+def _write_scores(out_dir, s, table):
+    """``scores.json`` beside the images: each prompt's kept images (file, candidate index,
+    score) best first, and the scores of the dropped candidates."""
+    import json
+    from pathlib import Path
+
+    from minidalle.fileio import atomic_write
+
+    doc = {"reranker": s["rerank"], "candidates": s["candidates"], "keep": s["keep"],
+           "cond_scale": s["cond_scale"], "prompts": table}
+    data = (json.dumps(doc, indent=1) + "\n").encode("utf-8")
+    return atomic_write(Path(out_dir) / "scores.json", lambda f: f.write(data))
 
 
 def _reranker(name, cfg, registry):

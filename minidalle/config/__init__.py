@@ -73,6 +73,9 @@ def betas(instance, attribute, value):
     if len(value) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in value):
         raise FieldError(f"{attribute.name}: expected two numbers in [0, 1), e.g. [0.9, 0.999], "
                          f"got {value!r}")
+def unit_interval(instance, attribute, value):
+    if not 0 <= value < 1:
+        raise FieldError(f"{attribute.name}: expected a number in [0, 1), got {value!r}")
 
 
 # --------------------------------------------------------------------------- sections
@@ -146,6 +149,9 @@ class TrainingConfig:
     # over sample_prompts (default: a few validation captions). None: no previews.
     sample_every: Union[int, None] = attrs.field(default=None, validator=positive)
     sample_prompts: list[str] = attrs.field(factory=list)
+    # Share of training captions replaced by the null caption (all padding), so that the
+    # model also learns p(image) and sampling can use classifier-free guidance.
+    null_caption_prob: float = attrs.field(default=0.0, validator=unit_interval)
 
 
 @attrs.define
@@ -160,6 +166,14 @@ class GenerateConfig:
     # auto | fp32 | bf16 | bf16-weights: see minidalle.inference.decode.generation_precision
     precision: str = attrs.field(default="fp32", validator=one_of("auto", "fp32", "bf16", "bf16-weights"))
     prompts: list[str] = attrs.field(factory=list)
+    # Classifier-free guidance: logits uncond + cond_scale * (cond - uncond); 1 = off. Needs a
+    # checkpoint trained with training.null_caption_prob > 0.
+    cond_scale: float = attrs.field(default=1.0, validator=non_negative)
+    # Draw `candidates` images per prompt, keep the `keep` best by reranker `rerank`
+    # ("likelihood", "clip" or a plugin's). None: candidates = num_images, keep all.
+    candidates: Union[int, None] = attrs.field(default=None, validator=positive)
+    keep: Union[int, None] = attrs.field(default=None, validator=positive)
+    rerank: Union[str, None] = None
 
 
 @attrs.define

@@ -103,7 +103,7 @@ class _Decoder:
 def generate_image_codes(
     model, text: torch.Tensor, *, filter_thres: float = 0.5, top_p: float | None = None,
     temperature: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
-    prime_codes: torch.Tensor | None = None, use_cache: bool = True,
+    prime_codes: torch.Tensor | None = None, use_cache: bool = True, cond_scale: float = 1.0,
     progress: Callable[[int], None] | None = None, on_logits: Callable | None = None,
     cuda_graph: bool = False,
     weight_store: str | None = None,
@@ -117,22 +117,33 @@ def generate_image_codes(
     ``prime_codes`` ``[B, k]`` fixes the first k codes (priming with an image).
     ``weight_store="bf16"``: the cached steps read bf16 copies of the (fp32) model's
     matrices, in fp32 arithmetic (the ``bf16-weights`` precision).
+    ``cond_scale`` != 1: classifier-free guidance. The B captions and B null captions (all
+    padding) go through the model as one batch of 2B rows sharing the key/value cache (so
+    the lean decoder serves it; the gemv kernel up to 4 images, 8 rows), and each step
+    samples from ``uncond + cond_scale * (cond - uncond)`` of the image logits; both halves
+    are then fed the same code. 1 runs the unguided loop itself (bit-identical codes).
     ``progress(n)`` is called after each sampled token; ``on_logits(step, logits)`` sees the
-    image logits of every step (used by the tests).
+    (guided) image logits of every step (used by the tests).
     """
     model.eval()
     device = text.device
     generator = generator or _generator(seed, device)
-    decoder = _Decoder(model, _can_cache(model, use_cache), static=cuda_graph, batch=text.shape[0],
+    guided = cond_scale != 1.0
+    b = text.shape[0]
+    rows = torch.cat([text, torch.zeros_like(text)]) if guided else text
+    decoder = _Decoder(model, _can_cache(model, use_cache), static=cuda_graph, batch=rows.shape[0],
                        weight_store=weight_store)
-    prefix = model.prepare_text(text)
-    codes = prefix.new_empty(text.shape[0], 0)
+    prefix = model.prepare_text(rows)
+    codes = prefix.new_empty(b, 0)
     if prime_codes is not None:
         codes = prime_codes.to(device=device, dtype=torch.long)
-        prefix = torch.cat([prefix, codes], dim=1)
+        prefix = torch.cat([prefix, codes.repeat(2, 1) if guided else codes], dim=1)
     h = decoder.feed(prefix)
     for step in range(codes.shape[1], model.image_seq_len):
         logits = decoder.image_logits(h)[:, -1].float()
+        if guided:
+            cond, uncond = logits[:b], logits[b:]
+            logits = uncond + cond_scale * (cond - uncond)
         if on_logits is not None:
             on_logits(step, logits)
         sample = sample_logits(logits, filter_thres=filter_thres, top_p=top_p,
@@ -141,8 +152,31 @@ def generate_image_codes(
         if progress is not None:
             progress(1)
         if step + 1 < model.image_seq_len:
-            h = decoder.feed(sample[:, None])
+            h = decoder.feed((sample.repeat(2) if guided else sample)[:, None])
     return codes
+
+
+@torch.no_grad()
+def image_log_likelihood(model, text: torch.Tensor, codes: torch.Tensor, *,
+                         cond_scale: float = 1.0) -> torch.Tensor:
+    """``log p(codes | text)`` ``[B]`` under ``model``: the sum over image positions of the
+    log-probability of each code (a forward of the whole sequence, fp32 log-softmax).
+    ``cond_scale`` != 1: under the guided distribution ``softmax(uncond + s (cond - uncond))``
+    of :func:`generate_image_codes` (the null-caption rows in the same batch)."""
+    model.eval()
+    if text.shape[1] != model.text_seq_len:
+        raise ValueError(f"text must have {model.text_seq_len} tokens, got {text.shape[1]}")
+    b = text.shape[0]
+    guided = cond_scale != 1.0
+    codes = codes.to(text.device, torch.long)
+    rows = torch.cat([text, torch.zeros_like(text)]) if guided else text
+    seq = torch.cat([model.prepare_text(rows), codes.repeat(2, 1) if guided else codes], dim=1)
+    h = model.hidden(seq[:, : model.max_positions])
+    logits = model.image_logits(h[:, model.text_seq_len:]).float()
+    if guided:
+        logits = logits[b:] + cond_scale * (logits[:b] - logits[b:])
+    logp = logits.log_softmax(-1)
+    return logp.gather(-1, codes[..., None])[..., 0].sum(-1)
 
 
 @torch.no_grad()
@@ -191,13 +225,16 @@ def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
 def draw_images(model, codec, text: torch.Tensor, *, batch_size: int, generator: torch.Generator,
                 filter_thres: float, top_p: float | None, temperature: float, use_cache: bool = True,
                 prime_codes: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
-                sample_context: Callable | None = None, weight_store: str | None = None) -> torch.Tensor:
+                sample_context: Callable | None = None, weight_store: str | None = None,
+                cond_scale: float = 1.0, codes_out: list | None = None) -> torch.Tensor:
     """Images ``float [N, 3, S, S]`` in [0, 1] for text ids ``[N, text_seq_len]``: codes
     sampled ``batch_size`` prompts at a time, then decoded by ``codec`` in fp32.
 
     ``prime_codes`` ``[1, k]`` primes every image; ``progress(n)`` counts sampled tokens
     (over the whole batch); ``sample_context()`` wraps the sampling only (e.g. autocast);
-    ``weight_store`` as for :func:`generate_image_codes`."""
+    ``weight_store`` as for :func:`generate_image_codes`; ``cond_scale``: classifier-free
+    guidance (:func:`generate_image_codes`); ``codes_out`` gets each batch's sampled codes
+    appended."""
     import contextlib
 
     images = []
@@ -207,7 +244,10 @@ def draw_images(model, codec, text: torch.Tensor, *, batch_size: int, generator:
             codes = generate_image_codes(
                 model, chunk, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
                 generator=generator, use_cache=use_cache, weight_store=weight_store,
+                cond_scale=cond_scale,
                 prime_codes=None if prime_codes is None else prime_codes.expand(len(chunk), -1),
                 progress=None if progress is None else (lambda k, m=len(chunk): progress(k * m)))
+        if codes_out is not None:
+            codes_out.append(codes)
         images.append(codec.decode(codes).float().clamp(0, 1))
     return torch.cat(images)

@@ -66,7 +66,12 @@ def minidalle_backends(register):
 
 @hookimpl
 def minidalle_rerankers(register):
-    pass  # none built in: a CLIP plugin registers one (see CONTRIBUTING.md)
+    register("likelihood", f"{C}.rerankers.likelihood:build",
+             config=f"{C}.rerankers.likelihood:LikelihoodConfig",
+             summary="the model's own log p(image | caption), optionally minus p(image | null caption)")
+    register("clip", f"{C}.rerankers.clip:build", config=f"{C}.rerankers.clip:ClipRerankerConfig",
+             summary="open_clip image-text similarity, from a local weights file only",
+             requires=("open_clip",))
 
 
 Q = "minidalle.recipes.quickstart.stages"

@@ -219,6 +219,9 @@ def evaluate_run(run_dir, *, cfg=None, registry=None, log: Callable[[str], None]
     run = qe.LoadedRun(run_dir, registry)
     cfg = cfg or run.cfg
     ev = qe.read_settings(cfg)
+    from minidalle.commands.generate import check_guidance
+
+    check_guidance(run.cfg, cfg.generate.cond_scale, run.checkpoint)  # guidance needs null captions
     seed = cfg.run.seed if ev.seed is None else ev.seed
     registry = registry or getattr(run.cfg, "registry", None) or get_registry()
     metrics: dict = {"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "step": run.step,

@@ -84,7 +84,8 @@ def build_model(cfg, *, text_vocab: int, num_image_tokens: int, fmap_size: int, 
 def make_collate(tokenizer, text_seq_len: int, truncate: bool,
                  source: str | None = None) -> Callable[[list[dict]], dict]:
     """Samples -> ``{"text": int64 [B, text_seq_len], "image": stacked images or codes}``
-    (``source``: the config file, named in errors)."""
+    (``source``: the config file, named in errors); a sample marked ``null_caption`` (see
+    :class:`minidalle.data.NullCaptions`) gets an all-padding text row."""
     where = f"{source}: " if source else ""
 
     def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -97,6 +98,9 @@ def make_collate(tokenizer, text_seq_len: int, truncate: bool,
         except (ValueError, RuntimeError) as exc:
             raise DataError(f"{where}tokenizing captions: {exc} (set training.truncate_captions = true "
                             f"to cut captions at model.text_seq_len = {text_seq_len})") from None
+        null = [i for i, s in enumerate(samples) if s.get("null_caption")]
+        if null:  # the null caption of classifier-free guidance: all padding
+            text[null] = 0
         return {"text": text, "image": torch.stack([s[key] for s in samples])}
 
     return collate

@@ -131,6 +131,13 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batches_in_epoch = 0
+        # Training items (not validation ones) get the null caption with this probability,
+        # drawn per (run.seed, epoch, item): the same on every backend and after resume.
+        self.train_dataset = dataset
+        if self.t.null_caption_prob > 0:
+            from minidalle.data import NullCaptions
+
+            self.train_dataset = NullCaptions(dataset, self.t.null_caption_prob, cfg.run.seed)
 
     # ------------------------------------------------------------------ setup
     def _plan(self) -> None:
@@ -156,10 +163,11 @@ class Trainer:
                 drop_last: bool = True):
         from torch.utils.data import DataLoader
 
+        dataset = self.train_dataset if train else self.dataset
         make = getattr(self.backend, "make_loader", None)
         if train and make is not None:  # the backend's own (ipu: poptorch.DataLoader, async)
-            return make(self.dataset, indices, collate_fn=self.collate)
-        return DataLoader(self.dataset, batch_size=batch_size, sampler=indices,
+            return make(dataset, indices, collate_fn=self.collate)
+        return DataLoader(dataset, batch_size=batch_size, sampler=indices,
                           collate_fn=self.collate, num_workers=self.t.dataloader_workers,
                           drop_last=drop_last, generator=torch.Generator().manual_seed(seed))
 
@@ -172,7 +180,7 @@ class Trainer:
             yield from self._loader(order, self.sps, seed, train=True)
             return
         per_step = self.sps // self.t.batch_size
-        micros = iter(self._loader(order, self.t.batch_size, seed))
+        micros = iter(self._loader(order, self.t.batch_size, seed, train=True))
         for _ in range(len(order) // self.sps):
             yield itertools.islice(micros, per_step)
 
@@ -313,8 +321,8 @@ class Trainer:
         if self.batches_in_epoch >= self.steps_per_epoch:
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0
         while self.step < self.total_steps and self.epoch < t.epochs:
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(self.epoch)
+            if hasattr(self.train_dataset, "set_epoch"):
+                self.train_dataset.set_epoch(self.epoch)
             order = backend.sampler(len(self.train_idx), shuffle=True, seed=self.cfg.run.seed,
                                     epoch=self.epoch)
             order = ([self.train_idx[i] for i in order] if order is not None

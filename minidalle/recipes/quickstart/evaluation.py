@@ -11,6 +11,11 @@
   in training (the ``val`` split) and of withheld ones (the ``heldout`` split, the
   combinations in ``dataset.exclude``). The analyser's score on codec reconstructions of
   the same kind of images is reported too: the best fidelity this codec allows;
+* **guidance** (only for a run trained with ``training.null_caption_prob > 0``): prompt
+  fidelity (seen and withheld) and the image loss of validation images under the guided
+  distribution, at each of ``evaluate.cond_scales``, so a user can pick ``generate.cond_scale``;
+* **reranking** (``evaluate.rerank_candidates = N`` > 0): withheld fidelity when each image
+  is the best of N candidates by the ``likelihood`` reranker, beside the plain one.
 
 This module also keeps what the evaluator and the quickstart's stages share: the loaded
 run (:class:`LoadedRun`), the loss history and ``loss.png``, ``train-codec``'s codec figures.
@@ -65,6 +70,15 @@ class EvaluateConfig:
     # evaluate_grid.png: images for these prompts (default: grid_prompts held-out captions)
     prompts: list[str] = attrs.field(factory=list)
     grid_prompts: int = attrs.field(default=4, validator=non_negative)
+    # classifier-free guidance scales measured (runs trained with null captions only)
+    cond_scales: list[float] = attrs.field(factory=lambda: [1.0, 1.5, 2.0, 3.0])
+    guided_loss_images: int = attrs.field(default=64, validator=non_negative)
+    # best-of-N withheld fidelity with the likelihood reranker (0: not measured)
+    rerank_candidates: int = attrs.field(default=0, validator=non_negative)
+    rerank_pmi: bool = False
+    # top-k of the reranking candidates (None: generate.filter_thres; greedy sampling, as
+    # the quickstart's 0.999, draws 8 equal candidates)
+    rerank_filter_thres: Union[float, None] = attrs.field(default=None, validator=non_negative)
 
 
 def read_settings(cfg) -> EvaluateConfig:
@@ -177,8 +191,9 @@ class LoadedRun:
         self.torch = torch
 
     def draw(self, captions: list[str], *, seed: int, batch_size: int = 64,
-             generate=None) -> "torch.Tensor":
-        """uint8 images ``[N, 3, S, S]`` drawn for ``captions`` (in order)."""
+             generate=None, cond_scale: float | None = None, codes_out: list | None = None) -> "torch.Tensor":
+        """uint8 images ``[N, 3, S, S]`` drawn for ``captions`` (in order); ``cond_scale``
+        default: ``generate.cond_scale``; ``codes_out`` collects the sampled codes."""
         from minidalle.inference.decode import generation_precision
         from minidalle.inference.sampling import draw_images
 
@@ -194,7 +209,9 @@ class LoadedRun:
         text = self.tokenizer.encode(captions, self.cfg.model.text_seq_len, truncate=True)
         images = draw_images(self.model, self.codec, text, batch_size=batch_size, generator=gen,
                              filter_thres=g.filter_thres, top_p=g.top_p, temperature=g.temperature,
-                             use_cache=g.use_cache, sample_context=cast, weight_store=weight_store)
+                             use_cache=g.use_cache, sample_context=cast, weight_store=weight_store,
+                             cond_scale=g.cond_scale if cond_scale is None else cond_scale,
+                             codes_out=codes_out)
         return (images * 255).round().to(torch.uint8)
 
     def reconstruct(self, images) -> "torch.Tensor":
@@ -336,7 +353,90 @@ def shapes_fidelity(ctx) -> dict:
         result["codec_ceiling"] = score(recon, [it["attributes"] for it in items],
                                         analyser_for(run.cfg))["accuracy"]
         fidelity[group] = result
-    return {"analyser": check, "fidelity": fidelity}
+    out = {"analyser": check, "fidelity": fidelity}
+    if run.cfg.training.null_caption_prob > 0 and ev.cond_scales:
+        out["guidance"] = guidance_table(run, cfg, ev, seed, ctx.registry, ctx.log)
+    if ev.rerank_candidates > 0:
+        out["rerank"] = rerank_fidelity(run, cfg, ev, seed, ctx.registry)
+    return out
+
+
+def _fidelity_at(run, cfg, ev, seed, registry, cond_scale) -> dict:
+    out = {}
+    for group, split, n in (("seen", "val", ev.seen_prompts), ("withheld", "heldout", ev.withheld_prompts)):
+        items = prompts(run.cfg, split, n, run.image_size, registry=registry)
+        if not items:
+            continue
+        captions = [it["caption"] for it in items for _ in range(ev.images_per_prompt)]
+        expected = [it["attributes"] for it in items for _ in range(ev.images_per_prompt)]
+        images = run.draw(captions, seed=seed + (0 if group == "seen" else 1), batch_size=ev.batch_size,
+                          generate=cfg.generate, cond_scale=cond_scale)
+        out[group] = round(score(images, expected, analyser_for(run.cfg))["accuracy"], 4)
+    return out
+
+
+def guided_image_loss(run, items, cond_scale: float, batch_size: int) -> float:
+    """Mean cross entropy (nats per code) of the images of ``items`` under the guided
+    distribution at ``cond_scale``."""
+    import torch
+
+    from minidalle.inference.sampling import image_log_likelihood
+
+    total, count = 0.0, 0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        text = run.tokenizer.encode([it["caption"] for it in chunk], run.cfg.model.text_seq_len,
+                                    truncate=True)
+        with torch.no_grad():
+            codes = run.codec.encode(torch.stack([it["image"] for it in chunk]).float() / 255)
+            total -= image_log_likelihood(run.model, text, codes, cond_scale=cond_scale).sum().item()
+        count += codes.numel()
+    return total / max(count, 1)
+
+
+def guidance_table(run, cfg, ev, seed, registry, log) -> dict:
+    """``{cond_scale: {"seen", "withheld", "image_loss"}}`` for ``evaluate.cond_scales``."""
+    items = prompts(run.cfg, "val", ev.guided_loss_images, run.image_size, registry=registry)
+    table = {}
+    for s in ev.cond_scales:
+        row = _fidelity_at(run, cfg, ev, seed, registry, float(s))
+        if items:
+            row["image_loss"] = round(guided_image_loss(run, items, float(s), ev.batch_size), 4)
+        table[f"{float(s):g}"] = row
+    return table
+
+
+def rerank_fidelity(run, cfg, ev, seed, registry) -> dict:
+    """Withheld (else seen) fidelity of the best of ``rerank_candidates`` by likelihood,
+    against the first candidate alone (a plain sample with the same settings)."""
+    import torch
+
+    from minidalle.components.rerankers.likelihood import LikelihoodConfig, LikelihoodReranker
+
+    n = ev.rerank_candidates
+    split, group = ("heldout", "withheld") if has_withheld(run.cfg) else ("val", "seen")
+    items = prompts(run.cfg, split, ev.withheld_prompts if group == "withheld" else ev.seen_prompts,
+                    run.image_size, registry=registry)
+    if not items:
+        return {}
+    reranker = LikelihoodReranker(LikelihoodConfig(pmi=ev.rerank_pmi))
+    reranker.bind(model=run.model, tokenizer=run.tokenizer, codec=run.codec)
+    captions = [it["caption"] for it in items for _ in range(n)]
+    codes = []
+    g = cfg.generate
+    if ev.rerank_filter_thres is not None:
+        g = attrs.evolve(g, filter_thres=ev.rerank_filter_thres)
+    images = run.draw(captions, seed=seed + 2, batch_size=ev.batch_size, generate=g, codes_out=codes)
+    codes = torch.cat(codes)
+    scores = reranker.score(captions, codes=codes).view(len(items), n)
+    best = scores.argmax(1)
+    images = images.view(len(items), n, *images.shape[1:])
+    expected = [it["attributes"] for it in items]
+    analyse = analyser_for(run.cfg)
+    return {"group": group, "candidates": n, "pmi": ev.rerank_pmi, "prompts": len(items),
+            "filter_thres": g.filter_thres, "cond_scale": g.cond_scale,
+            "first": round(score(images[:, 0], expected, analyse)["accuracy"], 4),
+            "reranked": round(score(images[torch.arange(len(items)), best], expected, analyse)["accuracy"], 4)}
 
 
 def summary_lines(metrics: dict) -> list[str]:
@@ -349,4 +449,13 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(f"prompt fidelity ({group} combinations): {r['accuracy']:.1%} of {r['images']} "
                      f"images (shape {r['shape']:.0%}, colour {r['colour']:.0%}, position "
                      f"{r['position']:.0%}; codec ceiling {r['codec_ceiling']:.0%})")
+    for s, row in metrics.get("guidance", {}).items():
+        parts = [f"{g} {row[g]:.1%}" for g in ("seen", "withheld") if g in row]
+        if "image_loss" in row:
+            parts.append(f"image loss {row['image_loss']:.4f}")
+        lines.append(f"cond_scale {s}: fidelity " + ", ".join(parts))
+    r = metrics.get("rerank", {})
+    if r:
+        lines.append(f"likelihood{' (pmi)' if r['pmi'] else ''} reranking, best of {r['candidates']} "
+                     f"({r['group']}): {r['reranked']:.1%} vs {r['first']:.1%} for one sample")
     return lines
