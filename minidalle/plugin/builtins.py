@@ -54,7 +54,7 @@ def minidalle_datasets(register):
 @hookimpl
 def minidalle_backends(register):
     register("cpu", f"{C}.backends.cpu:build", config=f"{C}.backends.cpu:CpuConfig",
-             summary="the reference: fp32 deterministic, bf16 autocast on request")
+             summary="the reference: fp32 deterministic; precision auto picks bf16 only where the CPU has fast native bf16")
     register("cuda", f"{C}.backends.cuda:build", config=f"{C}.backends.cuda:CudaConfig",
              summary="NVIDIA GPU: fp32, bf16 autocast, fp16 with dynamic loss scaling",
              check=f"{C}.backends.cuda_probe:unavailable_reason")
