@@ -320,7 +320,10 @@ def test_clip_score_loads_local_weights_into_open_clip(tmp_path, monkeypatch):
     (tmp_path / "open_clip").mkdir()
     (tmp_path / "open_clip" / "__init__.py").write_text(FAKE_OPEN_CLIP)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "open_clip", raising=False)
+    # setitem first: its undo removes the stand-in again (later tests ask whether open_clip
+    # is installed), whereas delitem of an absent key would leave the import behind
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    del sys.modules["open_clip"]
     fake = importlib.import_module("open_clip")
     from safetensors.torch import save_file
 
