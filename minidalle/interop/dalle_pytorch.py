@@ -55,14 +55,7 @@ def _shown_by_weights(key: str, weights) -> bool | None:
 
 def model_table(hp: dict, version, where: str, weights=None) -> tuple[dict, dict]:
     """(``[model]``, ``[attention]``) of an hparams dict; refuses what minidalle lacks."""
-    unknown = sorted(set(hp) - set(DEFAULTS) - {"dim", "depth"})
-    if unknown:
-        raise ConfigError(f"{where}: hparams.{unknown[0]}: not a DALLE-pytorch 1.6.6 DALLE "
-                          "argument this importer knows")
-    for key in ("dim", "depth"):
-        if not isinstance(hp.get(key), int):
-            raise ConfigError(f"{where}: hparams.{key}: expected an integer, got {hp.get(key)!r}")
-    get = lambda key: hp.get(key, DEFAULTS[key])  # noqa: E731
+    get = mapping.read_hparams(hp, DEFAULTS, where, "not a DALLE-pytorch 1.6.6 DALLE argument this importer knows")
     for key, what in UNSUPPORTED.items():
         shown = None if key in hp else _shown_by_weights(key, weights)
         on = get(key) if shown is None else shown

@@ -51,14 +51,7 @@ def ipu_backend(hp: dict) -> dict | None:
 
 
 def model_table(hp: dict, where: str) -> tuple[dict, dict]:
-    unknown = sorted(set(hp) - set(DEFAULTS) - {"dim", "depth"})
-    if unknown:
-        raise ConfigError(f"{where}: hparams.{unknown[0]}: not an argument of Graphcore's "
-                          "WrappedDALLE this importer knows")
-    for key in ("dim", "depth"):
-        if not isinstance(hp.get(key), int):
-            raise ConfigError(f"{where}: hparams.{key}: expected an integer, got {hp.get(key)!r}")
-    get = lambda key: hp.get(key, DEFAULTS[key])  # noqa: E731
+    get = mapping.read_hparams(hp, DEFAULTS, where, "not an argument of Graphcore's WrappedDALLE this importer knows")
     if get("sparse_attn"):
         raise ConfigError(f"{where}: hparams.sparse_attn = {get('sparse_attn')!r}: sparse attention, "
                           "which minidalle's model does not have")

@@ -124,6 +124,19 @@ def check_sizes(state: dict, model: dict, where: str) -> None:
             raise CheckpointError(f"{where}: hparams say {key} = {value}, the weights {got[key]}")
 
 
+def read_hparams(hp: dict, defaults: dict, where: str, unknown_key: str) -> Callable[[str], Any]:
+    """Check an ``hparams`` dict (known keys only; integer ``dim`` and ``depth``) and return
+    ``get(key)``: its value, or the source's default. ``unknown_key`` says what an unknown
+    key is not (the error's wording)."""
+    unknown = sorted(set(hp) - set(defaults) - {"dim", "depth"})
+    if unknown:
+        raise ConfigError(f"{where}: hparams.{unknown[0]}: {unknown_key}")
+    for key in ("dim", "depth"):
+        if not isinstance(hp.get(key), int):
+            raise ConfigError(f"{where}: hparams.{key}: expected an integer, got {hp.get(key)!r}")
+    return lambda key: hp.get(key, defaults[key])
+
+
 def attn_type_list(value, depth: int, where: str) -> list[str]:
     """``attn_types`` as DALLE-pytorch reads it (a name or a sequence, cycled over depth)."""
     if value is None:
