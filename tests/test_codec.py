@@ -304,3 +304,36 @@ def test_colour_blind_structure_codebook_round_trips_and_factorises_codes(tmp_pa
     yaml_path.write_text(yaml.safe_dump(bad))
     with pytest.raises(CheckpointError, match="model.params.structure: expected"):
         load_vqgan(ckpt)
+
+
+def test_patch_structure_encoder_codes_a_patch_the_same_anywhere(tmp_path):
+    """``structure = {..., "encoder": "patch"}``: each outline code comes from its own patch
+    alone, so the same patch gets the same code in any position and beside anything; the
+    choice is saved in the YAML, and an unknown encoder there is a one-line error."""
+    torch.manual_seed(0)
+    m = VQGAN(DD, 4, EMBED_DIM, structure={"n_embed": 6, "embed_dim": 4, "encoder": "patch"})
+    for book in m.codebooks():
+        with torch.no_grad():
+            book.normal_()
+    blob = torch.rand(3, 2, 2)                      # one 2x2-pixel patch (fmap 8 of 16 px)
+    img = torch.rand(1, 3, 16, 16)                  # random surroundings
+    img[0, :, 0:2, 0:2] = blob
+    img[0, :, 10:12, 6:8] = blob
+    structure = m.split_codes(m.encode(img))[1].view(8, 8)
+    assert structure[0, 0] == structure[5, 3]
+    # a conv encoder's code would depend on the neighbours: change them, the code stays
+    img2 = img.clone()
+    img2[0, :, 2:4, :] = 1 - img2[0, :, 2:4, :]
+    assert m.split_codes(m.encode(img2))[1].view(8, 8)[0, 0] == structure[0, 0]
+
+    ckpt, yaml_path = save_vqgan(m, tmp_path / "patch.ckpt")
+    saved = yaml.safe_load(yaml_path.read_text())
+    assert saved["model"]["params"]["structure"] == {"n_embed": 6, "embed_dim": 4, "encoder": "patch"}
+    loaded = load_vqgan(ckpt)
+    assert loaded.structure["encoder"] == "patch" and torch.equal(loaded.encode(img), m.encode(img))
+    check_codec(loaded, min_stable=0.0)
+
+    saved["model"]["params"]["structure"]["encoder"] = "transformer"
+    yaml_path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(CheckpointError, match="model.params.structure.encoder: expected one of conv, patch"):
+        load_vqgan(ckpt)

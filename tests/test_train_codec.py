@@ -109,17 +109,20 @@ def test_train_codec_writes_a_loadable_taming_checkpoint_and_metrics(registry, t
     assert report["batch_agreement"] >= 0.98
 
 
-def test_structure_codebook_trains_both_codebooks_and_loads_factorised(registry, tmp_path):
+@pytest.mark.parametrize("encoder", ["conv", "patch"])
+def test_structure_codebook_trains_both_codebooks_and_loads_factorised(registry, tmp_path, encoder):
     lines = []
     metrics = train_codec(make_cfg(registry, tmp_path, steps=12, n_embed=4, structure_n_embed=6,
-                                   structure_embed_dim=4), registry=registry, log=lines.append)
-    assert "codes of 4 x 6" in lines[0]
+                                   structure_embed_dim=4, structure_encoder=encoder),
+                          registry=registry, log=lines.append)
+    assert any("codes of 4 x 6" in line for line in lines), lines
     assert metrics["num_tokens"] == 24 and len(metrics["codebook_usage"]) == 2
     assert all(0 < u <= 1 for u in metrics["codebook_usage"])
     losses = [float(line.split("Loss:")[1].split()[0]) for line in lines if "Loss:" in line]
     assert losses[-1] < losses[0], losses
     codec = registry.build("codec", "vqgan", {"path": str(tmp_path / "run" / "codec" / "vqgan.ckpt")})
     assert codec.token_factors == (4, 6) and codec.num_tokens == 24
+    assert codec.structure["encoder"] == encoder
     held = torch.stack([TinySquares(SIZE)[i]["image"] for i in range(40, 48)]).float() / 255
     check_codec(codec, held, min_stable=0.0)
 

@@ -36,6 +36,23 @@ class VqganConfig:
     config_path: Union[str, None] = None
 
 
+STRUCTURE_ENCODERS = ("conv", "patch")
+
+
+class PatchEncoder(nn.Module):
+    """One-channel images ``[B, 1, H, W]`` -> ``[B, z, H/p, W/p]`` from each ``p x p`` patch
+    alone (a two-layer MLP over the patch's pixels, as 1x1 convolutions)."""
+
+    def __init__(self, patch: int, z_channels: int):
+        super().__init__()
+        self.patch = patch
+        self.mlp = nn.Sequential(nn.Conv2d(patch * patch, z_channels, 1), nn.SiLU(),
+                                 nn.Conv2d(z_channels, z_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(F.pixel_unshuffle(x, self.patch))
+
+
 class VQGAN(nn.Module):
     """taming's VQModel minus the loss and pytorch-lightning, plus the codec interface.
 
@@ -43,8 +60,10 @@ class VQGAN(nn.Module):
 
     ``structure`` (optional, minidalle's extension, not taming's): a value/chroma split into
     two codebooks, ``{"n_embed": K, "embed_dim": D}`` for the second. ``structure_encoder``
-    (taming's Encoder on one channel) sees only the per-pixel maximum over R, G and B (HSV's
-    value: an outline, whatever its colour); ``colour_encoder``, a per-patch MLP, sees only
+    sees only the per-pixel maximum over R, G and B (HSV's value: an outline, whatever its
+    colour): taming's Encoder on one channel (``"encoder": "conv"``, the default), or with
+    ``"encoder": "patch"`` a per-patch MLP on each code's own pixels, so a patch gets the
+    same code wherever it is and whatever surrounds it; ``colour_encoder``, a per-patch MLP, sees only
     the chroma of each code's patch (:meth:`chroma`), so the first codebook's codes say
     "which colour" and nothing about the outline, and the second's "which outline" and
     nothing about the colour. (There is no full-image ``encoder`` then.) The decoder reads
@@ -63,7 +82,8 @@ class VQGAN(nn.Module):
         self.ddconfig = dict(ddconfig)
         self.n_embed, self.embed_dim = int(n_embed), int(embed_dim)
         self.structure = None if not structure else {
-            "n_embed": int(structure["n_embed"]), "embed_dim": int(structure["embed_dim"])}
+            "n_embed": int(structure["n_embed"]), "embed_dim": int(structure["embed_dim"]),
+            "encoder": str(structure.get("encoder", "conv"))}
         if self.structure:
             z = ddconfig["z_channels"]
             self.colour_encoder = nn.Sequential(nn.Conv2d(3, z, 1), nn.SiLU(), nn.Conv2d(z, z, 1))
@@ -77,7 +97,9 @@ class VQGAN(nn.Module):
         self.token_factors = None
         if self.structure:
             k, d = self.structure["n_embed"], self.structure["embed_dim"]
-            self.structure_encoder = Encoder(**{**ddconfig, "in_channels": 1})
+            self.structure_encoder = (
+                PatchEncoder(self.patch_size(ddconfig), ddconfig["z_channels"])
+                if self.structure["encoder"] == "patch" else Encoder(**{**ddconfig, "in_channels": 1}))
             self.structure_quant_conv = nn.Conv2d(ddconfig["z_channels"], d, 1)
             self.structure_quantize = VectorQuantizer(k, d, beta=beta)
             latent_dim += d
@@ -89,6 +111,11 @@ class VQGAN(nn.Module):
         self.frozen = False
 
     # ------------------------------------------------------------------ building blocks
+
+    @staticmethod
+    def patch_size(ddconfig: dict) -> int:
+        """Pixels per code along a side: 2 ** (number of downsamplings)."""
+        return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
     def codebooks(self) -> list[torch.Tensor]:
         """The codebook weights, ``[n_embed, embed_dim]`` each: colour (taming's) first."""
@@ -311,6 +338,9 @@ def read_taming_yaml(path: Path) -> tuple[dict, int, int, dict | None]:
         if not ok:
             raise CheckpointError(f"{path}: model.params.structure: expected {{n_embed: K, "
                                   f"embed_dim: D}} with positive integers, got {structure!r}")
+        if structure.get("encoder", "conv") not in STRUCTURE_ENCODERS:
+            raise CheckpointError(f"{path}: model.params.structure.encoder: expected one of "
+                                  f"{', '.join(STRUCTURE_ENCODERS)}, got {structure['encoder']!r}")
     return dict(dd), n_embed, embed_dim, structure
 
 
@@ -320,7 +350,9 @@ def taming_yaml(ddconfig: dict, n_embed: int, embed_dim: int, extra: dict | None
     params = {"embed_dim": int(embed_dim), "n_embed": int(n_embed), "ddconfig": dict(ddconfig),
               "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"}}
     if structure:
-        params["structure"] = dict(structure)
+        # the default conv encoder is left unsaid, so such YAMLs read as before
+        params["structure"] = {k: v for k, v in structure.items()
+                               if not (k == "encoder" and v == "conv")}
     return {"model": {"target": TAMING_TARGET, "params": params, **(extra or {})}}
 
 

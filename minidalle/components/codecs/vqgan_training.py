@@ -61,6 +61,9 @@ class CodecTrainingConfig:
     # an image code is the pair (see codec_vqgan.VQGAN). Default width: embed_dim.
     structure_n_embed: int = attrs.field(default=0, validator=non_negative)
     structure_embed_dim: Union[int, None] = attrs.field(default=None, validator=positive)
+    # "conv": taming's Encoder (each code sees its neighbours); "patch": a per-patch MLP,
+    # so a patch gets one code wherever it is (see codecs.vqgan.VQGAN).
+    structure_encoder: str = attrs.field(default="conv", validator=one_of("conv", "patch"))
     # Training only: the structure encoder's input is scaled by a random gain in
     # [1 - jitter, 1] per image, so brightness cannot tell it the colour.
     structure_gain_jitter: float = attrs.field(default=0.4, validator=non_negative)
@@ -101,7 +104,8 @@ class CodecTrainingConfig:
         if not self.structure_n_embed:
             return None
         return {"n_embed": self.structure_n_embed,
-                "embed_dim": self.structure_embed_dim or self.embed_dim}
+                "embed_dim": self.structure_embed_dim or self.embed_dim,
+                "encoder": self.structure_encoder}
 
     def ddconfig(self) -> dict:
         return {"double_z": False, "z_channels": self.z_channels, "resolution": self.image_size,
