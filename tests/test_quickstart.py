@@ -138,6 +138,9 @@ def test_run_directory_holds_everything(mini_run):
     for group in metrics["fidelity"].values():
         assert group["images"] == 4 and 0.0 <= group["accuracy"] <= 1.0
     assert metrics["codec"]["psnr"] > 0 and 0 < metrics["codec"]["usage"] <= 1
+    factors = metrics["codec_factors"]  # the colour x outline codec's own check
+    assert set(factors["colour_codes"]) == {"red", "green", "blue", "yellow", "purple"}
+    assert all(0 <= factors[k] <= 1 for k in ("same_codes_in_every_cell", "outline_same_across_colours"))
     assert metrics["loss"]["steps"] == 6 and "val_loss" in metrics["loss"]
     # what every dataset gets (minidalle/recipes/evaluation.py), beside the shapes fidelity
     assert metrics["heldout"]["source"] == "the dataset's val split"

@@ -354,6 +354,12 @@ def shapes_fidelity(ctx) -> dict:
                                         analyser_for(run.cfg))["accuracy"]
         fidelity[group] = result
     out = {"analyser": check, "fidelity": fidelity}
+    factors = getattr(run.codec, "token_factors", None)
+    if factors and len(factors) == 2 and hasattr(run.codec, "image_size"):
+        from minidalle.recipes.quickstart.codec_factors import factor_report
+
+        params = _shapes_params(run.cfg)
+        out["codec_factors"] = factor_report(run.codec, params.colours, params.shapes, params.sizes[0])
     if run.cfg.training.null_caption_prob > 0 and ev.cond_scales:
         out["guidance"] = guidance_table(run, cfg, ev, seed, ctx.registry, ctx.log)
     if ev.rerank_candidates > 0:
@@ -449,6 +455,11 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(f"prompt fidelity ({group} combinations): {r['accuracy']:.1%} of {r['images']} "
                      f"images (shape {r['shape']:.0%}, colour {r['colour']:.0%}, position "
                      f"{r['position']:.0%}; codec ceiling {r['codec_ceiling']:.0%})")
+    f = metrics.get("codec_factors")
+    if f:
+        lines.append(f"codec factors: a shape's codes the same in every cell {f['same_codes_in_every_cell']:.0%}, "
+                     f"outline codes colour-blind {f['outline_same_across_colours']:.0%}, "
+                     f"one colour code per colour: {'yes' if f['one_code_per_colour'] else 'no'}")
     for s, row in metrics.get("guidance", {}).items():
         parts = [f"{g} {row[g]:.1%}" for g in ("seen", "withheld") if g in row]
         if "image_loss" in row:
