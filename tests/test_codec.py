@@ -337,3 +337,18 @@ def test_patch_structure_encoder_codes_a_patch_the_same_anywhere(tmp_path):
     yaml_path.write_text(yaml.safe_dump(saved))
     with pytest.raises(CheckpointError, match="model.params.structure.encoder: expected one of conv, patch"):
         load_vqgan(ckpt)
+
+
+@pytest.mark.cpu_paths
+def test_codes_do_not_depend_on_the_callers_autocast():
+    """The transformer's training forward encodes its images under the backend's autocast;
+    evaluation and priming encode in fp32. Both must give the same codes."""
+    torch.manual_seed(0)
+    m = VQGAN(DD, 4, EMBED_DIM, structure={"n_embed": 64, "embed_dim": 4, "encoder": "patch"})
+    for book in m.codebooks():
+        with torch.no_grad():
+            book.normal_(std=0.05)  # close entries: bf16 latents would pick other ones
+    x = torch.rand(8, 3, 16, 16)
+    plain = m.encode(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(m.encode(x), plain)

@@ -218,8 +218,13 @@ class VQGAN(nn.Module):
             raise ValueError(f"expected images [B, 3, {s}, {s}] (the codec's image_size), "
                              f"got {tuple(images.shape)}")
         x = images.to(self.quant_conv.weight.dtype) * 2 - 1
-        return self.join_codes([self.nearest_codes(z, book)
-                                for z, book in zip(self.encode_latents(x), self.codebooks())])
+        # Codes must not depend on the caller's precision: a transformer trained under bf16
+        # autocast (which also encodes its images) and evaluated in fp32 would otherwise see
+        # other codes wherever two entries are nearly equidistant (a black patch's outline
+        # code flipped on 93% of positions in a bf16 quickstart).
+        with torch.autocast(images.device.type, enabled=False):
+            return self.join_codes([self.nearest_codes(z, book)
+                                    for z, book in zip(self.encode_latents(x), self.codebooks())])
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
