@@ -102,6 +102,11 @@ class ModelConfig:
     text_vocab: Union[int, None] = None
     attn_types: list[str] = attrs.field(factory=lambda: ["full"])
     loss_img_weight: float = attrs.field(default=7.0, validator=non_negative)
+    # With a factorised codec (colour x outline codes): the weight of each factor's cross
+    # entropy in the image loss, in the codec's order. None = the joint cross entropy (which
+    # is their sum with weights 1). A colour weight above 1 makes the rare positions where the
+    # caption decides the colour count for more (RESULTS "robust quickstart").
+    image_factor_weights: Union[list[float], None] = None
     ff_mult: int = attrs.field(default=4, validator=positive)
     attn_dropout: float = attrs.field(default=0.0, validator=non_negative)
     ff_dropout: float = attrs.field(default=0.0, validator=non_negative)

@@ -22,6 +22,7 @@ from minidalle.model.attention_api import (
 )
 from minidalle.model.dalle import DALLE, KVCache
 from minidalle.model.transformer import Block, FeedForward, Transformer
+from minidalle.errors import ConfigError
 
 __all__ = [
     "DALLE", "KVCache", "Block", "FeedForward", "Transformer", "AttentionModule",
@@ -53,6 +54,12 @@ def build_model(cfg, *, text_vocab: int | None = None, num_image_tokens: int, fm
     text_vocab = text_vocab if text_vocab is not None else m.text_vocab
     if text_vocab is None:
         raise ValueError("build_model: text_vocab is unknown (no tokenizer and no model.text_vocab)")
+    weights = m.image_factor_weights
+    if weights is not None:
+        factors = tuple(image_token_factors or ())
+        if len(weights) != len(factors) or any(not w >= 0 for w in weights):
+            raise ConfigError(f"{cfg.source}: model.image_factor_weights: expected one weight >= 0 "
+                              f"per codec factor ({len(factors)}: {list(factors)}), got {list(weights)}")
     blocks = []
     for i in range(m.depth):
         name = m.attn_types[i % len(m.attn_types)]
@@ -64,4 +71,5 @@ def build_model(cfg, *, text_vocab: int | None = None, num_image_tokens: int, fm
     return DALLE(dim=m.dim, transformer=Transformer(blocks), text_vocab=text_vocab,
                  text_seq_len=m.text_seq_len, num_image_tokens=num_image_tokens, fmap_size=fmap_size,
                  loss_img_weight=m.loss_img_weight, byteio=m.byteio, codec=codec,
-                 image_token_factors=image_token_factors)
+                 image_token_factors=image_token_factors,
+                 image_factor_weights=None if weights is None else [float(w) for w in weights])

@@ -121,7 +121,8 @@ class DALLE(nn.Module):
     def __init__(self, *, dim: int, transformer: Transformer, text_vocab: int, text_seq_len: int,
                  num_image_tokens: int, fmap_size: int, loss_img_weight: float = 7.0,
                  byteio: bool = False, codec: nn.Module | None = None,
-                 image_token_factors: tuple[int, ...] | None = None):
+                 image_token_factors: tuple[int, ...] | None = None,
+                 image_factor_weights: list[float] | None = None):
         super().__init__()
         self.dim = dim
         self.text_vocab = text_vocab
@@ -141,6 +142,7 @@ class DALLE(nn.Module):
         # Factorised image codes (a codec with several codebooks): embeddings and logits
         # are sums over the factors; see FactorisedLogits.
         self.image_token_factors = tuple(image_token_factors) if image_token_factors else None
+        self.image_factor_weights = list(image_factor_weights) if image_factor_weights else None
         if self.image_token_factors:
             if math.prod(self.image_token_factors) != num_image_tokens:
                 raise ValueError(f"image_token_factors {self.image_token_factors} do not multiply "
@@ -297,6 +299,20 @@ class DALLE(nn.Module):
             return self.logits(h)
         return self.loss(h, seq, codes)
 
+    def factor_loss(self, logits_img: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``sum_f w_f * CE_f``: each factor's cross entropy from its marginal (a logsumexp of
+        the joint log-probabilities over the other factors), weighted by
+        ``image_factor_weights``. With factorised logits ``p(a, b) = p(a) p(b)``, so weights of
+        1 give the joint cross entropy."""
+        k = self.image_token_factors
+        logp = logits_img.float().log_softmax(-1).view(*logits_img.shape[:-1], *k)
+        loss = 0.0
+        for f, (w, digit) in enumerate(zip(self.image_factor_weights, split_ids(codes, k))):
+            others = [d - len(k) for d in range(len(k)) if d != f]
+            marginal = logp.logsumexp(others) if others else logp
+            loss = loss + w * F.nll_loss(marginal.flatten(0, -2), digit.flatten())
+        return loss
+
     def loss(self, h: torch.Tensor, seq: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """The weighted text/image loss from hidden states ``h`` of the training sequence.
 
@@ -318,5 +334,8 @@ class DALLE(nn.Module):
             logits_text, logits_img = logits[:, :t], logits[:, t:]
             labels_img = codes + self.num_text_tokens
         loss_text = F.cross_entropy(logits_text.flatten(0, 1).float(), seq[:, 1 : t + 1].flatten())
-        loss_img = F.cross_entropy(logits_img.flatten(0, 1).float(), labels_img.flatten())
+        if self.image_factor_weights and labels_img is codes:
+            loss_img = self.factor_loss(logits_img, codes)
+        else:
+            loss_img = F.cross_entropy(logits_img.flatten(0, 1).float(), labels_img.flatten())
         return (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)
