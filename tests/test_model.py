@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidalle.errors import ConfigError
 from minidalle.config import Config, ModelConfig
 from minidalle.plugin.discovery import get_registry
 from minidalle.model import DALLE, build_model
@@ -209,3 +210,20 @@ def test_factorised_image_codes_predict_each_part_on_its_own():
     with pytest.raises(ValueError, match="do not multiply"):
         build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=7, fmap_size=FMAP,
                     image_token_factors=(2, 3))
+
+    # model.image_factor_weights: a weight per factor's cross entropy; [1, 1] is the joint loss
+    def weighted(weights):
+        cfg.model.image_factor_weights = weights
+        torch.manual_seed(0)
+        w = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=6, fmap_size=FMAP,
+                        image_token_factors=(2, 3))
+        return w(text, codes, return_loss=True)
+
+    assert weighted([1.0, 1.0]).item() == pytest.approx(loss.item(), rel=1e-5)
+    ce_a = F.cross_entropy(m.to_logits.parts[0](hi).flatten(0, 1), a.flatten())
+    assert weighted([4.0, 1.0]).item() == pytest.approx(
+        ((ce_text + 3.0 * (ce_parts + 3.0 * ce_a)) / 4.0).item(), rel=1e-5)
+    for bad in ([1.0], [1.0, -1.0]):
+        with pytest.raises(ConfigError, match=r"model.image_factor_weights: expected one weight >= 0 per codec factor \(2: \[2, 3\]\)"):
+            weighted(bad)
+    cfg.model.image_factor_weights = None
