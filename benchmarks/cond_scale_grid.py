@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="cond_scale.png")
+    p.add_argument("--filter-thres", type=float, default=None,
+                   help="top-k share kept (default: the run's generate.filter_thres)")
     args = p.parse_args(argv)
 
     run = load_for_inference(args.checkpoint)
@@ -37,7 +39,8 @@ def main(argv=None) -> int:
     rows = []
     for s in args.scales:
         check_guidance(cfg, s, args.checkpoint)
-        codes = generate_image_codes(model, text, filter_thres=g.filter_thres, top_p=g.top_p,
+        thres = g.filter_thres if args.filter_thres is None else args.filter_thres
+        codes = generate_image_codes(model, text, filter_thres=thres, top_p=g.top_p,
                                      temperature=g.temperature, seed=args.seed, cond_scale=s)
         with torch.no_grad():
             rows.append(codec.decode(codes).float().clamp(0, 1))
