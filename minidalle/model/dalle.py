@@ -334,8 +334,8 @@ class DALLE(nn.Module):
             logits_text, logits_img = logits[:, :t], logits[:, t:]
             labels_img = codes + self.num_text_tokens
         loss_text = F.cross_entropy(logits_text.flatten(0, 1).float(), seq[:, 1 : t + 1].flatten())
-        if self.image_factor_weights and labels_img is codes:
-            loss_img = self.factor_loss(logits_img, codes)
+        if self.image_factor_weights:  # the image-code columns (last) of either layout
+            loss_img = self.factor_loss(logits_img[..., -self.num_image_tokens:], codes)
         else:
             loss_img = F.cross_entropy(logits_img.flatten(0, 1).float(), labels_img.flatten())
         return (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)

@@ -98,7 +98,7 @@ class VQGAN(nn.Module):
         if self.structure:
             k, d = self.structure["n_embed"], self.structure["embed_dim"]
             self.structure_encoder = (
-                PatchEncoder(self.patch_size(ddconfig), ddconfig["z_channels"])
+                PatchEncoder(2 ** (len(ddconfig["ch_mult"]) - 1), ddconfig["z_channels"])
                 if self.structure["encoder"] == "patch" else Encoder(**{**ddconfig, "in_channels": 1}))
             self.structure_quant_conv = nn.Conv2d(ddconfig["z_channels"], d, 1)
             self.structure_quantize = VectorQuantizer(k, d, beta=beta)
@@ -111,11 +111,6 @@ class VQGAN(nn.Module):
         self.frozen = False
 
     # ------------------------------------------------------------------ building blocks
-
-    @staticmethod
-    def patch_size(ddconfig: dict) -> int:
-        """Pixels per code along a side: 2 ** (number of downsamplings)."""
-        return 2 ** (len(ddconfig["ch_mult"]) - 1)
 
     def codebooks(self) -> list[torch.Tensor]:
         """The codebook weights, ``[n_embed, embed_dim]`` each: colour (taming's) first."""

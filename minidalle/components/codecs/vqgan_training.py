@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from minidalle import hardware
 from minidalle.config import Config, non_negative, one_of, positive, read_section
+from minidalle.components.codecs.vqgan import STRUCTURE_ENCODERS
 from minidalle.errors import CheckpointError, ConfigError, DataError
 
 SECTION = "codec_training"
@@ -63,7 +64,7 @@ class CodecTrainingConfig:
     structure_embed_dim: Union[int, None] = attrs.field(default=None, validator=positive)
     # "conv": taming's Encoder (each code sees its neighbours); "patch": a per-patch MLP,
     # so a patch gets one code wherever it is (see codecs.vqgan.VQGAN).
-    structure_encoder: str = attrs.field(default="conv", validator=one_of("conv", "patch"))
+    structure_encoder: str = attrs.field(default="conv", validator=one_of(*STRUCTURE_ENCODERS))
     # Training only: the structure encoder's input is scaled by a random gain in
     # [1 - jitter, 1] per image, so brightness cannot tell it the colour.
     structure_gain_jitter: float = attrs.field(default=0.4, validator=non_negative)
