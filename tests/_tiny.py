@@ -2,7 +2,8 @@
 
 ``tiny_chars``: a character tokenizer (vocab 64). ``tiny_codes``: ``size`` captions, each
 with image codes derived from the caption (so the model can learn them), and the
-``num_tokens`` / ``fmap_size`` attributes a codes dataset records.
+``num_tokens`` / ``fmap_size`` attributes a codes dataset records. ``grey``: a codec whose
+codes are grey levels (:class:`GreyCodec`).
 """
 from __future__ import annotations
 
@@ -83,19 +84,51 @@ class Plugin:
     def minidalle_datasets(register):
         register("tiny_codes", build_dataset, config=TinyCodesConfig, summary="test dataset")
 
+    @staticmethod
+    @hookimpl
+    def minidalle_codecs(register):
+        register("grey", GreyCodec, summary="test codec: grey levels of 2x2 patches")
 
-def registry():
+
+def registry(*extra_plugins):
     from minidalle.plugin.discovery import load_registry
 
-    return load_registry(autoload="none", extra_plugins=[Plugin])
+    return load_registry(autoload="none", extra_plugins=[Plugin, *extra_plugins])
 
 
-def use_tiny_registry():
-    """Make the process-wide registry include the tiny components (for the CLI)."""
+def use_tiny_registry(*extra_plugins):
+    """Make the process-wide registry include the tiny components (for the CLI), and
+    ``extra_plugins``; the conftest puts a fresh one back after each test."""
     import minidalle.plugin.discovery as plugins
 
-    plugins._registry = registry()
+    plugins._registry = registry(*extra_plugins)
     return plugins._registry
+
+
+def tiny_config_file(tmp_path, extra: str = "", checkpoint_every: int = 2):
+    """A TOML file extending the unit_test recipe with the tiny tokenizer and dataset (8
+    items), writing to ``tmp_path/out``; ``extra`` is appended as TOML."""
+    from pathlib import Path
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "unit_test.toml"
+    path = tmp_path / "tiny.toml"
+    path.write_text(f"""
+extends = "{base}"
+[run]
+out_dir = "{tmp_path / 'out'}"
+[model]
+text_seq_len = 16
+[training]
+dataloader_workers = 0
+checkpoint_every = {checkpoint_every}
+[tokenizer]
+name = "tiny_chars"
+[dataset]
+name = "tiny_codes"
+size = 8
+{extra}
+""")
+    return path
 
 
 def tiny_config(out_dir, *overrides, base="configs/unit_test.toml"):

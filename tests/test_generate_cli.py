@@ -12,7 +12,8 @@ from minidalle.train.checkpoint import save_checkpoint
 from minidalle.api import config_from_dict
 from minidalle.config import config_to_dict
 
-from _tiny import GreyCodec, TinyTokenizer
+import _tiny
+from _tiny import GreyCodec
 
 pytestmark = pytest.mark.cpu_paths  # `make test` reruns it with MINIDALLE_CPU forced down
 
@@ -25,17 +26,7 @@ class Brightness:
         return images.mean(dim=(1, 2, 3))
 
 
-class Plugin:
-    @staticmethod
-    @hookimpl
-    def minidalle_tokenizers(register):
-        register("tiny_chars", TinyTokenizer, summary="test tokenizer")
-
-    @staticmethod
-    @hookimpl
-    def minidalle_codecs(register):
-        register("grey", GreyCodec, summary="test codec")
-
+class RerankerPlugin:
     @staticmethod
     @hookimpl
     def minidalle_rerankers(register):
@@ -44,11 +35,7 @@ class Plugin:
 
 @pytest.fixture
 def registry():
-    import minidalle.plugin.discovery as plugins
-    from minidalle.plugin.discovery import load_registry
-
-    plugins._registry = load_registry(autoload="none", extra_plugins=[Plugin])
-    return plugins._registry
+    return _tiny.use_tiny_registry(RerankerPlugin)
 
 
 def _checkpoint(tmp_path, registry, codec=True):
@@ -205,9 +192,9 @@ def test_precisions_on_a_cpu_without_native_bf16(level, tmp_path, registry, caps
     env = {**forced_env(level), "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     for precision in ("bf16-weights", "auto"):
         out = tmp_path / precision
-        code = ("import sys, minidalle.plugin.discovery as plugins, test_generate_cli as t; "
+        code = ("import sys, test_generate_cli as t, _tiny; "
                 "from minidalle import cli; from minidalle.inference import gemv; "
-                "plugins._registry = plugins.load_registry(autoload='none', extra_plugins=[t.Plugin]); "
+                "_tiny.use_tiny_registry(t.RerankerPlugin); "
                 "rc = cli.main(sys.argv[1:]); print(gemv.variant(), gemv.kernel() is not None); sys.exit(rc)")
         p = subprocess.run([sys.executable, "-c", code, "generate", "--checkpoint", str(run),
                             "--text", "red cat", "--precision", precision, "--out", str(out)],

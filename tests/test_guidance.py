@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import _tiny
-from minidalle import cli, hookimpl
+from minidalle import cli
 from minidalle.config import Config, ModelConfig, config_from_dict, config_to_dict
 from minidalle.data import NullCaptions
 from minidalle.inference.sampling import generate_image_codes, image_log_likelihood
@@ -16,7 +16,6 @@ from minidalle.train.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.cpu_paths  # `make test` reruns it with MINIDALLE_CPU forced down
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXT_VOCAB, TEXT_LEN, IMG_TOKENS, FMAP = 12, 5, 7, 3
 TEXT = torch.tensor([[3, 5, 7, 0, 0], [1, 2, 0, 0, 0]])
 
@@ -199,25 +198,9 @@ def test_null_captions_survive_a_crash_and_resume_bit_identically(tmp_path):
 # --------------------------------------------------------------------------- the CLI
 
 
-class Plugin:
-    @staticmethod
-    @hookimpl
-    def minidalle_tokenizers(register):
-        register("tiny_chars", _tiny.TinyTokenizer, summary="test tokenizer")
-
-    @staticmethod
-    @hookimpl
-    def minidalle_codecs(register):
-        register("grey", _tiny.GreyCodec, summary="test codec")
-
-
 @pytest.fixture
 def registry():
-    import minidalle.plugin.discovery as plugins
-    from minidalle.plugin.discovery import load_registry
-
-    plugins._registry = load_registry(autoload="none", extra_plugins=[Plugin])
-    return plugins._registry
+    return _tiny.use_tiny_registry()
 
 
 def _checkpoint(tmp_path, registry, null_caption_prob=0.2, generate=None, **extra):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidalle import cli, hookimpl
+from minidalle import cli
 from minidalle.components.attention import ConvLikePattern
 from minidalle.config import config_from_dict
 from minidalle.errors import CheckpointError, ConfigError
@@ -16,32 +16,14 @@ from minidalle.interop import dalle_pytorch as dp_interop
 from minidalle.interop import graphcore
 from minidalle.model import build_model
 
-from _tiny import GreyCodec, TinyTokenizer
+import _tiny
 
 TEXT_VOCAB, TEXT_LEN, FMAP, NUM_CODES, DIM = 64, 6, 4, 8, 32
 
 
-class Plugin:
-    @staticmethod
-    @hookimpl
-    def minidalle_tokenizers(register):
-        register("tiny_chars", TinyTokenizer, summary="test tokenizer")
-
-    @staticmethod
-    @hookimpl
-    def minidalle_codecs(register):
-        register("grey", GreyCodec, summary="test codec")
-
-
 @pytest.fixture
 def registry():
-    import minidalle.plugin.discovery as plugins
-    from minidalle.plugin.discovery import load_registry
-
-    saved = plugins._registry
-    plugins._registry = load_registry(autoload="none", extra_plugins=[Plugin])
-    yield plugins._registry
-    plugins._registry = saved
+    return _tiny.use_tiny_registry()
 
 
 def _minidalle_model(registry, attn_types, sandwich, conv_anchor="centre", seed=0):

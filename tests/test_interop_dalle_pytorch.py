@@ -23,12 +23,13 @@ import pytest
 import torch
 from PIL import Image
 
-from minidalle import cli, hookimpl
+from minidalle import cli
 from minidalle.interop import dalle_pytorch as dp_interop
 from minidalle.interop import mapping
 from minidalle.inference.sampling import generate_image_codes
 
-from _tiny import GreyCodec, TinyTokenizer, TinyCodesConfig, build_dataset
+import _tiny
+from _tiny import TinyTokenizer
 
 PACKAGES = ("dalle-pytorch==1.6.6", "axial-positional-embedding==0.2.1",
             "rotary-embedding-torch==0.1.5", "einops")
@@ -166,32 +167,9 @@ def _save(model, hparams, path, opt=None):
     return path
 
 
-class Plugin:
-    @staticmethod
-    @hookimpl
-    def minidalle_tokenizers(register):
-        register("tiny_chars", TinyTokenizer, summary="test tokenizer")
-
-    @staticmethod
-    @hookimpl
-    def minidalle_codecs(register):
-        register("grey", GreyCodec, summary="test codec: 8 grey levels on a 4x4 grid")
-
-    @staticmethod
-    @hookimpl
-    def minidalle_datasets(register):
-        register("tiny_codes", build_dataset, config=TinyCodesConfig, summary="test dataset")
-
-
 @pytest.fixture
 def registry():
-    import minidalle.plugin.discovery as plugins
-    from minidalle.plugin.discovery import load_registry
-
-    saved = plugins._registry
-    plugins._registry = load_registry(autoload="none", extra_plugins=[Plugin])
-    yield plugins._registry
-    plugins._registry = saved
+    return _tiny.use_tiny_registry()
 
 
 def _import(tmp_path, ckpt, registry, name="run"):

@@ -16,24 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path, extra=""):
-    path = tmp_path / "tiny.toml"
-    path.write_text(f"""
-extends = "{ROOT / 'configs' / 'unit_test.toml'}"
-[run]
-out_dir = "{tmp_path / 'out'}"
-[model]
-text_seq_len = 16
-[training]
-dataloader_workers = 0
-checkpoint_every = 1
-[tokenizer]
-name = "tiny_chars"
-[dataset]
-name = "tiny_codes"
-size = 8
-{extra}
-""")
-    return path
+    return _tiny.tiny_config_file(tmp_path, extra, checkpoint_every=1)
 
 
 @pytest.fixture
@@ -211,12 +194,9 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path):
 
 @pytest.fixture
 def gen_registry():
-    import minidalle.plugin.discovery as plugins
-    from minidalle.plugin.discovery import load_registry
-    from test_generate_cli import Plugin
+    from test_generate_cli import RerankerPlugin
 
-    plugins._registry = load_registry(autoload="none", extra_plugins=[Plugin])
-    return plugins._registry
+    return _tiny.use_tiny_registry(RerankerPlugin)
 
 
 def _gen_checkpoint(tmp_path, registry):
@@ -474,18 +454,10 @@ def test_plugin_factory_that_raises_is_one_line_naming_it(tmp_path, capsys):
 
     plugins._registry = load_registry(autoload="none", extra_plugins=[
         _tiny.Plugin, _plugin_module("boom_plugin", minidalle_rerankers=reg)])
-    run, _ = _gen_checkpoint(tmp_path, _register_gen(plugins._registry))
+    run, _ = _gen_checkpoint(tmp_path, plugins._registry)
     line = _one_line_error(capsys, 1, main(["generate", "--checkpoint", str(run), "--text", "a",
                                             "--rerank", "boom", "--out", str(tmp_path / "o")]))
     assert "reranker 'boom' (boom_plugin) failed to build: ZeroDivisionError" in line
-
-
-def _register_gen(registry):
-    from minidalle.plugin.registry import Component
-    from test_generate_cli import GreyCodec
-
-    registry.add(Component(kind="codec", name="grey", factory=GreyCodec))
-    return registry
 
 
 def test_plugin_raising_system_exit_at_import_is_a_failed_plugin(tmp_path):

@@ -13,24 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path, extra=""):
-    path = tmp_path / "tiny.toml"
-    path.write_text(f"""
-extends = "{ROOT / 'configs' / 'unit_test.toml'}"
-[run]
-out_dir = "{tmp_path / 'out'}"
-[model]
-text_seq_len = 16
-[training]
-dataloader_workers = 0
-checkpoint_every = 2
-[tokenizer]
-name = "tiny_chars"
-[dataset]
-name = "tiny_codes"
-size = 8
-{extra}
-""")
-    return path
+    return _tiny.tiny_config_file(tmp_path, extra, checkpoint_every=2)
 
 
 @pytest.fixture
