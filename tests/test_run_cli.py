@@ -152,6 +152,27 @@ def test_bench_precision_and_batch(tmp_path, capsys, precision):
     assert f"Device: cpu {precision}," in text
 
 
+@pytest.mark.cpu_paths
+def test_bench_generate_prints_the_sampling_figures(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(ROOT / "configs" / "unit_test.toml"), "--steps", "1", "--warmup", "0",
+                 "--no-peak", "--no-compare", "--generate", "--no-uncached", "--generate-images", "2",
+                 "--set", "model.text_seq_len=8", "--set", "bench.fmap_size=4",
+                 "--set", "bench.text_vocab=100", "--set", "bench.num_image_tokens=64",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Generate: 16 image tokens per image" in text and "read bandwidth" in text
+    assert "2 images together, cached, fp32" in text
+    assert "unguided in turn" in text and "(best of 3 each)" in text
+    r = json.loads(out.read_text())["generate"]
+    assert r["auto"] in ("fp32", "bf16-weights", "bf16")
+    for p in ("fp32", "bf16"):
+        assert r[f"guided_step_ratio_{p}"] > 0 and r[f"guided_cached_{p}_s"] > 0
+    # the floor: the weight bytes of one step in each format, bf16 storage half of fp32's
+    assert r["bytes_per_token_bf16w"] * 2 == r["bytes_per_token_fp32"]
+    assert r["floor_ratio_fp32"] == pytest.approx(r["cached_fp32_s"] / r["floor_fp32_s"])
+
+
 def test_bench_rejects_bad_bench_section(tmp_path, capsys):
     assert main(["bench", str(ROOT / "configs" / "unit_test.toml"), "--set", "bench.fmap_size=0"]) == 2
     assert "bench.fmap_size: expected a positive integer" in capsys.readouterr().err

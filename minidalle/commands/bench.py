@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
                    help="images drawn together in the batched sampling timing (default 8)")
     p.add_argument("--no-uncached", action="store_true",
                    help="with --generate: skip the (slow) uncached sampling timings")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="with --generate: time each cached run N times and keep the best (guided "
+                        "and unguided are drawn in turn, at least 3 times each)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=run)
 
