@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml Makefile $(wildcard plugins/*/pyproject.toml)
 	$(PIP) install -q --no-build-isolation youtokentome==1.0.6
 	# taming-transformers: only its building blocks are used, not its pytorch-lightning models.
 	$(PIP) install -q --no-deps taming-transformers==0.0.1
-	$(PIP) install -q -e ".[clip,webdataset,eval,test]" $(TORCH_PINS)
+	$(PIP) install -q -e ".[clip,clipscore,webdataset,eval,test]" $(TORCH_PINS)
 	for p in $(wildcard plugins/*/pyproject.toml); do $(PIP) install -q --no-deps -e "$$(dirname $$p)"; done
 	touch $(STAMP)
 
