@@ -168,8 +168,14 @@ def test_bench_generate_prints_the_sampling_figures(tmp_path, capsys):
     assert r["auto"] in ("fp32", "bf16-weights", "bf16")
     for p in ("fp32", "bf16"):
         assert r[f"guided_step_ratio_{p}"] > 0 and r[f"guided_cached_{p}_s"] > 0
-    # the floor: the weight bytes of one step in each format, bf16 storage half of fp32's
-    assert r["bytes_per_token_bf16w"] * 2 == r["bytes_per_token_fp32"]
+    # the floor: the weight bytes of one step in each format; bf16 storage reads half of
+    # fp32's where the gemv kernel serves it (elsewhere the fp32 widening is read)
+    import torch
+
+    from minidalle.inference import gemv
+
+    stored = gemv.pack(torch.zeros(16, 16), store="bf16") is not None
+    assert r["bytes_per_token_bf16w"] * (2 if stored else 1) == r["bytes_per_token_fp32"]
     assert r["floor_ratio_fp32"] == pytest.approx(r["cached_fp32_s"] / r["floor_fp32_s"])
 
 
