@@ -159,19 +159,18 @@ def run_generate_bench(cfg, args=None, registry=None) -> dict:
     # of each counts): a ratio from one stretch of time, as the machine's speed drifts.
     turns = max(3, repeats)
     for p in [p for p in ("fp32", "bf16") if p in chosen]:
-        k = f"guided_cached_{key(p)}_s"
+        k, kc = f"guided_cached_{key(p)}_s", f"guided_cached_{key(p)}_cpu_s"
         plain, guided = [], []
         for _ in range(turns):
             plain.append((_time(draw(p, 1, True), 1, sync), _time.last_cpu))
             guided.append((_time(draw(p, 1, True, 3.0), 1, sync), _time.last_cpu))
-        (base, base_cpu), (r[k], r[k.replace("_s", "_cpu_s")]) = min(plain), min(guided)
-        r[f"guided_step_ratio_{key(p)}"] = r[k] / base
-        r[f"guided_step_cpu_ratio_{key(p)}"] = r[k.replace("_s", "_cpu_s")] / base_cpu
-        print(f"  1 image, guided (cond_scale 3), cached, {p}: {r[k]:.2f} s (CPU time "
-              f"{r[k.replace('_s', '_cpu_s')]:.2f} s); unguided in turn {base:.2f} s: a guided step "
-              f"costs {r[f'guided_step_ratio_{key(p)}']:.2f}x an unguided one "
-              f"({1e3 * r[k] / model.image_seq_len:.2f} ms), "
-              f"{r[f'guided_step_cpu_ratio_{key(p)}']:.2f}x in CPU time (best of {turns} each)", flush=True)
+        (base, base_cpu), (r[k], r[kc]) = min(plain), min(guided)
+        ratio = r[f"guided_step_ratio_{key(p)}"] = r[k] / base
+        cpu_ratio = r[f"guided_step_cpu_ratio_{key(p)}"] = r[kc] / base_cpu
+        print(f"  1 image, guided (cond_scale 3), cached, {p}: {r[k]:.2f} s (CPU time {r[kc]:.2f} s); "
+              f"unguided in turn {base:.2f} s: a guided step costs {ratio:.2f}x an unguided one "
+              f"({1e3 * r[k] / model.image_seq_len:.2f} ms), {cpu_ratio:.2f}x in CPU time "
+              f"(best of {turns} each)", flush=True)
 
     if "bf16" not in chosen:
         return r
