@@ -175,3 +175,81 @@ def test_generation_precision(monkeypatch, capsys):
     assert decode.generation_precision("auto", log=said.append) == "bf16"
     assert said[-1] == "generate: precision auto -> bf16: fast bf16"
     assert capsys.readouterr().err == ""
+
+
+def _fused_or_skip():
+    from minidalle.inference import gemv
+
+    if gemv.attention_step() is None:
+        pytest.skip(f"the gemv kernel's attention step is not used here: {gemv.status()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("attn", ["full", "axial_row", "axial_col", "conv_like"])
+def test_fused_attention_step_equals_the_attend_path(attn, dtype):
+    """The kernel's attention step (key/value written into the cache, softmax over the
+    pattern's key slices) gives the layer's own attend() results, at every position."""
+    _fused_or_skip()
+    m = tiny([attn, "full"]).to(dtype)
+    decoder = LeanDecoder(m)
+    assert all(s is not None for s in decoder.step_slices)
+    fused = steps(m, True)
+    original = LeanDecoder.__init__
+
+    def unfused(self, *a, **k):
+        original(self, *a, **k)
+        self.step_slices = [None] * len(self.step_slices)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LeanDecoder, "__init__", unfused)
+        plain = steps(m, True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for (h1, l1), (h2, l2) in zip(plain, fused):
+        torch.testing.assert_close(h2, h1, atol=tol, rtol=tol)
+        torch.testing.assert_close(l2, l1, atol=tol, rtol=tol)
+
+
+def test_fused_attention_step_odd_head_size_and_bad_slices():
+    """A head size that is not a multiple of 8 (the vector loop's tail), and a key slice past
+    the position is refused with an error, not read."""
+    _fused_or_skip()
+    from minidalle.inference import gemv
+
+    torch.manual_seed(0)
+    b, h, length, d, offset = 2, 3, 10, 12, 6
+    keys, values = torch.randn(b, h, length, d), torch.randn(b, h, length, d)
+    qkv = torch.randn(b, 3 * h * d)
+    out = gemv.attention_step()(qkv, k_cache := keys.clone(), v_cache := values.clone(), offset,
+                                [0, 3, 1, 4, offset + 1, 2])  # positions 0, 1, 2, 4, 6
+    q, k, v = qkv.view(b, 3, h, 1, d).unbind(1)
+    keys[:, :, offset], values[:, :, offset] = k[:, :, 0], v[:, :, 0]
+    torch.testing.assert_close(k_cache, keys)
+    idx = torch.tensor([0, 1, 2, 4, 6])
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys[:, :, idx], values[:, :, idx])
+    torch.testing.assert_close(out, want.view(b, h * d), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="past the position"):
+        gemv.attention_step()(qkv, k_cache, v_cache, offset, [0, offset + 2, 1])
+
+
+def test_attention_that_overrides_attend_keeps_its_own_step():
+    """A plugin's attention subclass with its own attend() is never replaced by the kernel's
+    step; the built-in axial attention (attend only for whole sequences) is."""
+    from minidalle.components.attention import AxialAttention
+    from minidalle.model.attention_api import PatternAttention
+
+    m = tiny(["axial_row", "full"])
+
+    class Custom(PatternAttention):
+        def attend(self, q, k, v, offset):
+            return super().attend(q, k, v, offset) * 1.0
+
+    class CustomAxial(AxialAttention):
+        def attend(self, q, k, v, offset):
+            return super().attend(q, k, v, offset)
+
+    attn = m.transformer.layers[0].attn
+    assert attn.steps_attend_key_slices() and m.transformer.layers[1].attn.steps_attend_key_slices()
+    assert not Custom(attn.spec, attn.pattern).steps_attend_key_slices()
+    assert not CustomAxial(attn.spec, 0).steps_attend_key_slices()
+    m.transformer.layers[0].attn = Custom(attn.spec, attn.pattern)
+    assert LeanDecoder(m).step_slices[0] is None

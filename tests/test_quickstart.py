@@ -55,6 +55,25 @@ def test_analyser_reads_real_quickstart_images():
     assert all(is_excluded(*triple(held.attributes(i)), withheld) for i in range(50))
 
 
+def test_prompts_balanced_over_the_withheld_combinations():
+    """Each withheld combination gets n / combinations prompts, give or take one (a random
+    draw gave one combination 13 of 64 prompts and another 3), and ``distinct`` each once."""
+    from collections import Counter
+
+    from minidalle.recipes.quickstart.evaluation import prompts
+
+    cfg = load_config(QUICKSTART)
+    size = cfg.extra["codec_training"]["image_size"]
+    combos = len(cfg.dataset.params.exclude)
+    counts = Counter(it["caption"] for it in prompts(cfg, "heldout", 64, size))
+    assert len(counts) == combos and sum(counts.values()) == 64
+    assert max(counts.values()) - min(counts.values()) <= 1
+    distinct = prompts(cfg, "heldout", 64, size, distinct=True)
+    assert len(distinct) == combos == len({it["caption"] for it in distinct})
+    seen = Counter(it["caption"] for it in prompts(cfg, "val", 20, size))
+    assert len(seen) == 20  # fewer prompts than seen combinations: each a different one
+
+
 def test_score_counts_mismatches():
     from minidalle.components.datasets.shapes import render
     from minidalle.recipes.quickstart.evaluation import score
@@ -68,6 +87,10 @@ def test_score_counts_mismatches():
     assert result["accuracy"] == pytest.approx(1 / 3)
     assert result["shape"] == pytest.approx(2 / 3)  # the empty image has no shape at all
     assert result["colour"] == pytest.approx(1 / 3)
+    # per caption: which withheld combination is drawn wrong, not only how many images
+    per = score(images, [want, want, want], analyse, captions=["a", "a", "b"])
+    assert per["by_caption"] == {"a": 0.5, "b": 0.0}
+    assert per["captions_right"] == 1 and per["captions"] == 2
 
 
 def test_loss_plot_without_history(tmp_path):
@@ -137,6 +160,8 @@ def test_run_directory_holds_everything(mini_run):
     assert set(metrics["fidelity"]) == {"seen", "withheld"}
     for group in metrics["fidelity"].values():
         assert group["images"] == 4 and 0.0 <= group["accuracy"] <= 1.0
+    withheld = metrics["fidelity"]["withheld"]
+    assert 0 <= withheld["captions_right"] <= withheld["captions"] == len(withheld["by_caption"]) > 0
     assert metrics["codec"]["psnr"] > 0 and 0 < metrics["codec"]["usage"] <= 1
     factors = metrics["codec_factors"]  # the colour x outline codec's own check
     assert set(factors["colour_codes"]) == {"red", "green", "blue", "yellow", "purple"}

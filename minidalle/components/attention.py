@@ -79,6 +79,7 @@ class AxialAttention(PatternAttention):
     """
 
     masked_sdpa = False
+    steps_like_pattern = True  # attend() sends one-position steps to PatternAttention's
 
     def __init__(self, spec: AttentionSpec, axis: int):
         super().__init__(spec, AxialPattern(axis))

@@ -26,7 +26,7 @@ from torch import nn
 
 from minidalle import hardware
 from minidalle.inference import gemv
-from minidalle.model.attention_api import QKVAttention, update_kv_cache
+from minidalle.model.attention_api import PatternAttention, QKVAttention, update_kv_cache
 from minidalle.model.transformer import Block, FeedForward, geglu
 
 
@@ -38,6 +38,11 @@ def _use_onednn(weight: torch.Tensor) -> bool:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-weights")
+_STEP_DTYPES = (torch.float32, torch.bfloat16)  # what the kernel's attention step takes
+
+
+def _attend_step(qkv, k_cache, v_cache, offset: int, slices: list) -> torch.Tensor:
+    return gemv.attention_step()(qkv, k_cache, v_cache, offset, slices)
 
 
 def generation_precision(requested: str, log=None) -> str:
@@ -149,15 +154,23 @@ class _LayerWeights:
         self.ff_out = _scaled_linear(ff.proj_out, None if self.post_ff else block.scale_ff, store)
         self.linears = (self.qkv, self.out, self.ff_in, self.ff_out)
 
-    def step(self, x: torch.Tensor, attend, offset: int, cache: dict) -> torch.Tensor:
-        """``x`` ``[B, dim]`` at position ``offset`` -> the block's output."""
+    def step(self, x: torch.Tensor, attend, offset: int, cache: dict,
+             step_slices: list | None = None) -> torch.Tensor:
+        """``x`` ``[B, dim]`` at position ``offset`` -> the block's output. ``step_slices``:
+        the flat key slices of this position for the kernel's fused attention step (None:
+        ``attend``)."""
         b, h, d = x.shape[0], self.heads, self.dim_head
         qkv = self.qkv(_layer_norm(x, self.norm_attn))
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            qkv = qkv.float()  # as QKVAttention.forward: fp32 attention and cache on CPU
-        q, k, v = qkv.view(b, 3, h, 1, d).unbind(1)
-        k, v = update_kv_cache(cache, k, v, offset, self.max_len)
-        a = attend(q, k, v, offset).view(b, h * d).to(x.dtype)
+        keys = cache.get("k")
+        if (step_slices is not None and keys is not None and keys.dtype == torch.float32
+                and keys.shape[0] == b and offset < keys.shape[2] and qkv.dtype in _STEP_DTYPES):
+            a = _attend_step(qkv, keys, cache["v"], offset, step_slices)
+        else:
+            if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+                qkv = qkv.float()  # as QKVAttention.forward: fp32 attention and cache on CPU
+            q, k, v = qkv.view(b, 3, h, 1, d).unbind(1)
+            k, v = update_kv_cache(cache, k, v, offset, self.max_len)
+            a = attend(q, k, v, offset).view(b, h * d).to(x.dtype)
         x = self._add(x, self.out, a, self.post_attn, self.scale_attn)
         return self._add(x, self.ff_out, geglu(self.ff_in(_layer_norm(x, self.norm_ff))),
                          self.post_ff, self.scale_ff)
@@ -218,6 +231,13 @@ class LeanDecoder:
             raise ValueError("LeanDecoder: the model has non-standard blocks")
         self.model = model
         self.attends = [block.attn.attend for block in model.transformer.layers]
+        # per layer, the key slices of each position for the kernel's fused attention step
+        # (None: the layer's own attend); the step writes into the fp32 caches of CPU sampling
+        fused = gemv.attention_step() is not None and model.text_emb.weight.device.type == "cpu"
+        self.step_slices = [
+            block.attn.step_slices if fused and isinstance(block.attn, PatternAttention)
+            and block.attn.steps_attend_key_slices() else None
+            for block in model.transformer.layers]
         if weight_store not in (None, "fp32", "bf16"):
             raise ValueError(f"LeanDecoder: weight_store must be 'fp32' or 'bf16', not {weight_store!r}")
         self.weights = _weights(model, weight_store)
@@ -235,8 +255,9 @@ class LeanDecoder:
         """As ``model.hidden(tokens, cache=cache)`` for ``tokens`` ``[B, 1]``: ``[B, 1, dim]``."""
         offset = cache.offset
         x = self.model.embed(tokens, offset)[:, 0]
-        for layer, attend, layer_cache in zip(self.weights.layers, self.attends, cache.layers):
-            x = layer.step(x, attend, offset, layer_cache)
+        for layer, attend, layer_cache, slices in zip(self.weights.layers, self.attends, cache.layers,
+                                                      self.step_slices):
+            x = layer.step(x, attend, offset, layer_cache, None if slices is None else slices[offset])
         cache.offset += 1
         return x[:, None]
 

@@ -60,6 +60,9 @@ _SOURCE = r"""
 #include <algorithm>
 #include <optional>
 #include <type_traits>
+#include <cmath>
+#include <vector>
+#include <c10/util/BFloat16.h>
 
 #define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
@@ -374,9 +377,96 @@ at::Tensor linear_avx2(const at::Tensor& x, const at::Tensor& wp,
   return linear_fp32(x, wp, bias, residual, false);
 }
 
+// One cached decoding step of attention for every (sequence, head): write the position's
+// key and value (from the q/k/v projection qkv [B, 3*H*d], fp32 or bf16) into the fp32
+// caches [B, H, L, d] at `offset`, then attend the query over the keys the pattern allows,
+// given as (start, stop, step) triples; out [B, H*d] in qkv's dtype. In place of slicing the
+// keys out of the cache, concatenating them and calling SDPA: three ops and two copies of
+// the keys a layer (the most time of a bf16 L16 step after the weight reads).
+__attribute__((target("avx2,fma"))) static inline float dot_avx2(const float* a, const float* b, int64_t d) {
+  int64_t j = 0;
+  __m256 s = _mm256_setzero_ps();
+  for (; j + 8 <= d; j += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float out = _mm_cvtss_f32(h);
+  for (; j < d; ++j) out += a[j] * b[j];
+  return out;
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) static void attend_rows(
+    const T* qkv, float* kc, float* vc, T* out, int64_t B, int64_t H, int64_t L, int64_t d,
+    int64_t offset, const std::vector<int64_t>& slices, int64_t count) {
+  const float scale = 1.0f / std::sqrt((float)d);
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(d), acc(d), score(count);
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t b = i / H, h = i % H;
+      const T* row = qkv + b * 3 * H * d;
+      float* K = kc + i * L * d;
+      float* V = vc + i * L * d;
+      for (int64_t j = 0; j < d; ++j) {
+        q[j] = (float)row[h * d + j] * scale;
+        K[offset * d + j] = (float)row[(H + h) * d + j];
+        V[offset * d + j] = (float)row[(2 * H + h) * d + j];
+      }
+      int64_t n = 0;
+      float top = -INFINITY;
+      for (size_t s = 0; s < slices.size(); s += 3)
+        for (int64_t p = slices[s]; p < slices[s + 1]; p += slices[s + 2]) {
+          float dot = dot_avx2(q.data(), K + p * d, d);
+          score[n++] = dot;
+          top = std::max(top, dot);
+        }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float total = 0.f;
+      n = 0;
+      for (size_t s = 0; s < slices.size(); s += 3)
+        for (int64_t p = slices[s]; p < slices[s + 1]; p += slices[s + 2]) {
+          float w = std::exp(score[n++] - top);
+          total += w;
+          const float* v = V + p * d;
+          for (int64_t j = 0; j < d; ++j) acc[j] += w * v[j];
+        }
+      for (int64_t j = 0; j < d; ++j) out[b * H * d + h * d + j] = (T)(acc[j] / total);
+    }
+  });
+}
+
+at::Tensor attend_step(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
+                       int64_t offset, const std::vector<int64_t>& slices) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous()
+              && v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat
+              && v_cache.is_contiguous(), "attend_step: bad cache");
+  int64_t B = k_cache.size(0), H = k_cache.size(1), L = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == B * 3 * H * d
+              && (qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16),
+              "attend_step: bad qkv");
+  TORCH_CHECK(0 <= offset && offset < L && slices.size() % 3 == 0, "attend_step: bad position");
+  int64_t count = 0;
+  for (size_t s = 0; s < slices.size(); s += 3) {
+    TORCH_CHECK(slices[s] >= 0 && slices[s + 1] <= offset + 1 && slices[s + 2] > 0,
+                "attend_step: a key slice past the position");
+    if (slices[s + 1] > slices[s]) count += (slices[s + 1] - slices[s] + slices[s + 2] - 1) / slices[s + 2];
+  }
+  TORCH_CHECK(count > 0, "attend_step: no keys");
+  auto out = at::empty({B, H * d}, qkv.options());
+  if (qkv.scalar_type() == at::kFloat)
+    attend_rows<float>((const float*)qkv.data_ptr(), (float*)k_cache.data_ptr(), (float*)v_cache.data_ptr(),
+                       (float*)out.data_ptr(), B, H, L, d, offset, slices, count);
+  else
+    attend_rows<c10::BFloat16>((const c10::BFloat16*)qkv.data_ptr(), (float*)k_cache.data_ptr(),
+                               (float*)v_cache.data_ptr(), (c10::BFloat16*)out.data_ptr(), B, H, L,
+                               d, offset, slices, count);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear);
   m.def("linear_avx2", &linear_avx2);
+  m.def("attend_step", &attend_step);
 }
 """
 
@@ -460,6 +550,15 @@ def function():
     if module is None or not _cpu_ok():
         return None
     return module.linear if variant() == "avx512" else module.linear_avx2
+
+
+def attention_step():
+    """The kernel's one-position attention step (``attend_step(qkv, k_cache, v_cache,
+    offset, slices)``: writes the position's key/value into the fp32 caches and attends over
+    the keys in the flat (start, stop, step) ``slices``), or None where the kernel is not
+    used (any AVX2 + FMA CPU has it)."""
+    module = kernel()
+    return None if module is None or not _cpu_ok() else module.attend_step
 
 
 # Where the kernel's fp32-stored product beats oneDNN's (benchmarks/gemv_ab.py, see above).

@@ -226,6 +226,10 @@ class PatternAttention(QKVAttention):
             index[i, : len(keys)] = keys
             slices = _progressions(keys.tolist())
             self.key_slices.append(slices if len(slices) <= 8 else None)
+        # The same flattened, (start, stop, step, start, ...): what the CPU decoders' fused
+        # attention step (minidalle.inference.gemv.attention_step) takes
+        self.step_slices = [None if sl is None else [v for triple in sl for v in triple]
+                            for sl in self.key_slices]
         self.register_buffer("key_index", index, persistent=False)
         self.key_count = counts.tolist()
 
@@ -251,6 +255,15 @@ class PatternAttention(QKVAttention):
 
     def extra_repr(self) -> str:
         return f"pattern={type(self.pattern).__name__}"
+
+    def steps_attend_key_slices(self) -> bool:
+        """Whether a one-position step of :meth:`attend` is exactly softmax attention over
+        the keys of ``key_slices`` (so a decoder may compute it its own way): true where
+        ``attend`` is this class's, or that of a subclass that says so with the class
+        attribute ``steps_like_pattern = True`` (it overrides only whole-sequence passes)."""
+        owner = next(c for c in type(self).__mro__ if "attend" in c.__dict__)
+        return self.dropout_p == 0 and (owner is PatternAttention
+                                        or owner.__dict__.get("steps_like_pattern", False))
 
 
 def _progressions(keys: list[int]) -> list[tuple[int, int, int]]:
