@@ -253,3 +253,22 @@ def test_attention_that_overrides_attend_keeps_its_own_step():
     assert not CustomAxial(attn.spec, 0).steps_attend_key_slices()
     m.transformer.layers[0].attn = Custom(attn.spec, attn.pattern)
     assert LeanDecoder(m).step_slices[0] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_geglu_matches_pytorch(dtype):
+    """The block step's GEGLU (a vectorised erf) against PyTorch's exact GELU, over the
+    range where GELU is tiny (large negative gates), near zero and large, with a row length
+    that leaves a tail after the 8-wide loop."""
+    _fused_or_skip()
+    from minidalle.inference import gemv
+    from minidalle.model.transformer import geglu
+
+    gates = torch.cat([torch.linspace(-12, 12, 4001), torch.randn(1000) * 3])
+    h = torch.stack([torch.cat([torch.randn(gates.numel()), gates])]).to(dtype)
+    want = geglu(h.float())
+    got = gemv.kernel().geglu(h).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    else:  # one rounding against PyTorch's two: within a bf16 step
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)

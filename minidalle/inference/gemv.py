@@ -37,6 +37,7 @@ or with ``MINIDALLE_GEMV=0``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -55,6 +56,7 @@ _SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/csrc/utils/pybind.h>
 #include <immintrin.h>
 #include <algorithm>
@@ -383,6 +385,91 @@ at::Tensor linear_avx2(const at::Tensor& x, const at::Tensor& wp,
 // given as (start, stop, step) triples; out [B, H*d] in qkv's dtype. In place of slicing the
 // keys out of the cache, concatenating them and calling SDPA: three ops and two copies of
 // the keys a layer (the most time of a bf16 L16 step after the weight reads).
+#define AVX2 __attribute__((target("avx2,fma")))
+
+// e^x for 8 floats (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n);
+// within 2 ulp of expf over the range where the result is a normal float.
+AVX2 static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// gelu(g) = g/2 (1 + erf(g/sqrt 2)) for 8 floats. erfc(|z|) from Abramowitz & Stegun 7.1.26
+// (absolute error < 1.5e-7), so 1 + erf(z) is erfc(|z|) for z < 0 (no cancellation where
+// gelu is tiny) and 2 - erfc(z) for z >= 0.
+AVX2 static inline __m256 gelu8(__m256 g) {
+  __m256 z = _mm256_mul_ps(g, _mm256_set1_ps(0.70710678f));
+  __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), z);
+  __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  __m256 erfc = _mm256_mul_ps(_mm256_mul_ps(p, t), exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), a)));
+  __m256 one_plus = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.f), erfc), erfc, z);  // sign of z
+  return _mm256_mul_ps(_mm256_mul_ps(g, _mm256_set1_ps(0.5f)), one_plus);
+}
+
+template <typename T> AVX2 static inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);
+  else return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+template <typename T> AVX2 static inline void store8(T* p, __m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < 8; ++i) p[i] = (T)tmp[i];  // round to nearest even, as PyTorch
+  }
+}
+
+// y = x[:, :F] * gelu(x[:, F:]) for rows of 2F (GEGLU), in fp32, one rounding to T.
+template <typename T>
+AVX2 static void geglu_rows(const T* x, T* y, int64_t rows, int64_t F) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const T* v = x + m * 2 * F;
+    const T* g = v + F;
+    T* out = y + m * F;
+    int64_t j = 0;
+    for (; j + 8 <= F; j += 8) store8(out + j, _mm256_mul_ps(load8(v + j), gelu8(load8(g + j))));
+    for (; j < F; ++j) {
+      float gj = (float)g[j];
+      out[j] = (T)((float)v[j] * 0.5f * gj * (1.f + std::erf(gj * 0.70710678f)));
+    }
+  }
+}
+
+// LayerNorm of rows of D in fp32 (two passes), weight and bias in T, out in T.
+template <typename T>
+AVX2 static void layer_norm_rows(const T* x, const T* w, const T* b, float eps, T* y,
+                                 int64_t rows, int64_t D) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const T* r = x + m * D;
+    float mean = 0.f, var = 0.f;
+    for (int64_t j = 0; j < D; ++j) mean += (float)r[j];
+    mean /= D;
+    for (int64_t j = 0; j < D; ++j) { float c = (float)r[j] - mean; var += c * c; }
+    float rstd = 1.f / std::sqrt(var / D + eps);
+    for (int64_t j = 0; j < D; ++j) y[m * D + j] = (T)(((float)r[j] - mean) * rstd * (float)w[j] + (float)b[j]);
+  }
+}
+
 __attribute__((target("avx2,fma"))) static inline float dot_avx2(const float* a, const float* b, int64_t d) {
   int64_t j = 0;
   __m256 s = _mm256_setzero_ps();
@@ -395,42 +482,57 @@ __attribute__((target("avx2,fma"))) static inline float dot_avx2(const float* a,
   return out;
 }
 
+// One (sequence, head): the query against the keys of `slices`, softmax, the values' sum.
 template <typename T>
-__attribute__((target("avx2,fma"))) static void attend_rows(
-    const T* qkv, float* kc, float* vc, T* out, int64_t B, int64_t H, int64_t L, int64_t d,
-    int64_t offset, const std::vector<int64_t>& slices, int64_t count) {
+AVX2 static void attend_head(const T* row, float* K, float* V, T* out, int64_t H, int64_t h,
+                             int64_t d, int64_t offset, const std::vector<int64_t>& slices,
+                             float* q, float* acc, float* score, int64_t count) {
   const float scale = 1.0f / std::sqrt((float)d);
+  for (int64_t j = 0; j < d; ++j) {
+    q[j] = (float)row[h * d + j] * scale;
+    K[offset * d + j] = (float)row[(H + h) * d + j];
+    V[offset * d + j] = (float)row[(2 * H + h) * d + j];
+  }
+  int64_t n = 0;
+  float top = -INFINITY;
+  for (size_t s = 0; s < slices.size(); s += 3)
+    for (int64_t p = slices[s]; p < slices[s + 1]; p += slices[s + 2]) {
+      float dot = dot_avx2(q, K + p * d, d);
+      score[n++] = dot;
+      top = std::max(top, dot);
+    }
+  __m256 shift = _mm256_set1_ps(top), sum8 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= count; c += 8) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(score + c), shift));
+    _mm256_storeu_ps(score + c, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum8);
+  float total = 0.f;
+  for (int l = 0; l < 8; ++l) total += lanes[l];
+  for (; c < count; ++c) total += (score[c] = std::exp(score[c] - top));
+  std::fill(acc, acc + d, 0.f);
+  n = 0;
+  for (size_t s = 0; s < slices.size(); s += 3)
+    for (int64_t p = slices[s]; p < slices[s + 1]; p += slices[s + 2]) {
+      float w = score[n++];
+      const float* v = V + p * d;
+      for (int64_t j = 0; j < d; ++j) acc[j] += w * v[j];
+    }
+  for (int64_t j = 0; j < d; ++j) out[h * d + j] = (T)(acc[j] / total);
+}
+
+template <typename T>
+static void attend_rows(const T* qkv, float* kc, float* vc, T* out, int64_t B, int64_t H, int64_t L,
+                        int64_t d, int64_t offset, const std::vector<int64_t>& slices, int64_t count) {
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> q(d), acc(d), score(count);
     for (int64_t i = i0; i < i1; ++i) {
-      int64_t b = i / H, h = i % H;
-      const T* row = qkv + b * 3 * H * d;
-      float* K = kc + i * L * d;
-      float* V = vc + i * L * d;
-      for (int64_t j = 0; j < d; ++j) {
-        q[j] = (float)row[h * d + j] * scale;
-        K[offset * d + j] = (float)row[(H + h) * d + j];
-        V[offset * d + j] = (float)row[(2 * H + h) * d + j];
-      }
-      int64_t n = 0;
-      float top = -INFINITY;
-      for (size_t s = 0; s < slices.size(); s += 3)
-        for (int64_t p = slices[s]; p < slices[s + 1]; p += slices[s + 2]) {
-          float dot = dot_avx2(q.data(), K + p * d, d);
-          score[n++] = dot;
-          top = std::max(top, dot);
-        }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float total = 0.f;
-      n = 0;
-      for (size_t s = 0; s < slices.size(); s += 3)
-        for (int64_t p = slices[s]; p < slices[s + 1]; p += slices[s + 2]) {
-          float w = std::exp(score[n++] - top);
-          total += w;
-          const float* v = V + p * d;
-          for (int64_t j = 0; j < d; ++j) acc[j] += w * v[j];
-        }
-      for (int64_t j = 0; j < d; ++j) out[b * H * d + h * d + j] = (T)(acc[j] / total);
+      int64_t b = i / H;
+      attend_head<T>(qkv + b * 3 * H * d, kc + i * L * d, vc + i * L * d, out + b * H * d, H, i % H,
+                     d, offset, slices, q.data(), acc.data(), score.data(), count);
     }
   });
 }
@@ -463,7 +565,70 @@ at::Tensor attend_step(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v
   return out;
 }
 
+// A whole pre-norm block for one decoding position, LayerScale folded into the output
+// projections (no sandwich norm): x + out(attn(LN1 x)), then + ff_out(geglu(ff_in(LN2 x))).
+// The same ops as the Python step, called from here: one call a layer instead of about
+// twenty Python-level ones.
+at::Tensor block_step(bool avx512, const at::Tensor& x, const at::Tensor& ln1_w, const at::Tensor& ln1_b,
+                      double ln1_eps, const at::Tensor& qkv_w, at::Tensor& k_cache,
+                      at::Tensor& v_cache, int64_t offset, const std::vector<int64_t>& slices,
+                      const at::Tensor& out_w, const std::optional<at::Tensor>& out_b,
+                      const at::Tensor& ln2_w, const at::Tensor& ln2_b, double ln2_eps,
+                      const at::Tensor& ff_in_w, const std::optional<at::Tensor>& ff_in_b,
+                      const at::Tensor& ff_out_w, const std::optional<at::Tensor>& ff_out_b) {
+  auto lin = [&](const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                 const std::optional<at::Tensor>& res) {
+    return avx512 ? linear(a, w, b, res) : linear_avx2(a, w, b, res);
+  };
+  const std::optional<at::Tensor> none;
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat
+              || x.scalar_type() == at::kBFloat16), "block_step: bad input");
+  for (const at::Tensor* t : {&ln1_w, &ln1_b, &ln2_w, &ln2_b})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->numel() == x.size(1),
+                "block_step: bad norm");
+  bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto norm = [&](const at::Tensor& in, const at::Tensor& w, const at::Tensor& b, double eps) {
+    auto out = at::empty_like(in);
+    if (bf16)
+      layer_norm_rows<c10::BFloat16>((const c10::BFloat16*)in.data_ptr(), (const c10::BFloat16*)w.data_ptr(),
+                                     (const c10::BFloat16*)b.data_ptr(), (float)eps,
+                                     (c10::BFloat16*)out.data_ptr(), in.size(0), in.size(1));
+    else
+      layer_norm_rows<float>((const float*)in.data_ptr(), (const float*)w.data_ptr(),
+                             (const float*)b.data_ptr(), (float)eps, (float*)out.data_ptr(),
+                             in.size(0), in.size(1));
+    return out;
+  };
+  auto a = attend_step(lin(norm(x, ln1_w, ln1_b, ln1_eps), qkv_w, none, none), k_cache, v_cache,
+                       offset, slices);
+  auto y = lin(a, out_w, out_b, x);
+  auto f = lin(norm(y, ln2_w, ln2_b, ln2_eps), ff_in_w, ff_in_b, none);
+  int64_t F = f.size(1) / 2;
+  auto g = at::empty({f.size(0), F}, f.options());
+  if (bf16)
+    geglu_rows<c10::BFloat16>((const c10::BFloat16*)f.data_ptr(), (c10::BFloat16*)g.data_ptr(), f.size(0), F);
+  else
+    geglu_rows<float>((const float*)f.data_ptr(), (float*)g.data_ptr(), f.size(0), F);
+  return lin(g, ff_out_w, ff_out_b, y);
+}
+
+// GEGLU of rows [M, 2F] -> [M, F] as block_step computes it (for the tests)
+at::Tensor geglu(const at::Tensor& h_) {
+  auto h = h_.contiguous();
+  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0 && (h.scalar_type() == at::kFloat
+              || h.scalar_type() == at::kBFloat16), "geglu: bad input");
+  auto y = at::empty({h.size(0), h.size(1) / 2}, h.options());
+  if (h.scalar_type() == at::kFloat)
+    geglu_rows<float>((const float*)h.data_ptr(), (float*)y.data_ptr(), h.size(0), h.size(1) / 2);
+  else
+    geglu_rows<c10::BFloat16>((const c10::BFloat16*)h.data_ptr(), (c10::BFloat16*)y.data_ptr(),
+                              h.size(0), h.size(1) / 2);
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("geglu", &geglu);
+  m.def("block_step", &block_step);
   m.def("linear", &linear);
   m.def("linear_avx2", &linear_avx2);
   m.def("attend_step", &attend_step);
@@ -550,6 +715,17 @@ def function():
     if module is None or not _cpu_ok():
         return None
     return module.linear if variant() == "avx512" else module.linear_avx2
+
+
+def block_step():
+    """The kernel's whole block step for one position (:func:`attention_step` between the
+    block's norms and products; ``block_step(x, ln1_w, ln1_b, ln1_eps, qkv_w, k_cache,
+    v_cache, offset, slices, out_w, out_b, ln2_w, ln2_b, ln2_eps, ff_in_w, ff_in_b,
+    ff_out_w, ff_out_b)`` with packed weights), or None where the kernel is not used."""
+    module = kernel()
+    if module is None or not _cpu_ok():
+        return None
+    return functools.partial(module.block_step, variant() == "avx512")
 
 
 def attention_step():
