@@ -9,7 +9,10 @@ matrix-vector product: the step is bound by memory bandwidth plus per-op overhea
   does not apply, prepacked for oneDNN on CPU (its bf16 matrix-vector product runs ~1.7x
   faster than ``F.linear``'s; all accumulate in fp32), else ``F.linear``,
 - LayerScale folded into the output projections and the residual add fused into them,
-- no ``nn.Module`` calls.
+- no ``nn.Module`` calls; where the kernel is built, the attention of boolean-mask patterns
+  in one kernel call (:func:`minidalle.inference.gemv.attention_step`) and, where every
+  product of a block is the kernel's and there is no sandwich norm, the whole block
+  (:func:`minidalle.inference.gemv.block_step`).
 
 It shares the model's :class:`~minidalle.model.dalle.KVCache`, so the prompt goes through
 the module forward and the one-position steps through this class. Only standard blocks

@@ -27,6 +27,14 @@ read 1.5-3x faster than oneDNN's prepacked fp32 product, AVX2 against oneDNN cap
 so the kernel is kept for fp32 weights on both (``_FP32_VARIANTS``), and oneDNN serves only
 what the kernel does not (more than 8 rows, other shapes and dtypes).
 
+Beside the products, the same source holds the rest of a decoding step for
+:mod:`minidalle.inference.decode` (AVX2 + FMA, so every variant has them): ``attend_step``
+(write a position's key/value into the fp32 cache, softmax attention over the pattern's
+keys given as (start, stop, step) slices, a vectorised exp) and ``block_step`` (a whole
+pre-norm block: LayerNorm, the four products, that attention, GEGLU with a vectorised erf),
+one call a layer in place of about twenty Python-level ops (:func:`attention_step`,
+:func:`block_step`).
+
 The kernel is compiled with ``torch.utils.cpp_extension`` (~20-35 s, needs g++ and ninja)
 and cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``); later processes only load it. :func:`pack` returns None,
