@@ -69,7 +69,7 @@ def _variant(name):
 
 
 @pytest.mark.parametrize("variant", ["avx512", "avx2"])
-@pytest.mark.parametrize("n,k", [(3072, 512), (4096, 512), (512, 2048), (512, 512), (48, 30)])
+@pytest.mark.parametrize("n,k", [(3072, 512), (4096, 512), (512, 2048), (512, 512), (48, 30), (80, 24)])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("bias,residual", [(False, False), (True, False), (True, True), (False, True)])
 def test_kernel_equals_linear_in_fp32(variant, n, k, rows, bias, residual):
@@ -94,7 +94,7 @@ def test_kernel_equals_linear_in_fp32(variant, n, k, rows, bias, residual):
 
 
 @pytest.mark.parametrize("variant", ["avx512", "avx2"])
-@pytest.mark.parametrize("n,k", [(3072, 512), (512, 2048), (48, 30), (16, 1)])
+@pytest.mark.parametrize("n,k", [(3072, 512), (512, 2048), (48, 30), (16, 1), (80, 24)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 def test_bf16_stored_weights_fp32_arithmetic(variant, n, k, rows):
     """bf16 copies of the weights, x, bias, residual and y in fp32: F.linear on the rounded

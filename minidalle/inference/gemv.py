@@ -12,7 +12,9 @@ at run time from :mod:`minidalle.hardware` (:func:`variant`):
   step). On AMD Zen 4 oneDNN's bf16 product reads ~13-16 GB/s with 1-8 rows, this 25-30 GB/s
   for one row (a plain ``W.sum()`` streams ~26 GB/s on one core).
 - **fp32 arithmetic** on weights packed ``[N/16, K, 16]`` (one k-value of 16 output rows per
-  64 bytes in fp32, 32 in bf16) times a broadcast input, fp32 FMA: AVX512F (16 outputs a
+  64 bytes in fp32, 32 in bf16; the blocks of 16 rows interleaved in groups of 4, k-major, so
+  that the products of a group read one stream: :func:`pack_rows`) times a broadcast input,
+  fp32 FMA: AVX512F (16 outputs a
   vector) or AVX2 + FMA (8 outputs a vector, a 16-row block being two). The weights are fp32,
   or **bf16-stored** (:func:`pack` with ``store="bf16"``, or bf16 weights on a CPU without
   native bf16): widened by a 16-bit shift as they are loaded, so a step reads half the bytes
@@ -121,7 +123,23 @@ static void run(const uint32_t* x, int64_t K2, const uint16_t* wp, int64_t NB,
   });
 }
 
-// fp32 arithmetic on fp32 or bf16-stored weights, packed [N/16, K, 16]: one k-value of 16
+// The fp32-arithmetic kernels' packed weights are group-interleaved: blocks of 16 output
+// rows in groups of GROUP (the last may be smaller), each group stored k-major
+// ([K, group size, 16]), so the products of one group read one contiguous stream: with
+// K = 512 four 16-KB streams at once read up to 14% slower from DRAM on Zen 4 (RESULTS,
+// session 9). The native bf16 kernel keeps one block after another: grouped, it read 3-9%
+// slower.
+constexpr int64_t GROUP = 4;
+
+// Calls f(group's first block, its size, its weights' offset) for each group, in parallel.
+template <typename F>
+static void by_groups(int64_t NB, int64_t K, int64_t per_k, F&& f) {
+  at::parallel_for(0, (NB + GROUP - 1) / GROUP, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) f(g * GROUP, std::min(GROUP, NB - g * GROUP), g * GROUP * K * per_k);
+  });
+}
+
+// fp32 arithmetic on fp32 or bf16-stored weights, packed [N/16, K, 16] in groups (GROUP): one k-value of 16
 // output rows per 64 (fp32) or 32 (bf16) bytes, times a broadcast x[k] (FMA). bf16 weights
 // are widened by a 16-bit shift. Bias and residual come in fp32 or bf16 (widened), y in fp32
 // or bf16 (rounded to nearest even, as PyTorch's conversion). Two variants: AVX-512 (16-wide)
@@ -180,19 +198,18 @@ constexpr int64_t CHUNK = 64;
 
 // AVX-512: y[m, n0:n0+16*RB] for RB blocks of 16 output rows starting at block nb0.
 template <typename W, int M, int RB>
-KERNEL512 static void blocks512(const float* x, int64_t K, const W* wp, int64_t nb0,
-                                const Epilogue& e) {
+KERNEL512 static void blocks512(const float* x, int64_t K, const W* w, int64_t stride,
+                                int64_t nb0, const Epilogue& e) {
   __m512 acc[M][RB];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
-  const W* w = wp + nb0 * K * 16;
   for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
     __m512 part[M][RB];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < RB; ++r) part[m][r] = _mm512_setzero_ps();
     for (int64_t k = k0; k < std::min(K, k0 + CHUNK); ++k) {
       __m512 wv[RB];
-      for (int r = 0; r < RB; ++r) wv[r] = load512(w + (r * K + k) * 16);
+      for (int r = 0; r < RB; ++r) wv[r] = load512(w + k * stride + r * 16);
       for (int m = 0; m < M; ++m) {
         __m512 xv = _mm512_set1_ps(x[m * K + k]);
         for (int r = 0; r < RB; ++r) part[m][r] = _mm512_fmadd_ps(xv, wv[r], part[m][r]);
@@ -214,22 +231,25 @@ KERNEL512 static void blocks512(const float* x, int64_t K, const W* wp, int64_t 
 
 template <typename W, int M>
 static void run512(const float* x, int64_t K, const W* wp, int64_t NB, const Epilogue& e) {
-  constexpr int RB = M <= 2 ? 4 : 3;  // as run<M>
-  at::parallel_for(0, (NB + RB - 1) / RB, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      if ((g + 1) * RB <= NB) blocks512<W, M, RB>(x, K, wp, g * RB, e);
-      else for (int64_t b = g * RB; b < NB; ++b) blocks512<W, M, 1>(x, K, wp, b, e);
-    }
+  constexpr int RB = M <= 4 ? 4 : 2;  // as run<M>
+  by_groups(NB, K, 16, [&](int64_t b0, int64_t size, int64_t offset) {
+    const W* w = wp + offset;
+    int64_t stride = size * 16;
+    if (size == GROUP)
+      for (int64_t r = 0; r < GROUP; r += RB) blocks512<W, M, RB>(x, K, w + r * 16, stride, b0 + r, e);
+    else
+      for (int64_t r = 0; r < size; ++r) blocks512<W, M, 1>(x, K, w + r * 16, stride, b0 + r, e);
   });
 }
 
 // AVX2: y[m, 8v:8v+8] for V vectors of 8 output rows from vector v0 (vector v: half v % 2
-// of block v / 2). 16 registers: M x V accumulators + V weights + one x stay below 16.
+// of block v / 2), whose k-th values lie at base + k * stride + 8j. 16 registers: M x V
+// accumulators + V weights + one x stay below 16.
 template <typename W, int M, int V>
-KERNEL256 static void vectors256(const float* x, int64_t K, const W* wp, int64_t v0,
-                                 const Epilogue& e) {
+KERNEL256 static void vectors256(const float* x, int64_t K, const W* base, int64_t stride,
+                                 int64_t v0, const Epilogue& e) {
   const W* w[V];
-  for (int j = 0; j < V; ++j) w[j] = wp + ((v0 + j) >> 1) * K * 16 + ((v0 + j) & 1) * 8;
+  for (int j = 0; j < V; ++j) w[j] = base + j * 8;
   __m256 acc[M][V];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < V; ++j) acc[m][j] = _mm256_setzero_ps();
@@ -239,7 +259,7 @@ KERNEL256 static void vectors256(const float* x, int64_t K, const W* wp, int64_t
       for (int j = 0; j < V; ++j) part[m][j] = _mm256_setzero_ps();
     for (int64_t k = k0; k < std::min(K, k0 + CHUNK); ++k) {
       __m256 wv[V];
-      for (int j = 0; j < V; ++j) wv[j] = load256(w[j] + k * 16);
+      for (int j = 0; j < V; ++j) wv[j] = load256(w[j] + k * stride);
       for (int m = 0; m < M; ++m) {
         __m256 xv = _mm256_broadcast_ss(x + m * K + k);
         for (int j = 0; j < V; ++j) part[m][j] = _mm256_fmadd_ps(xv, wv[j], part[m][j]);
@@ -262,11 +282,12 @@ KERNEL256 static void vectors256(const float* x, int64_t K, const W* wp, int64_t
 template <typename W, int M>
 static void run256(const float* x, int64_t K, const W* wp, int64_t NB, const Epilogue& e) {
   constexpr int V = M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1;
-  int64_t NV = 2 * NB;
-  at::parallel_for(0, (NV + V - 1) / V, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      if ((g + 1) * V <= NV) vectors256<W, M, V>(x, K, wp, g * V, e);
-      else for (int64_t v = g * V; v < NV; ++v) vectors256<W, M, 1>(x, K, wp, v, e);
+  by_groups(NB, K, 16, [&](int64_t b0, int64_t size, int64_t offset) {
+    const W* w = wp + offset;
+    int64_t stride = size * 16, nv = 2 * size;
+    for (int64_t j = 0; j < nv; j += V) {
+      if (j + V <= nv) vectors256<W, M, V>(x, K, w + j * 8, stride, 2 * b0 + j, e);
+      else for (int64_t v = j; v < nv; ++v) vectors256<W, M, 1>(x, K, w + v * 8, stride, 2 * b0 + v, e);
     }
   });
 }
@@ -796,24 +817,36 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
     return pack_rows(w) if _fp32_stored() else None
 
 
+GROUP = 4  # blocks of 16 rows interleaved k-major in pack_rows' layout (the kernel's GROUP)
+
+
 def pack_rows(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N/16, K, 16] (the fp32-arithmetic layout, fp32 or bf16), for any CPU."""
+    """[N, K] -> the fp32-arithmetic layout (fp32 or bf16), for any CPU: blocks of 16 rows
+    in groups of :data:`GROUP`, each group ``[K, group, 16]`` (one contiguous stream for the
+    kernel); shaped ``[N/16, K, 16]`` (a block's values are not contiguous in it)."""
     n, k = w.shape
-    return w.view(n // 16, 16, k).transpose(1, 2).contiguous()
+    parts = [g.permute(2, 0, 1).reshape(-1) for g in w.view(n // 16, 16, k).split(GROUP)]
+    return torch.cat(parts).view(n // 16, k, 16)
 
 
 def pack_pairs(w: torch.Tensor) -> torch.Tensor:
-    """bf16 [N, K] -> [N/16, K/2, 16, 2] (the native bf16 layout: k-pairs of 16 rows)."""
+    """bf16 [N, K] -> [N/16, K/2, 16, 2] (the native bf16 layout: k-pairs of 16 rows, one
+    block after another)."""
     n, k = w.shape
     return w.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """The weight that :func:`pack` packed (exactly; in the stored dtype)."""
-    if packed.dim() == 3:  # [N/16, K, 16]
-        return packed.permute(0, 2, 1).reshape(packed.shape[0] * 16, packed.shape[1])
-    n16, k2 = packed.shape[:2]
-    return packed.permute(0, 2, 1, 3).reshape(n16 * 16, k2 * 2)
+    nb, k = packed.shape[:2]
+    if packed.dim() == 4:  # [N/16, K/2, 16, 2]
+        return packed.permute(0, 2, 1, 3).reshape(nb * 16, k * 2)
+    flat, out, start = packed.reshape(-1), [], 0
+    for b0 in range(0, nb, GROUP):  # groups [K, size, 16], k-major
+        size = min(GROUP, nb - b0)
+        out.append(flat[start : start + size * k * 16].view(k, size, 16).permute(1, 2, 0))
+        start += size * k * 16
+    return torch.cat(out).reshape(nb * 16, k)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
