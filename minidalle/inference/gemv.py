@@ -229,16 +229,36 @@ KERNEL512 static void blocks512(const float* x, int64_t K, const W* w, int64_t s
   }
 }
 
+// The epilogue of rows m0.. (for the second half of more than 4 rows).
+static Epilogue rows_from(const Epilogue& e, int64_t m0) {
+  Epilogue s = e;
+  if (s.res) s.res = (const char*)s.res + m0 * s.N * (s.res16 ? 2 : 4);
+  s.y = (char*)s.y + m0 * s.N * (s.y16 ? 2 : 4);
+  return s;
+}
+
+// More than 4 rows: rows 0-3 then the rest, group by group (the second pass reads the
+// group's weights from L2), as the kernels keep at most 4 rows x 4 blocks of sums.
+template <int M, typename G>
+static void in_row_halves(const float* x, int64_t K, const Epilogue& e, G&& group) {
+  if constexpr (M <= 4) {
+    group(std::integral_constant<int, M>{}, x, e);
+  } else {
+    group(std::integral_constant<int, 4>{}, x, e);
+    group(std::integral_constant<int, M - 4>{}, x + 4 * K, rows_from(e, 4));
+  }
+}
+
 template <typename W, int M>
 static void run512(const float* x, int64_t K, const W* wp, int64_t NB, const Epilogue& e) {
-  constexpr int RB = M <= 4 ? 4 : 2;  // as run<M>
   by_groups(NB, K, 16, [&](int64_t b0, int64_t size, int64_t offset) {
     const W* w = wp + offset;
     int64_t stride = size * 16;
-    if (size == GROUP)
-      for (int64_t r = 0; r < GROUP; r += RB) blocks512<W, M, RB>(x, K, w + r * 16, stride, b0 + r, e);
-    else
-      for (int64_t r = 0; r < size; ++r) blocks512<W, M, 1>(x, K, w + r * 16, stride, b0 + r, e);
+    in_row_halves<M>(x, K, e, [&](auto m, const float* xm, const Epilogue& em) {
+      constexpr int R = decltype(m)::value;
+      if (size == GROUP) blocks512<W, R, GROUP>(xm, K, w, stride, b0, em);
+      else for (int64_t r = 0; r < size; ++r) blocks512<W, R, 1>(xm, K, w + r * 16, stride, b0 + r, em);
+    });
   });
 }
 
@@ -281,14 +301,17 @@ KERNEL256 static void vectors256(const float* x, int64_t K, const W* base, int64
 
 template <typename W, int M>
 static void run256(const float* x, int64_t K, const W* wp, int64_t NB, const Epilogue& e) {
-  constexpr int V = M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1;
   by_groups(NB, K, 16, [&](int64_t b0, int64_t size, int64_t offset) {
     const W* w = wp + offset;
     int64_t stride = size * 16, nv = 2 * size;
-    for (int64_t j = 0; j < nv; j += V) {
-      if (j + V <= nv) vectors256<W, M, V>(x, K, w + j * 8, stride, 2 * b0 + j, e);
-      else for (int64_t v = j; v < nv; ++v) vectors256<W, M, 1>(x, K, w + v * 8, stride, 2 * b0 + v, e);
-    }
+    in_row_halves<M>(x, K, e, [&](auto m, const float* xm, const Epilogue& em) {
+      constexpr int R = decltype(m)::value;
+      constexpr int V = R == 1 ? 8 : R == 2 ? 4 : 2;
+      for (int64_t j = 0; j < nv; j += V) {
+        if (j + V <= nv) vectors256<W, R, V>(xm, K, w + j * 8, stride, 2 * b0 + j, em);
+        else for (int64_t v = j; v < nv; ++v) vectors256<W, R, 1>(xm, K, w + v * 8, stride, 2 * b0 + v, em);
+      }
+    });
   });
 }
 
