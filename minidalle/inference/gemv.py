@@ -12,8 +12,9 @@ at run time from :mod:`minidalle.hardware` (:func:`variant`):
   step). On AMD Zen 4 oneDNN's bf16 product reads ~13-16 GB/s with 1-8 rows, this 25-30 GB/s
   for one row (a plain ``W.sum()`` streams ~26 GB/s on one core).
 - **fp32 arithmetic** on weights packed ``[N/16, K, 16]`` (one k-value of 16 output rows per
-  64 bytes in fp32, 32 in bf16; the blocks of 16 rows interleaved in groups of 4, k-major, so
-  that the products of a group read one stream: :func:`pack_rows`) times a broadcast input,
+  64 bytes in fp32, 32 in bf16; for AVX-512 the blocks of 16 rows interleaved in groups of
+  4, k-major, so that the products of a group read one stream: :func:`pack_rows`) times a
+  broadcast input,
   fp32 FMA: AVX512F (16 outputs a
   vector) or AVX2 + FMA (8 outputs a vector, a 16-row block being two). The weights are fp32,
   or **bf16-stored** (:func:`pack` with ``store="bf16"``, or bf16 weights on a CPU without
@@ -123,12 +124,12 @@ static void run(const uint32_t* x, int64_t K2, const uint16_t* wp, int64_t NB,
   });
 }
 
-// The fp32-arithmetic kernels' packed weights are group-interleaved: blocks of 16 output
-// rows in groups of GROUP (the last may be smaller), each group stored k-major
+// The AVX-512 fp32-arithmetic kernel's packed weights are group-interleaved: blocks of 16
+// output rows in groups of GROUP (the last may be smaller), each group stored k-major
 // ([K, group size, 16]), so the products of one group read one contiguous stream: with
-// K = 512 four 16-KB streams at once read up to 14% slower from DRAM on Zen 4 (RESULTS,
-// session 9). The native bf16 kernel keeps one block after another: grouped, it read 3-9%
-// slower.
+// K = 512 four 16-KB streams at once read 10-15% slower from DRAM on Zen 4 (RESULTS,
+// session 9). The AVX2 kernel (which takes 1-4 blocks at a time, depending on the rows)
+// and the native bf16 one keep one block after another: grouped, they read slower.
 constexpr int64_t GROUP = 4;
 
 // Calls f(group's first block, its size, its weights' offset) for each group, in parallel.
@@ -263,13 +264,12 @@ static void run512(const float* x, int64_t K, const W* wp, int64_t NB, const Epi
 }
 
 // AVX2: y[m, 8v:8v+8] for V vectors of 8 output rows from vector v0 (vector v: half v % 2
-// of block v / 2), whose k-th values lie at base + k * stride + 8j. 16 registers: M x V
-// accumulators + V weights + one x stay below 16.
+// of block v / 2). 16 registers: M x V accumulators + V weights + one x stay below 16.
 template <typename W, int M, int V>
-KERNEL256 static void vectors256(const float* x, int64_t K, const W* base, int64_t stride,
-                                 int64_t v0, const Epilogue& e) {
+KERNEL256 static void vectors256(const float* x, int64_t K, const W* wp, int64_t v0,
+                                 const Epilogue& e) {
   const W* w[V];
-  for (int j = 0; j < V; ++j) w[j] = base + j * 8;
+  for (int j = 0; j < V; ++j) w[j] = wp + ((v0 + j) >> 1) * K * 16 + ((v0 + j) & 1) * 8;
   __m256 acc[M][V];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < V; ++j) acc[m][j] = _mm256_setzero_ps();
@@ -279,7 +279,7 @@ KERNEL256 static void vectors256(const float* x, int64_t K, const W* base, int64
       for (int j = 0; j < V; ++j) part[m][j] = _mm256_setzero_ps();
     for (int64_t k = k0; k < std::min(K, k0 + CHUNK); ++k) {
       __m256 wv[V];
-      for (int j = 0; j < V; ++j) wv[j] = load256(w[j] + k * stride);
+      for (int j = 0; j < V; ++j) wv[j] = load256(w[j] + k * 16);
       for (int m = 0; m < M; ++m) {
         __m256 xv = _mm256_broadcast_ss(x + m * K + k);
         for (int j = 0; j < V; ++j) part[m][j] = _mm256_fmadd_ps(xv, wv[j], part[m][j]);
@@ -301,17 +301,13 @@ KERNEL256 static void vectors256(const float* x, int64_t K, const W* base, int64
 
 template <typename W, int M>
 static void run256(const float* x, int64_t K, const W* wp, int64_t NB, const Epilogue& e) {
-  by_groups(NB, K, 16, [&](int64_t b0, int64_t size, int64_t offset) {
-    const W* w = wp + offset;
-    int64_t stride = size * 16, nv = 2 * size;
-    in_row_halves<M>(x, K, e, [&](auto m, const float* xm, const Epilogue& em) {
-      constexpr int R = decltype(m)::value;
-      constexpr int V = R == 1 ? 8 : R == 2 ? 4 : 2;
-      for (int64_t j = 0; j < nv; j += V) {
-        if (j + V <= nv) vectors256<W, R, V>(xm, K, w + j * 8, stride, 2 * b0 + j, em);
-        else for (int64_t v = j; v < nv; ++v) vectors256<W, R, 1>(xm, K, w + v * 8, stride, 2 * b0 + v, em);
-      }
-    });
+  constexpr int V = M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1;
+  int64_t NV = 2 * NB;
+  at::parallel_for(0, (NV + V - 1) / V, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      if ((g + 1) * V <= NV) vectors256<W, M, V>(x, K, wp, g * V, e);
+      else for (int64_t v = g * V; v < NV; ++v) vectors256<W, M, 1>(x, K, wp, v, e);
+    }
   });
 }
 
@@ -840,15 +836,21 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
     return pack_rows(w) if _fp32_stored() else None
 
 
-GROUP = 4  # blocks of 16 rows interleaved k-major in pack_rows' layout (the kernel's GROUP)
+# Blocks of 16 rows interleaved k-major in pack_rows' layout, per kernel variant (the AVX-512
+# kernel's GROUP; 1: one block after another)
+GROUPS = {"avx512": 4, "avx2": 1}
 
 
-def pack_rows(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> the fp32-arithmetic layout (fp32 or bf16), for any CPU: blocks of 16 rows
-    in groups of :data:`GROUP`, each group ``[K, group, 16]`` (one contiguous stream for the
-    kernel); shaped ``[N/16, K, 16]`` (a block's values are not contiguous in it)."""
+def _group(group: int | None) -> int:
+    return group or GROUPS.get(variant() or "avx2", 1)
+
+
+def pack_rows(w: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """[N, K] -> the fp32-arithmetic layout (fp32 or bf16): blocks of 16 rows in groups of
+    ``group`` (default: this CPU's variant's, :data:`GROUPS`), each group ``[K, group, 16]``
+    (one contiguous stream for the kernel); shaped ``[N/16, K, 16]``."""
     n, k = w.shape
-    parts = [g.permute(2, 0, 1).reshape(-1) for g in w.view(n // 16, 16, k).split(GROUP)]
+    parts = [g.permute(2, 0, 1).reshape(-1) for g in w.view(n // 16, 16, k).split(_group(group))]
     return torch.cat(parts).view(n // 16, k, 16)
 
 
@@ -859,14 +861,15 @@ def pack_pairs(w: torch.Tensor) -> torch.Tensor:
     return w.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """The weight that :func:`pack` packed (exactly; in the stored dtype)."""
+def unpack(packed: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """The weight that :func:`pack` packed (exactly; in the stored dtype); ``group`` as for
+    :func:`pack_rows`."""
     nb, k = packed.shape[:2]
     if packed.dim() == 4:  # [N/16, K/2, 16, 2]
         return packed.permute(0, 2, 1, 3).reshape(nb * 16, k * 2)
-    flat, out, start = packed.reshape(-1), [], 0
-    for b0 in range(0, nb, GROUP):  # groups [K, size, 16], k-major
-        size = min(GROUP, nb - b0)
+    flat, out, start, group = packed.reshape(-1), [], 0, _group(group)
+    for b0 in range(0, nb, group):  # groups [K, size, 16], k-major
+        size = min(group, nb - b0)
         out.append(flat[start : start + size * k * 16].view(k, size, 16).permute(1, 2, 0))
         start += size * k * 16
     return torch.cat(out).reshape(nb * 16, k)
