@@ -44,14 +44,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "bf16-weights")
 _STEP_DTYPES = (torch.float32, torch.bfloat16)  # what the kernel's attention step takes
 
 
-def _attend_step(qkv, k_cache, v_cache, offset: int, slices: list) -> torch.Tensor:
-    return gemv.attention_step()(qkv, k_cache, v_cache, offset, slices)
-
-
-def _block_step(*args) -> torch.Tensor:
-    return gemv.block_step()(*args)
-
-
 def generation_precision(requested: str, log=None) -> str:
     """The precision sampling runs in: ``requested`` (one of :data:`PRECISIONS`) with
     ``"auto"`` made concrete, the choice and its reason printed once (stderr or ``log``).
@@ -162,12 +154,12 @@ class _LayerWeights:
         self.linears = (self.qkv, self.out, self.ff_in, self.ff_out)
         # The kernel's whole-block step where every product is the kernel's and the scales
         # are folded (no sandwich norm): its arguments before and after the cache part
-        self.block = None
+        self.attend_step, self.block, block_step = gemv.attention_step(), None, gemv.block_step()
         norms = (self.norm_attn, self.norm_ff)
-        if (gemv.block_step() is not None and all(lin.packed is not None for lin in self.linears)
+        if (block_step is not None and all(lin.packed is not None for lin in self.linears)
                 and self.qkv.bias is None and self.post_attn is None and self.post_ff is None
                 and all(n is not None and n[0] is not None and n[1] is not None for n in norms)):
-            self.block = ((*self.norm_attn, self.qkv.packed),
+            self.block = (block_step, (*self.norm_attn, self.qkv.packed),
                           (self.out.packed, self.out.bias, *self.norm_ff, self.ff_in.packed,
                            self.ff_in.bias, self.ff_out.packed, self.ff_out.bias))
 
@@ -181,11 +173,11 @@ class _LayerWeights:
         fused = (step_slices is not None and keys is not None and keys.dtype == torch.float32
                  and keys.shape[0] == b and offset < keys.shape[2])
         if fused and self.block is not None and x.dtype == self.qkv.dtype and b <= gemv.MAX_ROWS:
-            before, after = self.block
-            return _block_step(x, *before, keys, cache["v"], offset, step_slices, *after)
+            block_step, before, after = self.block
+            return block_step(x, *before, keys, cache["v"], offset, step_slices, *after)
         qkv = self.qkv(_layer_norm(x, self.norm_attn))
-        if fused and qkv.dtype in _STEP_DTYPES:
-            a = _attend_step(qkv, keys, cache["v"], offset, step_slices)
+        if fused and self.attend_step is not None and qkv.dtype in _STEP_DTYPES:
+            a = self.attend_step(qkv, keys, cache["v"], offset, step_slices)
         else:
             if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
                 qkv = qkv.float()  # as QKVAttention.forward: fp32 attention and cache on CPU
