@@ -3,8 +3,8 @@
     python benchmarks/decode_floor.py [CONFIG] [--precision fp32|bf16|bf16w] [--threads 2] [--turns 4]
 
 In turn, ``--turns`` times (best of each; the machine's read rate drifts): the read
-bandwidth (``sum()`` over 512 MB), the step's products alone (every matrix once, the
-kernel or oneDNN as the decoder uses them), the lean step as sampling runs it (with the
+bandwidth (``sum()`` over 512 MB, ordinary and huge pages), the step's products alone (every matrix once, the
+kernel or oneDNN as the decoder uses them, from the decoder's buffer), the lean step as sampling runs it (with the
 gemv kernel's fused attention and block steps where they apply) and the same step in
 Python ops (the fused steps off). Prints each in ms and as a multiple of the floor (weight
 bytes per step / bandwidth).
@@ -17,6 +17,7 @@ import time
 import torch
 
 from minidalle.api import load_config
+from minidalle.bench.generate import read_bandwidth
 from minidalle.bench.settings import bench_geometry
 from minidalle.inference import decode
 from minidalle.inference.sampling import _Decoder
@@ -44,7 +45,6 @@ def main() -> None:
     linears = [lin for layer in weights.layers for lin in layer.linears] + [weights.image_head]
     inputs = [torch.randn(1, lin.shape[1], dtype=dtype) for lin in linears]
     text = torch.randint(1, geo["text_vocab"], (1, cfg.model.text_seq_len))
-    big = torch.ones(512 * 2**20 // 4)
 
     def products(n=64):
         start = time.perf_counter()
@@ -66,15 +66,11 @@ def main() -> None:
                 h = d.feed(token)
             return (time.perf_counter() - start) / n
 
-    def bandwidth():
-        start = time.perf_counter()
-        big.sum()
-        return big.numel() * 4 / (time.perf_counter() - start)
 
     products(10), steps(True, 20), steps(False, 20)  # warm-up: packing, the kernel's build
     rates, prod, fused, plain = [], [], [], []
     for _ in range(args.turns):
-        rates.append(max(bandwidth() for _ in range(3)))
+        rates.append(read_bandwidth(repeats=3) * 1e9)
         prod.append(products())
         fused.append(steps(True))
         plain.append(steps(False))

@@ -114,9 +114,39 @@ def test_env_command_reports_the_probe(forced):
     found = json.loads(proc.stdout)
     assert found["level"] in hardware.LEVELS and found["forced"] == forced
     assert found["precision_auto"] in ("fp32", "bf16")
+    assert found["huge_pages"] in ("always", "madvise", "never", "unavailable")
     assert set(found["onednn"]) == {f"{op}/{dt}" for op in ("linear", "reorder", "linear_add")
                                     for dt in ("float32", "bfloat16")}
     if forced:
         assert hardware.LEVELS.index(found["level"]) <= hardware.LEVELS.index(forced)
         assert found["precision_auto"] == "fp32" and not found["bf16_native"]
         assert found["gemv_kernel"].startswith(("not used", "off"))  or "avx2" in found["gemv_kernel"]
+
+
+def test_huge_page_buffer_is_aligned_where_granted_and_ordinary_elsewhere(monkeypatch):
+    import torch
+
+    from minidalle.inference import gemv
+
+    mode = hardware.huge_pages()
+    assert mode in ("always", "madvise", "never", "unavailable")
+    buf = hardware.huge_page_buffer(3 * hardware.HUGE_PAGE + 100)
+    assert buf.dtype == torch.uint8 and buf.numel() == 3 * hardware.HUGE_PAGE + 100
+    if mode in ("always", "madvise"):
+        assert buf.data_ptr() % hardware.HUGE_PAGE == 0
+    buf.fill_(7)
+    assert int(buf[-1]) == 7
+    # where the OS has no huge pages: an ordinary tensor
+    hardware.huge_pages.cache_clear()
+    monkeypatch.setattr(hardware, "_THP_MODE", "/nonexistent/thp")
+    try:
+        assert hardware.huge_pages() == "unavailable"
+        assert hardware.huge_page_buffer(1000).numel() == 1000
+    finally:
+        hardware.huge_pages.cache_clear()
+    # the decoder's buffer: copies end to end, in order, each start 64-byte aligned
+    parts = [torch.randn(5, 3), torch.randn(16, 8).bfloat16(), torch.arange(7)]
+    moved = gemv.one_buffer(parts)
+    assert [m.dtype for m in moved] == [p.dtype for p in parts]
+    assert all(torch.equal(m, p) and m.data_ptr() % 64 == 0 for m, p in zip(moved, parts))
+    assert moved[0].data_ptr() < moved[1].data_ptr() < moved[2].data_ptr()

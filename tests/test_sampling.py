@@ -9,6 +9,7 @@ from minidalle.model.attention_api import AttentionModule
 from minidalle.inference.sampling import (
     generate_image_codes,
     generate_text_ids,
+    draw_categorical,
     sample_logits,
     top_k_filter,
     top_p_filter,
@@ -86,6 +87,20 @@ def test_top_k_and_top_p():
     assert out == {0, 1}
     # a near-zero temperature is greedy
     assert sample_logits(logits.repeat(5, 1), temperature=1e-4, generator=g).tolist() == [0] * 5
+
+
+def test_draw_categorical_follows_the_probabilities():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
+    ids = draw_categorical(probs, g)
+    counts = torch.bincount(ids, minlength=6).double() / len(ids)
+    assert counts[[0, 2, 5]].sum() == 0  # zero probability: never drawn
+    assert torch.allclose(counts, probs[0].double(), atol=0.015)
+    # one id with all the mass, at either end, and rows that sum to slightly more or less than 1
+    edge = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0], [0, 0.5, 0.5 + 1e-6, 0], [0.3, 0.3, 0.3, 0]])
+    for _ in range(50):
+        out = draw_categorical(edge, g).tolist()
+        assert out[0] == 0 and out[1] == 3 and out[2] in (1, 2) and out[3] in (0, 1, 2)
 
 
 def test_generate_text_ids_cached_equals_uncached():

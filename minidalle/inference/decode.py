@@ -152,10 +152,14 @@ class _LayerWeights:
         self.ff_in = _Linear(ff.proj_in.weight, ff.proj_in.bias, store)
         self.ff_out = _scaled_linear(ff.proj_out, None if self.post_ff else block.scale_ff, store)
         self.linears = (self.qkv, self.out, self.ff_in, self.ff_out)
-        # The kernel's whole-block step where every product is the kernel's and the scales
-        # are folded (no sandwich norm): its arguments before and after the cache part
-        self.attend_step, self.block, block_step = gemv.attention_step(), None, gemv.block_step()
-        norms = (self.norm_attn, self.norm_ff)
+        self.attend_step, self.block = gemv.attention_step(), None
+        self.bind_block()
+
+    def bind_block(self) -> None:
+        """The kernel's whole-block step where every product is the kernel's and the scales
+        are folded (no sandwich norm): its arguments before and after the cache part (called
+        again when the packed weights move)."""
+        block_step, norms = gemv.block_step(), (self.norm_attn, self.norm_ff)
         if (block_step is not None and all(lin.packed is not None for lin in self.linears)
                 and self.qkv.bias is None and self.post_attn is None and self.post_ff is None
                 and all(n is not None and n[0] is not None and n[1] is not None for n in norms)):
@@ -203,11 +207,20 @@ class _Weights:
         b = model.to_logits.bias
         self.image_head = _Linear(model.to_logits.weight[n:].contiguous(),
                                   None if b is None else b[n:].contiguous(), store)
+        # The kernel's packed matrices end to end in step order, on huge pages where granted
+        kernel_linears = [lin for lin in self.linears() if lin.packed is not None]
+        for lin, moved in zip(kernel_linears, gemv.one_buffer([lin.packed for lin in kernel_linears])):
+            lin.packed = moved
+        for layer in self.layers:
+            layer.bind_block()
+
+    def linears(self) -> list[_Linear]:
+        """Every product of a step, in the order the step runs them."""
+        return [lin for layer in self.layers for lin in layer.linears] + [self.image_head]
 
     def bytes_read(self) -> int:
         """Weight bytes one decoding step reads (every matrix once)."""
-        return self.image_head.bytes_read + sum(
-            lin.bytes_read for layer in self.layers for lin in layer.linears)
+        return sum(lin.bytes_read for lin in self.linears())
 
 
 # (model, store) -> (its parameter tensors then, their versions then, weights). Holding the tensors

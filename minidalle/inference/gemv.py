@@ -854,6 +854,21 @@ def pack_rows(w: torch.Tensor, group: int | None = None) -> torch.Tensor:
     return torch.cat(parts).view(n // 16, k, 16)
 
 
+def one_buffer(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` laid end to end, in order, in one buffer on 2 MB pages where the
+    OS grants them (:func:`minidalle.hardware.huge_page_buffer`), each start 64-byte aligned:
+    the packed matrices of a decoding step in the order the step reads them, so the step
+    streams one region instead of scattered 4 KB pages."""
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]
+    buffer = hardware.huge_page_buffer(sum(sizes))
+    out, start = [], 0
+    for t, size in zip(tensors, sizes):
+        view = buffer[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        out.append(view.copy_(t))
+        start += size
+    return out
+
+
 def pack_pairs(w: torch.Tensor) -> torch.Tensor:
     """bf16 [N, K] -> [N/16, K/2, 16, 2] (the native bf16 layout: k-pairs of 16 rows, one
     block after another)."""
