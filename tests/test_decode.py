@@ -272,3 +272,59 @@ def test_kernel_geglu_matches_pytorch(dtype):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     else:  # one rounding against PyTorch's two: within a bf16 step
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-weights"])
+def test_stack_step_equals_the_per_layer_step(precision, rows):
+    """The kernel's whole-stack step (one parallel region a position) gives the per-layer
+    step's hidden states and logits, for 1-8 rows, in each precision and on every CPU path
+    (under MINIDALLE_CPU=avx2 a bf16 model takes the fp32-arithmetic products, its
+    activations widened)."""
+    _fused_or_skip()
+    m = tiny(["axial_row", "full", "axial_col"])
+    if precision == "bf16":
+        m = m.to(torch.bfloat16)
+    store = "bf16" if precision == "bf16-weights" else None
+    seq = SEQ.repeat(3, 1)[:rows]
+
+    def run(use_stack):
+        cache, decoder, out = m.new_cache(), LeanDecoder(m, store), []
+        assert decoder.weights.stack is not None
+        stack = decoder.weights.stack
+        if not use_stack:
+            decoder.weights.stack = None
+        try:
+            with torch.no_grad():
+                m.hidden(seq[:, :3], cache=cache)
+                for i in range(3, seq.shape[1]):
+                    h = decoder.hidden(seq[:, i : i + 1], cache)
+                    out.append((h.float(), decoder.image_logits(h).float()))
+        finally:
+            decoder.weights.stack = stack
+        return out
+
+    tol = 2e-2 if precision == "bf16" else 1e-5
+    for (h1, l1), (h2, l2) in zip(run(False), run(True)):
+        torch.testing.assert_close(h2, h1, atol=tol, rtol=tol)
+        torch.testing.assert_close(l2, l1, atol=tol, rtol=tol)
+
+
+def test_stack_step_checks_its_inputs():
+    _fused_or_skip()
+    m = tiny(["full", "axial_row"])
+    stack = LeanDecoder(m).weights.stack
+    cache = m.new_cache()
+    with torch.no_grad():
+        m.hidden(SEQ[:, :3], cache=cache)
+    ks, vs = [c["k"] for c in cache.layers], [c["v"] for c in cache.layers]
+    x = torch.randn(2, 32)
+    assert stack.step(x, ks, vs, 3).shape == (2, 32)
+    with pytest.raises(RuntimeError, match="one key and one value cache a layer"):
+        stack.step(x, ks[:1], vs, 3)
+    with pytest.raises(RuntimeError, match="bad input"):
+        stack.step(torch.randn(2, 31), ks, vs, 3)
+    with pytest.raises(RuntimeError, match="bad cache or position"):
+        stack.step(x, ks, vs, ks[0].shape[2])
+    with pytest.raises(RuntimeError, match="bad input"):
+        stack.step(x.bfloat16(), ks, vs, 3)

@@ -152,20 +152,19 @@ class _LayerWeights:
         self.ff_in = _Linear(ff.proj_in.weight, ff.proj_in.bias, store)
         self.ff_out = _scaled_linear(ff.proj_out, None if self.post_ff else block.scale_ff, store)
         self.linears = (self.qkv, self.out, self.ff_in, self.ff_out)
-        self.attend_step, self.block = gemv.attention_step(), None
-        self.bind_block()
+        self.attend_step = gemv.attention_step()
 
-    def bind_block(self) -> None:
-        """The kernel's whole-block step where every product is the kernel's and the scales
-        are folded (no sandwich norm): its arguments before and after the cache part (called
-        again when the packed weights move)."""
-        block_step, norms = gemv.block_step(), (self.norm_attn, self.norm_ff)
-        if (block_step is not None and all(lin.packed is not None for lin in self.linears)
-                and self.qkv.bias is None and self.post_attn is None and self.post_ff is None
-                and all(n is not None and n[0] is not None and n[1] is not None for n in norms)):
-            self.block = (block_step, (*self.norm_attn, self.qkv.packed),
-                          (self.out.packed, self.out.bias, *self.norm_ff, self.ff_in.packed,
-                           self.ff_in.bias, self.ff_out.packed, self.ff_out.bias))
+    def stackable(self) -> bool:
+        """Whether the kernel's stack step can run this block: every product is the kernel's,
+        no q/k/v bias, LayerScale folded (no sandwich norm), both norms with weight and bias."""
+        norms = (self.norm_attn, self.norm_ff)
+        return (all(lin.packed is not None for lin in self.linears) and self.qkv.bias is None
+                and self.post_attn is None and self.post_ff is None
+                and all(n is not None and n[0] is not None and n[1] is not None for n in norms))
+
+    def add_to(self, stack, slices: list) -> None:
+        stack.add(*self.norm_attn, self.qkv.packed, self.out.packed, self.out.bias, *self.norm_ff,
+                  self.ff_in.packed, self.ff_in.bias, self.ff_out.packed, self.ff_out.bias, slices)
 
     def step(self, x: torch.Tensor, attend, offset: int, cache: dict,
              step_slices: list | None = None) -> torch.Tensor:
@@ -176,9 +175,6 @@ class _LayerWeights:
         keys = cache.get("k")
         fused = (step_slices is not None and keys is not None and keys.dtype == torch.float32
                  and keys.shape[0] == b and offset < keys.shape[2])
-        if fused and self.block is not None and x.dtype == self.qkv.dtype and b <= gemv.MAX_ROWS:
-            block_step, before, after = self.block
-            return block_step(x, *before, keys, cache["v"], offset, step_slices, *after)
         qkv = self.qkv(_layer_norm(x, self.norm_attn))
         if fused and self.attend_step is not None and qkv.dtype in _STEP_DTYPES:
             a = self.attend_step(qkv, keys, cache["v"], offset, step_slices)
@@ -199,6 +195,15 @@ class _LayerWeights:
         return torch.addcmul(x, _layer_norm(linear(a), norm), scale)
 
 
+def _key_slices(attn) -> list | None:
+    """Per position, the flat (start, stop, step) key slices of ``attn``'s pattern, where the
+    kernel's attention step can take them (None: the layer's own ``attend``)."""
+    if (gemv.attention_step() is not None and isinstance(attn, PatternAttention)
+            and attn.steps_attend_key_slices()):
+        return attn.step_slices
+    return None
+
+
 class _Weights:
     def __init__(self, model, store: str | None):
         self.layers = [_LayerWeights(block, store) for block in model.transformer.layers]
@@ -211,8 +216,17 @@ class _Weights:
         kernel_linears = [lin for lin in self.linears() if lin.packed is not None]
         for lin, moved in zip(kernel_linears, gemv.one_buffer([lin.packed for lin in kernel_linears])):
             lin.packed = moved
-        for layer in self.layers:
-            layer.bind_block()
+        # The kernel's whole-stack step, where it runs every block and every layer's attention
+        # steps by key slices (see LeanDecoder)
+        self.stack = None
+        slices = [_key_slices(block.attn) for block in model.transformer.layers]
+        if (model.text_emb.weight.device.type == "cpu" and all(s is not None for s in slices)
+                and all(layer.stackable() for layer in self.layers)):
+            first = self.layers[0]
+            self.stack = gemv.new_stack(first.heads, first.dim_head)
+            for layer, layer_slices in zip(self.layers, slices):
+                if self.stack is not None:
+                    layer.add_to(self.stack, layer_slices)
 
     def linears(self) -> list[_Linear]:
         """Every product of a step, in the order the step runs them."""
@@ -259,11 +273,8 @@ class LeanDecoder:
         self.attends = [block.attn.attend for block in model.transformer.layers]
         # per layer, the key slices of each position for the kernel's fused attention step
         # (None: the layer's own attend); the step writes into the fp32 caches of CPU sampling
-        fused = gemv.attention_step() is not None and model.text_emb.weight.device.type == "cpu"
-        self.step_slices = [
-            block.attn.step_slices if fused and isinstance(block.attn, PatternAttention)
-            and block.attn.steps_attend_key_slices() else None
-            for block in model.transformer.layers]
+        on_cpu = model.text_emb.weight.device.type == "cpu"
+        self.step_slices = [_key_slices(block.attn) if on_cpu else None for block in model.transformer.layers]
         if weight_store not in (None, "fp32", "bf16"):
             raise ValueError(f"LeanDecoder: weight_store must be 'fp32' or 'bf16', not {weight_store!r}")
         self.weights = _weights(model, weight_store)
@@ -281,6 +292,14 @@ class LeanDecoder:
         """As ``model.hidden(tokens, cache=cache)`` for ``tokens`` ``[B, 1]``: ``[B, 1, dim]``."""
         offset = cache.offset
         x = self.model.embed(tokens, offset)[:, 0]
+        keys = cache.layers[0].get("k")
+        if (self.weights.stack is not None and keys is not None and keys.dtype == torch.float32
+                and keys.shape[0] == x.shape[0] <= gemv.MAX_ROWS and offset < keys.shape[2]
+                and all(s is not None for s in self.step_slices)):
+            x = self.weights.stack.step(x.contiguous(), [c["k"] for c in cache.layers],
+                                        [c["v"] for c in cache.layers], offset)
+            cache.offset += 1
+            return x[:, None]
         for layer, attend, layer_cache, slices in zip(self.weights.layers, self.attends, cache.layers,
                                                       self.step_slices):
             x = layer.step(x, attend, offset, layer_cache, None if slices is None else slices[offset])

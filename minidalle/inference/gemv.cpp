@@ -1,0 +1,834 @@
+// Matrix products for 1-8 rows that stream the weights at the memory rate, and the rest of a
+// cached decoding step, for minidalle/inference/gemv.py (which documents the layouts and
+// variants; each function names its own instruction set, chosen at run time).
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <algorithm>
+#include <functional>
+#include <optional>
+#include <type_traits>
+#include <cmath>
+#include <vector>
+#include <c10/util/BFloat16.h>
+
+// Packed weights hold blocks of 16 output rows in groups of GROUP blocks (the last group may
+// be smaller), each group stored k-major, so that the products of a group read one
+// contiguous stream: four 16-KB streams at once read 10-25% slower from DRAM on Zen 4 when
+// the machine reads fast (RESULTS, sessions 9 and 10). The AVX2 kernel (1-4 blocks at a
+// time, depending on the rows) keeps one block after another (GROUP 1 in gemv.py).
+constexpr int64_t GROUP = 4;
+
+struct Epilogue {
+  const void* bias; bool bias16;
+  const void* res; bool res16;
+  void* y; bool y16;
+  int64_t N;
+};
+
+#define KERNEL512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define KERNEL256 __attribute__((target("avx2,fma")))
+
+KERNEL512 static inline __m512 load512(const float* p) { return _mm512_loadu_ps(p); }
+KERNEL512 static inline __m512 load512(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+KERNEL512 static inline __m512 load512(const void* p, bool bf16, int64_t i) {
+  return bf16 ? load512((const uint16_t*)p + i) : load512((const float*)p + i);
+}
+KERNEL512 static inline void store512(void* p, bool bf16, int64_t i, __m512 v) {
+  if (!bf16) { _mm512_storeu_ps((float*)p + i, v); return; }
+  __m512i u = _mm512_castps_si512(v);  // round to nearest even; NaN -> 0x7fc0
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+  _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+
+KERNEL256 static inline __m256 load256(const float* p) { return _mm256_loadu_ps(p); }
+KERNEL256 static inline __m256 load256(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+KERNEL256 static inline __m256 load256(const void* p, bool bf16, int64_t i) {
+  return bf16 ? load256((const uint16_t*)p + i) : load256((const float*)p + i);
+}
+KERNEL256 static inline void store256(void* p, bool bf16, int64_t i, __m256 v) {
+  if (!bf16) { _mm256_storeu_ps((float*)p + i, v); return; }
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  u = _mm256_blendv_epi8(u, _mm256_set1_epi32(0x7fc00000),
+                         _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  u = _mm256_srli_epi32(u, 16);  // 8 values < 65536: packing does not saturate
+  _mm_storeu_si128((__m128i*)((uint16_t*)p + i),
+                   _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+}
+
+// Sums of CHUNK products at a time, then added up: a rounding error growing with CHUNK +
+// K / CHUNK rather than K (as close to F.linear as its own blocked sums; the totals are
+// touched once per chunk, so they may live in memory at no cost).
+constexpr int64_t CHUNK = 64;
+
+// AVX-512: y[m, n0:n0+16*RB] for RB blocks of 16 output rows starting at block nb0.
+template <typename W, int M, int RB>
+KERNEL512 static void blocks512(const float* x, int64_t K, const W* w, int64_t stride,
+                                int64_t nb0, const Epilogue& e) {
+  __m512 acc[M][RB];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
+    __m512 part[M][RB];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < RB; ++r) part[m][r] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < std::min(K, k0 + CHUNK); ++k) {
+      __m512 wv[RB];
+      for (int r = 0; r < RB; ++r) wv[r] = load512(w + k * stride + r * 16);
+      for (int m = 0; m < M; ++m) {
+        __m512 xv = _mm512_set1_ps(x[m * K + k]);
+        for (int r = 0; r < RB; ++r) part[m][r] = _mm512_fmadd_ps(xv, wv[r], part[m][r]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_add_ps(acc[m][r], part[m][r]);
+  }
+  for (int r = 0; r < RB; ++r) {
+    int64_t n0 = (nb0 + r) * 16;
+    __m512 b = e.bias ? load512(e.bias, e.bias16, n0) : _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      __m512 v = _mm512_add_ps(acc[m][r], b);
+      if (e.res) v = _mm512_add_ps(v, load512(e.res, e.res16, m * e.N + n0));
+      store512(e.y, e.y16, m * e.N + n0, v);
+    }
+  }
+}
+
+// The epilogue of rows m0.. (for the second half of more than 4 rows).
+static Epilogue rows_from(const Epilogue& e, int64_t m0) {
+  Epilogue s = e;
+  if (s.res) s.res = (const char*)s.res + m0 * s.N * (s.res16 ? 2 : 4);
+  s.y = (char*)s.y + m0 * s.N * (s.y16 ? 2 : 4);
+  return s;
+}
+
+
+// A product y = x W^T (+ bias) (+ residual) of at most 8 rows, split into units (groups of row
+// blocks, or of vectors for AVX2) that threads take in contiguous ranges: at::parallel_for
+// for one product, or a share of each product inside the decoding step's parallel region.
+struct Product {
+  int64_t units = 0;
+  std::function<void(int64_t, int64_t)> run;
+};
+
+// Thread t of n's units [first, second): the split at::parallel_for makes.
+static inline std::pair<int64_t, int64_t> share(int64_t units, int t, int n) {
+  int64_t chunk = (units + n - 1) / n;
+  return {std::min(units, t * chunk), std::min(units, (t + 1) * chunk)};
+}
+
+// Calls f(std::integral_constant<int, S>) for S = 1..4 (a group's blocks).
+template <typename F>
+static void by_size(int64_t size, F&& f) {
+  switch (size) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// Calls f(std::integral_constant<int, M>) for M = rows (1..8): one instantiation per row count.
+template <typename F>
+static void by_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// More than 4 rows: rows 0-3 then the rest, group by group (the second pass reads the group's
+// weights from L2), as the kernels keep at most 4 rows x 4 blocks of sums. `xstep`: x's
+// elements per row.
+template <int M, typename X, typename G>
+static void in_row_halves(const X* x, int64_t xstep, const Epilogue& e, G&& group) {
+  if constexpr (M <= 4) {
+    group(std::integral_constant<int, M>{}, x, e);
+  } else {
+    group(std::integral_constant<int, 4>{}, x, e);
+    group(std::integral_constant<int, M - 4>{}, x + 4 * xstep, rows_from(e, 4));
+  }
+}
+
+// ---- The native bf16 product (AVX512-BF16): groups [K/2, S, 16, 2], one 64-byte load holding
+// two k-values of 16 output rows; _mm512_dpbf16_ps multiplies them by a broadcast pair of
+// inputs and accumulates in fp32. x, bias, residual and y in bf16.
+#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+KERNEL static inline __m512 widen(const uint16_t* p) {  // 16 bf16 -> fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// y[m, rows of S blocks from block nb0] from the group's weights w.
+template <int M, int S>
+KERNEL static void group_bf16(const uint32_t* x, int64_t K2, const uint16_t* w, int64_t nb0,
+                              const Epilogue& e) {
+  __m512 acc[M][S];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < S; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    __m512i wv[S];
+    for (int r = 0; r < S; ++r) wv[r] = _mm512_loadu_si512(w + (k * S + r) * 32);
+    for (int m = 0; m < M; ++m) {
+      __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * K2 + k]);  // (x[2k], x[2k+1])
+      for (int r = 0; r < S; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, (__m512bh)wv[r]);
+    }
+  }
+  auto bias = (const uint16_t*)e.bias, res = (const uint16_t*)e.res;
+  for (int r = 0; r < S; ++r) {
+    int64_t n0 = (nb0 + r) * 16;
+    __m512 b = bias ? widen(bias + n0) : _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      __m512 v = _mm512_add_ps(acc[m][r], b);
+      if (res) v = _mm512_add_ps(v, widen(res + m * e.N + n0));
+      _mm256_storeu_si256((__m256i*)((uint16_t*)e.y + m * e.N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+static Product product_bf16(const uint32_t* x, int64_t M, int64_t K2, const uint16_t* wp, int64_t NB,
+                            Epilogue e) {
+  Product p;
+  p.units = (NB + GROUP - 1) / GROUP;
+  p.run = [=](int64_t g0, int64_t g1) {
+    by_rows(M, [&](auto m) {
+      for (int64_t g = g0; g < g1; ++g) {
+        int64_t b0 = g * GROUP;
+        const uint16_t* w = wp + b0 * K2 * 32;
+        by_size(std::min(GROUP, NB - b0), [&](auto s) {
+          in_row_halves<decltype(m)::value>(x, K2, e, [&](auto r, const uint32_t* xr, const Epilogue& er) {
+            group_bf16<decltype(r)::value, decltype(s)::value>(xr, K2, w, b0, er);
+          });
+        });
+      }
+    });
+  };
+  return p;
+}
+
+// ---- fp32 arithmetic, AVX-512: groups [K, S, 16] of fp32 or bf16-stored weights.
+template <typename W>
+static Product product512(const float* x, int64_t M, int64_t K, const W* wp, int64_t NB, Epilogue e) {
+  Product p;
+  p.units = (NB + GROUP - 1) / GROUP;
+  p.run = [=](int64_t g0, int64_t g1) {
+    by_rows(M, [&](auto m) {
+      for (int64_t g = g0; g < g1; ++g) {
+        int64_t b0 = g * GROUP, size = std::min(GROUP, NB - b0);
+        const W* w = wp + b0 * K * 16;
+        by_size(size, [&](auto s) {
+          in_row_halves<decltype(m)::value>(x, K, e, [&](auto r, const float* xr, const Epilogue& er) {
+            blocks512<W, decltype(r)::value, decltype(s)::value>(xr, K, w, size * 16, b0, er);
+          });
+        });
+      }
+    });
+  };
+  return p;
+}
+
+// AVX2: y[m, 8v:8v+8] for V vectors of 8 output rows from vector v0 (vector v: half v % 2
+// of block v / 2). 16 registers: M x V accumulators + V weights + one x stay below 16.
+template <typename W, int M, int V>
+KERNEL256 static void vectors256(const float* x, int64_t K, const W* wp, int64_t v0,
+                                 const Epilogue& e) {
+  const W* w[V];
+  for (int j = 0; j < V; ++j) w[j] = wp + ((v0 + j) >> 1) * K * 16 + ((v0 + j) & 1) * 8;
+  __m256 acc[M][V];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < V; ++j) acc[m][j] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
+    __m256 part[M][V];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < V; ++j) part[m][j] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < std::min(K, k0 + CHUNK); ++k) {
+      __m256 wv[V];
+      for (int j = 0; j < V; ++j) wv[j] = load256(w[j] + k * 16);
+      for (int m = 0; m < M; ++m) {
+        __m256 xv = _mm256_broadcast_ss(x + m * K + k);
+        for (int j = 0; j < V; ++j) part[m][j] = _mm256_fmadd_ps(xv, wv[j], part[m][j]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < V; ++j) acc[m][j] = _mm256_add_ps(acc[m][j], part[m][j]);
+  }
+  for (int j = 0; j < V; ++j) {
+    int64_t n0 = (v0 + j) * 8;
+    __m256 b = e.bias ? load256(e.bias, e.bias16, n0) : _mm256_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      __m256 v = _mm256_add_ps(acc[m][j], b);
+      if (e.res) v = _mm256_add_ps(v, load256(e.res, e.res16, m * e.N + n0));
+      store256(e.y, e.y16, m * e.N + n0, v);
+    }
+  }
+}
+
+
+// Vectors of 8 rows per unit for AVX2: as many accumulators as 16 registers allow.
+static inline int64_t vectors_per_unit(int64_t M) { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
+
+// ---- fp32 arithmetic, AVX2 + FMA: blocks [K, 16] one after another, units of V vectors.
+template <typename W>
+static Product product256(const float* x, int64_t M, int64_t K, const W* wp, int64_t NB, Epilogue e) {
+  Product p;
+  int64_t V = vectors_per_unit(M), NV = 2 * NB;
+  p.units = (NV + V - 1) / V;
+  p.run = [=](int64_t g0, int64_t g1) {
+    by_rows(M, [&](auto m) {
+      constexpr int R = decltype(m)::value;
+      constexpr int VV = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;
+      for (int64_t g = g0; g < g1; ++g) {
+        if ((g + 1) * VV <= NV) vectors256<W, R, VV>(x, K, wp, g * VV, e);
+        else for (int64_t v = g * VV; v < NV; ++v) vectors256<W, R, 1>(x, K, wp, v, e);
+      }
+    });
+  };
+  return p;
+}
+
+// The product of a packed weight for M rows of x (bf16 pairs for the native bf16 layout, fp32
+// otherwise), with e's bias, residual and output.
+static Product make_product(bool avx512, const at::Tensor& wp, const void* x, int64_t M, const Epilogue& e) {
+  int64_t NB = wp.size(0), K = wp.size(1);
+  if (wp.dim() == 4) return product_bf16((const uint32_t*)x, M, K, (const uint16_t*)wp.data_ptr(), NB, e);
+  bool w16 = wp.scalar_type() == at::kBFloat16;
+  auto xf = (const float*)x;
+  if (avx512) {
+    if (w16) return product512<uint16_t>(xf, M, K, (const uint16_t*)wp.data_ptr(), NB, e);
+    return product512<float>(xf, M, K, (const float*)wp.data_ptr(), NB, e);
+  }
+  if (w16) return product256<uint16_t>(xf, M, K, (const uint16_t*)wp.data_ptr(), NB, e);
+  return product256<float>(xf, M, K, (const float*)wp.data_ptr(), NB, e);
+}
+
+static void run_parallel(const Product& p) {
+  at::parallel_for(0, p.units, 1, [&](int64_t u0, int64_t u1) { p.run(u0, u1); });
+}
+
+static void check_packed(const at::Tensor& wp) {
+  TORCH_CHECK(wp.is_contiguous() && ((wp.dim() == 3 && wp.size(2) == 16
+              && (wp.scalar_type() == at::kFloat || wp.scalar_type() == at::kBFloat16))
+              || (wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2
+                  && wp.scalar_type() == at::kBFloat16)), "linear: bad packed weight");
+}
+
+static int64_t packed_k(const at::Tensor& wp) { return wp.dim() == 4 ? 2 * wp.size(1) : wp.size(1); }
+
+// The epilogue of one product call: bias and residual in fp32 or bf16 (bf16 only for the
+// native layout), y allocated in x's dtype.
+static Epilogue epilogue_for(const at::Tensor& wp, bool native, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual, at::Tensor& b, at::Tensor& res,
+                             at::ScalarType xtype, int64_t M) {
+  bool w16 = wp.scalar_type() == at::kBFloat16;
+  int64_t N = wp.size(0) * 16;
+  auto ok = [&](const at::Tensor& t) {
+    return native ? t.scalar_type() == at::kBFloat16
+                  : t.scalar_type() == at::kFloat || (w16 && t.scalar_type() == at::kBFloat16);
+  };
+  Epilogue e{nullptr, false, nullptr, false, nullptr, xtype == at::kBFloat16, N};
+  if (bias) {
+    b = bias->contiguous();
+    TORCH_CHECK(ok(b) && b.numel() == N, "linear: bad bias");
+    e.bias = b.data_ptr();
+    e.bias16 = b.scalar_type() == at::kBFloat16;
+  }
+  if (residual) {
+    res = residual->contiguous();
+    TORCH_CHECK(ok(res) && res.numel() == M * N, "linear: bad residual");
+    e.res = res.data_ptr();
+    e.res16 = res.scalar_type() == at::kBFloat16;
+  }
+  return e;
+}
+
+// x [..., K] (at most 8 rows), residual with x's rows -> y [..., N]. avx512: the AVX-512
+// variants (native bf16 for the 4-d layout), else AVX2 + FMA ([N/16, K, 16] weights only).
+static at::Tensor linear_any(const at::Tensor& x_, const at::Tensor& wp, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual, bool avx512) {
+  check_packed(wp);
+  bool native = wp.dim() == 4;
+  TORCH_CHECK(avx512 || !native, "linear: bad packed weight (the bf16-dot layout needs AVX512-BF16)");
+  bool w16 = wp.scalar_type() == at::kBFloat16;
+  int64_t K = packed_k(wp), N = wp.size(0) * 16;
+  TORCH_CHECK(x_.dim() >= 1 && x_.size(-1) == K && x_.numel() <= 8 * K
+              && (native ? x_.scalar_type() == at::kBFloat16
+                         : x_.scalar_type() == at::kFloat || (w16 && x_.scalar_type() == at::kBFloat16)),
+              "linear: bad input");
+  auto x = x_.reshape({-1, K});
+  x = native ? x.contiguous() : x.to(at::kFloat).contiguous();
+  int64_t M = x.size(0);
+  at::Tensor b, res;
+  Epilogue e = epilogue_for(wp, native, bias, residual, b, res, x_.scalar_type(), M);
+  auto sizes = x_.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty(sizes, x_.options());
+  if (M == 0) return y;
+  e.y = y.data_ptr();
+  run_parallel(make_product(avx512, wp, x.data_ptr(), M, e));
+  return y;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& residual) {
+  return linear_any(x, wp, bias, residual, true);
+}
+
+at::Tensor linear_avx2(const at::Tensor& x, const at::Tensor& wp, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual) {
+  return linear_any(x, wp, bias, residual, false);
+}
+
+// One cached decoding step of attention for every (sequence, head): write the position's
+// key and value (from the q/k/v projection qkv [B, 3*H*d], fp32 or bf16) into the fp32
+// caches [B, H, L, d] at `offset`, then attend the query over the keys the pattern allows,
+// given as (start, stop, step) triples; out [B, H*d] in qkv's dtype. In place of slicing the
+// keys out of the cache, concatenating them and calling SDPA: three ops and two copies of
+// the keys a layer (the most time of a bf16 L16 step after the weight reads).
+#define AVX2 __attribute__((target("avx2,fma")))
+
+// e^x for 8 floats (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n);
+// within 2 ulp of expf over the range where the result is a normal float.
+AVX2 static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// gelu(g) = g/2 (1 + erf(g/sqrt 2)) for 8 floats. erfc(|z|) from Abramowitz & Stegun 7.1.26
+// (absolute error < 1.5e-7), so 1 + erf(z) is erfc(|z|) for z < 0 (no cancellation where
+// gelu is tiny) and 2 - erfc(z) for z >= 0.
+AVX2 static inline __m256 gelu8(__m256 g) {
+  __m256 z = _mm256_mul_ps(g, _mm256_set1_ps(0.70710678f));
+  __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), z);
+  __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  __m256 erfc = _mm256_mul_ps(_mm256_mul_ps(p, t), exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), a)));
+  __m256 one_plus = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.f), erfc), erfc, z);  // sign of z
+  return _mm256_mul_ps(_mm256_mul_ps(g, _mm256_set1_ps(0.5f)), one_plus);
+}
+
+template <typename T> AVX2 static inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);
+  else return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+template <typename T> AVX2 static inline void store8(T* p, __m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < 8; ++i) p[i] = (T)tmp[i];  // round to nearest even, as PyTorch
+  }
+}
+
+// y = x[:, :F] * gelu(x[:, F:]) for rows of 2F (GEGLU), columns [j0, j1) of each row (j0 a
+// multiple of 8), in fp32, one rounding to T.
+template <typename T>
+AVX2 static void geglu_cols(const T* x, T* y, int64_t rows, int64_t F, int64_t j0, int64_t j1) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const T* v = x + m * 2 * F;
+    const T* g = v + F;
+    T* out = y + m * F;
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) store8(out + j, _mm256_mul_ps(load8(v + j), gelu8(load8(g + j))));
+    for (; j < j1; ++j) {
+      float gj = (float)g[j];
+      out[j] = (T)((float)v[j] * 0.5f * gj * (1.f + std::erf(gj * 0.70710678f)));
+    }
+  }
+}
+
+// LayerNorm of rows of D in fp32 (two passes), weight and bias in T, out in T.
+template <typename T>
+AVX2 static void layer_norm_rows(const T* x, const T* w, const T* b, float eps, T* y,
+                                 int64_t rows, int64_t D) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const T* r = x + m * D;
+    float mean = 0.f, var = 0.f;
+    for (int64_t j = 0; j < D; ++j) mean += (float)r[j];
+    mean /= D;
+    for (int64_t j = 0; j < D; ++j) { float c = (float)r[j] - mean; var += c * c; }
+    float rstd = 1.f / std::sqrt(var / D + eps);
+    for (int64_t j = 0; j < D; ++j) y[m * D + j] = (T)(((float)r[j] - mean) * rstd * (float)w[j] + (float)b[j]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) static inline float dot_avx2(const float* a, const float* b, int64_t d) {
+  int64_t j = 0;
+  __m256 s = _mm256_setzero_ps();
+  for (; j + 8 <= d; j += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float out = _mm_cvtss_f32(h);
+  for (; j < d; ++j) out += a[j] * b[j];
+  return out;
+}
+
+// Scores of 4 keys at once (d a multiple of 8): four dot products, one reduction.
+AVX2 static inline void dot4(const float* q, const float* k0, const float* k1, const float* k2,
+                             const float* k3, int64_t d, float* out) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  for (int64_t j = 0; j < d; j += 8) {
+    __m256 qv = _mm256_loadu_ps(q + j);
+    s0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), s0);
+    s1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + j), s1);
+    s2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + j), s2);
+    s3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + j), s3);
+  }
+  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+// acc[0:8W] = sum over the keys of score[c] * V[pos[c]][j0:j0+8W], the sums in registers.
+template <int W>
+AVX2 static inline void weigh_values(const float* V, int64_t d, int64_t j0, const int64_t* pos,
+                                     const float* score, int64_t count, float* acc) {
+  __m256 a[W];
+  for (int u = 0; u < W; ++u) a[u] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < count; ++c) {
+    __m256 w = _mm256_broadcast_ss(score + c);
+    const float* v = V + pos[c] * d + j0;
+    for (int u = 0; u < W; ++u) a[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * u), a[u]);
+  }
+  for (int u = 0; u < W; ++u) _mm256_storeu_ps(acc + j0 + 8 * u, a[u]);
+}
+
+// One (sequence, head): the query against the keys of `slices`, softmax, the values' sum.
+// Scratch: q, acc (d), score, pos (count).
+template <typename T>
+AVX2 static void attend_head(const T* row, float* K, float* V, T* out, int64_t H, int64_t h,
+                             int64_t d, int64_t offset, const std::vector<int64_t>& slices,
+                             float* q, float* acc, float* score, int64_t* pos, int64_t count) {
+  const float scale = 1.0f / std::sqrt((float)d);
+  for (int64_t j = 0; j < d; ++j) {
+    q[j] = (float)row[h * d + j] * scale;
+    K[offset * d + j] = (float)row[(H + h) * d + j];
+    V[offset * d + j] = (float)row[(2 * H + h) * d + j];
+  }
+  int64_t n = 0;
+  for (size_t s = 0; s < slices.size(); s += 3)
+    for (int64_t p = slices[s]; p < slices[s + 1]; p += slices[s + 2]) pos[n++] = p;
+  int64_t c = 0;
+  if (d % 8 == 0)
+    for (; c + 4 <= count; c += 4)
+      dot4(q, K + pos[c] * d, K + pos[c + 1] * d, K + pos[c + 2] * d, K + pos[c + 3] * d, d, score + c);
+  for (; c < count; ++c) score[c] = dot_avx2(q, K + pos[c] * d, d);
+  float top = -INFINITY;
+  for (c = 0; c < count; ++c) top = std::max(top, score[c]);
+  __m256 shift = _mm256_set1_ps(top), sum8 = _mm256_setzero_ps();
+  c = 0;
+  for (; c + 8 <= count; c += 8) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(score + c), shift));
+    _mm256_storeu_ps(score + c, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum8);
+  float total = 0.f;
+  for (int l = 0; l < 8; ++l) total += lanes[l];
+  for (; c < count; ++c) total += (score[c] = std::exp(score[c] - top));
+  if (d % 8 == 0) {
+    for (int64_t j0 = 0; j0 < d; j0 += 64) {
+      switch (std::min<int64_t>(64, d - j0) / 8) {
+        case 1: weigh_values<1>(V, d, j0, pos, score, count, acc); break;
+        case 2: weigh_values<2>(V, d, j0, pos, score, count, acc); break;
+        case 3: weigh_values<3>(V, d, j0, pos, score, count, acc); break;
+        case 4: weigh_values<4>(V, d, j0, pos, score, count, acc); break;
+        case 5: weigh_values<5>(V, d, j0, pos, score, count, acc); break;
+        case 6: weigh_values<6>(V, d, j0, pos, score, count, acc); break;
+        case 7: weigh_values<7>(V, d, j0, pos, score, count, acc); break;
+        default: weigh_values<8>(V, d, j0, pos, score, count, acc); break;
+      }
+    }
+  } else {
+    std::fill(acc, acc + d, 0.f);
+    for (c = 0; c < count; ++c) {
+      const float* v = V + pos[c] * d;
+      for (int64_t j = 0; j < d; ++j) acc[j] += score[c] * v[j];
+    }
+  }
+  for (int64_t j = 0; j < d; ++j) out[h * d + j] = (T)(acc[j] / total);
+}
+
+
+template <typename T>
+static void attend_rows(const T* qkv, float* kc, float* vc, T* out, int64_t B, int64_t H, int64_t L,
+                        int64_t d, int64_t offset, const std::vector<int64_t>& slices, int64_t count) {
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(d), acc(d), score(count);
+    std::vector<int64_t> pos(count);
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t b = i / H;
+      attend_head<T>(qkv + b * 3 * H * d, kc + i * L * d, vc + i * L * d, out + b * H * d, H, i % H,
+                     d, offset, slices, q.data(), acc.data(), score.data(), pos.data(), count);
+    }
+  });
+}
+
+// The keys a position attends to: checks its (start, stop, step) slices, returns their count.
+static int64_t count_keys(const std::vector<int64_t>& slices, int64_t offset) {
+  TORCH_CHECK(slices.size() % 3 == 0, "attend_step: bad position");
+  int64_t count = 0;
+  for (size_t s = 0; s < slices.size(); s += 3) {
+    TORCH_CHECK(slices[s] >= 0 && slices[s + 1] <= offset + 1 && slices[s + 2] > 0,
+                "attend_step: a key slice past the position");
+    if (slices[s + 1] > slices[s]) count += (slices[s + 1] - slices[s] + slices[s + 2] - 1) / slices[s + 2];
+  }
+  TORCH_CHECK(count > 0, "attend_step: no keys");
+  return count;
+}
+
+static void check_cache(const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kFloat && k.is_contiguous()
+              && v.sizes() == k.sizes() && v.scalar_type() == at::kFloat && v.is_contiguous(),
+              "attend_step: bad cache");
+}
+
+at::Tensor attend_step(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
+                       int64_t offset, const std::vector<int64_t>& slices) {
+  check_cache(k_cache, v_cache);
+  int64_t B = k_cache.size(0), H = k_cache.size(1), L = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == B * 3 * H * d
+              && (qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16),
+              "attend_step: bad qkv");
+  TORCH_CHECK(0 <= offset && offset < L, "attend_step: bad position");
+  int64_t count = count_keys(slices, offset);
+  auto out = at::empty({B, H * d}, qkv.options());
+  if (qkv.scalar_type() == at::kFloat)
+    attend_rows<float>((const float*)qkv.data_ptr(), (float*)k_cache.data_ptr(), (float*)v_cache.data_ptr(),
+                       (float*)out.data_ptr(), B, H, L, d, offset, slices, count);
+  else
+    attend_rows<c10::BFloat16>((const c10::BFloat16*)qkv.data_ptr(), (float*)k_cache.data_ptr(),
+                               (float*)v_cache.data_ptr(), (c10::BFloat16*)out.data_ptr(), B, H, L,
+                               d, offset, slices, count);
+  return out;
+}
+
+// GEGLU of rows [M, 2F] -> [M, F] as the decoding step computes it (for the tests)
+at::Tensor geglu(const at::Tensor& h_) {
+  auto h = h_.contiguous();
+  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0 && (h.scalar_type() == at::kFloat
+              || h.scalar_type() == at::kBFloat16), "geglu: bad input");
+  int64_t F = h.size(1) / 2;
+  auto y = at::empty({h.size(0), F}, h.options());
+  if (h.scalar_type() == at::kFloat)
+    geglu_cols<float>((const float*)h.data_ptr(), (float*)y.data_ptr(), h.size(0), F, 0, F);
+  else
+    geglu_cols<c10::BFloat16>((const c10::BFloat16*)h.data_ptr(), (c10::BFloat16*)y.data_ptr(),
+                              h.size(0), F, 0, F);
+  return y;
+}
+
+// ---- A decoding step of a whole stack of pre-norm blocks, in one parallel region.
+// Each block: x + out(attn(LN1 x)), then + ff_out(geglu(ff_in(LN2 x))), LayerScale folded into
+// the output products. Every thread takes its share of each product (the same split as
+// at::parallel_for), of the heads and of GEGLU's columns, with a barrier wherever the next
+// part needs all of the last: one region a step instead of five parallel loops and a Python
+// call a layer (which cost 15-25% of an L16 step's weight streaming when the machine reads
+// fast: RESULTS, session 10).
+struct StackLayer {
+  at::Tensor ln1_w, ln1_b, qkv, out, ln2_w, ln2_b, ff_in, ff_out;
+  std::optional<at::Tensor> out_b, ff_in_b, ff_out_b;
+  float eps1, eps2;
+  std::vector<std::vector<int64_t>> slices;  // per position: the keys as (start, stop, step)
+};
+
+static void widen_rows(const c10::BFloat16* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = (float)in[i];
+}
+
+class Stack {
+ public:
+  Stack(bool avx512, int64_t heads, int64_t dim_head) : avx512_(avx512), H_(heads), d_(dim_head) {}
+
+  void add(const at::Tensor& ln1_w, const at::Tensor& ln1_b, double eps1, const at::Tensor& qkv,
+           const at::Tensor& out, const std::optional<at::Tensor>& out_b, const at::Tensor& ln2_w,
+           const at::Tensor& ln2_b, double eps2, const at::Tensor& ff_in,
+           const std::optional<at::Tensor>& ff_in_b, const at::Tensor& ff_out,
+           const std::optional<at::Tensor>& ff_out_b, std::vector<std::vector<int64_t>> slices) {
+    for (const at::Tensor* w : {&qkv, &out, &ff_in, &ff_out}) {
+      check_packed(*w);
+      TORCH_CHECK(w->dim() == qkv.dim() && w->scalar_type() == qkv.scalar_type()
+                  && (avx512_ || w->dim() == 3), "Stack.add: the products' layouts differ");
+    }
+    int64_t D = ln1_w.numel(), HD = H_ * d_, F = ff_in.size(0) * 8;
+    TORCH_CHECK(layers_.empty() || D == D_, "Stack.add: another width");
+    D_ = D;
+    TORCH_CHECK(packed_k(qkv) == D && qkv.size(0) * 16 == 3 * HD && packed_k(out) == HD
+                && out.size(0) * 16 == D && packed_k(ff_in) == D && packed_k(ff_out) == F
+                && ff_out.size(0) * 16 == D, "Stack.add: the products' shapes do not chain");
+    for (const at::Tensor* t : {&ln1_w, &ln1_b, &ln2_w, &ln2_b})
+      TORCH_CHECK(t->is_contiguous() && t->numel() == D && t->scalar_type() == ln1_w.scalar_type(),
+                  "Stack.add: bad norm");
+    layers_.push_back({ln1_w, ln1_b, qkv, out, ln2_w, ln2_b, ff_in, ff_out, out_b, ff_in_b, ff_out_b,
+                       (float)eps1, (float)eps2, std::move(slices)});
+  }
+
+  at::Tensor step(const at::Tensor& x, const std::vector<at::Tensor>& ks,
+                  const std::vector<at::Tensor>& vs, int64_t offset) {
+    TORCH_CHECK(!layers_.empty() && ks.size() == layers_.size() && vs.size() == layers_.size(),
+                "Stack.step: one key and one value cache a layer");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) >= 1 && x.size(0) <= 8
+                && x.size(1) == D_ && x.scalar_type() == layers_[0].ln1_w.scalar_type()
+                && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                "Stack.step: bad input");
+    if (x.scalar_type() == at::kFloat) return run<float>(x, ks, vs, offset);
+    return run<c10::BFloat16>(x, ks, vs, offset);
+  }
+
+ private:
+  template <typename T>
+  at::Tensor run(const at::Tensor& x, const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
+                 int64_t offset) {
+    constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
+    const int64_t B = x.size(0), D = D_, H = H_, d = d_, HD = H * d, nl = layers_.size();
+    const int64_t F = layers_[0].ff_in.size(0) * 8;
+    bool native = layers_[0].qkv.dim() == 4;
+    TORCH_CHECK(!native || bf16, "Stack.step: bf16 products take bf16 inputs");
+    TORCH_CHECK(bf16 || layers_[0].qkv.scalar_type() == at::kFloat || !native, "Stack.step: bad input");
+    // The fp32-arithmetic products take fp32 inputs: bf16 activations are widened (as the
+    // single product does), after each rounding to T that the Python step makes.
+    bool wide = !native && bf16;
+    std::vector<int64_t> counts(nl);
+    int64_t most = 1;
+    for (int64_t l = 0; l < nl; ++l) {
+      check_cache(ks[l], vs[l]);
+      TORCH_CHECK(ks[l].size(0) == B && ks[l].size(1) == H && ks[l].size(3) == d && offset >= 0
+                  && offset < ks[l].size(2) && offset < (int64_t)layers_[l].slices.size(),
+                  "Stack.step: bad cache or position");
+      counts[l] = count_keys(layers_[l].slices[offset], offset);
+      most = std::max(most, counts[l]);
+    }
+    auto opt = x.options();
+    auto fopt = opt.dtype(at::kFloat);
+    at::Tensor X = x.clone(), Y = at::empty_like(x), xn = at::empty({B, D}, opt),
+               qkv = at::empty({B, 3 * HD}, opt), a = at::empty({B, HD}, opt),
+               f = at::empty({B, 2 * F}, opt), g = at::empty({B, F}, opt);
+    at::Tensor xn_in = wide ? at::empty({B, D}, fopt) : xn, a_in = wide ? at::empty({B, HD}, fopt) : a,
+               g_in = wide ? at::empty({B, F}, fopt) : g;
+    auto P = [](const at::Tensor& t) { return (T*)t.data_ptr(); };
+    // The four products of each layer, on these buffers
+    std::vector<Product> products;
+    std::vector<at::Tensor> keep;  // contiguous biases
+    auto make = [&](const at::Tensor& w, const at::Tensor& in, const std::optional<at::Tensor>& bias,
+                    const at::Tensor* res, const at::Tensor& y) {
+      at::Tensor b, r;
+      Epilogue e = epilogue_for(w, native, bias, res ? std::optional<at::Tensor>(*res) : std::nullopt,
+                                b, r, x.scalar_type(), B);
+      e.y = y.data_ptr();
+      keep.push_back(b);
+      products.push_back(make_product(avx512_, w, in.data_ptr(), B, e));
+    };
+    for (const StackLayer& w : layers_) {
+      make(w.qkv, xn_in, std::nullopt, nullptr, qkv);
+      make(w.out, a_in, w.out_b, &X, Y);
+      make(w.ff_in, xn_in, w.ff_in_b, nullptr, f);
+      make(w.ff_out, g_in, w.ff_out_b, &Y, X);
+    }
+    auto norm = [&](const at::Tensor& in, const at::Tensor& nw, const at::Tensor& nb, float eps) {
+      layer_norm_rows<T>(P(in), (const T*)nw.data_ptr(), (const T*)nb.data_ptr(), eps, P(xn), B, D);
+      if constexpr (bf16) if (wide) widen_rows(P(xn), (float*)xn_in.data_ptr(), B * D);
+    };
+    int threads = at::get_num_threads();
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num(), n = omp_get_num_threads();
+      std::vector<float> q(d), acc(d), score(most);
+      std::vector<int64_t> pos(most);
+      auto mine = [&](const Product& p) {
+        auto [u0, u1] = share(p.units, t, n);
+        if (u0 < u1) p.run(u0, u1);
+      };
+      for (int64_t l = 0; l < nl; ++l) {
+        const StackLayer& w = layers_[l];
+        if (t == 0) norm(X, w.ln1_w, w.ln1_b, w.eps1);
+#pragma omp barrier
+        mine(products[4 * l]);
+#pragma omp barrier
+        auto [i0, i1] = share(B * H, t, n);
+        float* kc = (float*)ks[l].data_ptr();
+        float* vc = (float*)vs[l].data_ptr();
+        int64_t L = ks[l].size(2);
+        for (int64_t i = i0; i < i1; ++i) {
+          int64_t b = i / H, h = i % H;
+          attend_head<T>(P(qkv) + b * 3 * HD, kc + i * L * d, vc + i * L * d, P(a) + b * HD, H, h, d,
+                         offset, w.slices[offset], q.data(), acc.data(), score.data(), pos.data(), counts[l]);
+          if constexpr (bf16) if (wide) widen_rows(P(a) + b * HD + h * d, (float*)a_in.data_ptr() + b * HD + h * d, d);
+        }
+#pragma omp barrier
+        mine(products[4 * l + 1]);
+#pragma omp barrier
+        if (t == 0) norm(Y, w.ln2_w, w.ln2_b, w.eps2);
+#pragma omp barrier
+        mine(products[4 * l + 2]);
+#pragma omp barrier
+        auto [c0, c1] = share((F + 7) / 8, t, n);
+        if (c0 < c1) {
+          int64_t j0 = 8 * c0, j1 = std::min(F, 8 * c1);
+          geglu_cols<T>(P(f), P(g), B, F, j0, j1);
+          if constexpr (bf16) if (wide)
+            for (int64_t m = 0; m < B; ++m)
+              widen_rows(P(g) + m * F + j0, (float*)g_in.data_ptr() + m * F + j0, j1 - j0);
+        }
+#pragma omp barrier
+        mine(products[4 * l + 3]);
+#pragma omp barrier
+      }
+    }
+    return X;
+  }
+
+  bool avx512_;
+  int64_t H_, d_, D_ = 0;
+  std::vector<StackLayer> layers_;
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("geglu", &geglu);
+  m.def("linear", &linear);
+  m.def("linear_avx2", &linear_avx2);
+  m.def("attend_step", &attend_step);
+  pybind11::class_<Stack>(m, "Stack")
+      .def(pybind11::init<bool, int64_t, int64_t>())
+      .def("add", &Stack::add)
+      .def("step", &Stack::step);
+}
