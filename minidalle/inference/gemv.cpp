@@ -697,6 +697,24 @@ struct StackLayer {
   std::vector<std::vector<int64_t>> slices;  // per position: the keys as (start, stop, step)
 };
 
+// The cache lines of one head's keys and values at `slices` (the next head's, fetched while
+// this one is computed: each is a short stream that the hardware prefetcher barely starts).
+template <typename C>
+static inline void prefetch_keys(const C* K, const C* V, int64_t d, const std::vector<int64_t>& slices) {
+  for (size_t s = 0; s < slices.size(); s += 3) {
+    if (slices[s + 2] == 1) {
+      for (const char* a = (const char*)(K + slices[s] * d); a < (const char*)(K + slices[s + 1] * d); a += 64) _mm_prefetch(a, _MM_HINT_T0);
+      for (const char* a = (const char*)(V + slices[s] * d); a < (const char*)(V + slices[s + 1] * d); a += 64) _mm_prefetch(a, _MM_HINT_T0);
+    } else {
+      for (int64_t p = slices[s]; p < slices[s + 1]; p += slices[s + 2])
+        for (int64_t j = 0; j < d * (int64_t)sizeof(C); j += 64) {
+          _mm_prefetch((const char*)(K + p * d) + j, _MM_HINT_T0);
+          _mm_prefetch((const char*)(V + p * d) + j, _MM_HINT_T0);
+        }
+    }
+  }
+}
+
 static void widen_rows(const c10::BFloat16* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = (float)in[i];
 }
@@ -823,6 +841,7 @@ class Stack {
         int64_t slice = PREFETCH / std::max<int64_t>(i1 - i0, 1);
         for (int64_t i = i0; i < i1; ++i) {
           prefetch_share(next, t, n, (i - i0) * slice, (i - i0 + 1) * slice);
+          if (i + 1 < i1) prefetch_keys(kc + (i + 1) * L * d, vc + (i + 1) * L * d, d, w.slices[offset]);
           int64_t b = i / H, h = i % H;
           attend_head<T, C>(P(qkv) + b * 3 * HD, kc + i * L * d, vc + i * L * d, P(a) + b * HD, H, h, d,
                          offset, w.slices[offset], q.data(), acc.data(), score.data(), pos.data(), counts[l]);
@@ -861,7 +880,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear);
   m.def("linear_avx2", &linear_avx2);
   m.def("attend_step", &attend_step);
-  pybind11::class_<Stack>(m, "Stack")
+  pybind11::class_<Stack>(m, "Stack", pybind11::module_local())
       .def(pybind11::init<bool, int64_t, int64_t>())
       .def("add", &Stack::add)
       .def("step", &Stack::step);
