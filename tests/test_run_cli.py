@@ -177,6 +177,9 @@ def test_bench_generate_prints_the_sampling_figures(tmp_path, capsys):
     stored = gemv.pack(torch.zeros(16, 16), store="bf16") is not None
     assert r["bytes_per_token_bf16w"] * (2 if stored else 1) == r["bytes_per_token_fp32"]
     assert r["floor_ratio_fp32"] == pytest.approx(r["cached_fp32_s"] / r["floor_fp32_s"])
+    turns = r["floor_ratios_in_turn_fp32"]
+    assert len(turns) == 3 and turns == sorted(turns) and all(t > 0 for t in turns)
+    assert "x floor (median of 3, range" in text
 
 
 def test_bench_rejects_bad_bench_section(tmp_path, capsys):

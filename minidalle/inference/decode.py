@@ -9,10 +9,13 @@ matrix-vector product: the step is bound by memory bandwidth plus per-op overhea
   does not apply, prepacked for oneDNN on CPU (its bf16 matrix-vector product runs ~1.7x
   faster than ``F.linear``'s; all accumulate in fp32), else ``F.linear``,
 - LayerScale folded into the output projections and the residual add fused into them,
+- the kernel's packed matrices end to end in step order in one buffer on 2 MB pages
+  (:func:`minidalle.inference.gemv.one_buffer`),
 - no ``nn.Module`` calls; where the kernel is built, the attention of boolean-mask patterns
   in one kernel call (:func:`minidalle.inference.gemv.attention_step`) and, where every
-  product of a block is the kernel's and there is no sandwich norm, the whole block
-  (:func:`minidalle.inference.gemv.block_step`).
+  product of every block is the kernel's and there is no sandwich norm, the whole stack of
+  blocks in one call a step (:func:`minidalle.inference.gemv.new_stack`; a bf16 model's
+  key/value cache then turns bf16, which holds its bf16 keys and values exactly).
 
 It shares the model's :class:`~minidalle.model.dalle.KVCache`, so the prompt goes through
 the module forward and the one-position steps through this class. Only standard blocks

@@ -1,28 +1,29 @@
 """Matrix products for 1-8 rows that stream the weights at the memory rate (CPU, x86).
 
 A cached sampling step multiplies one row per image by every weight matrix, so it is bound
-by how fast the weights are read. One C++ source, compiled at first use, holds a variant per
-instruction set (each function names its own with ``__attribute__((target(...)))``), picked
-at run time from :mod:`minidalle.hardware` (:func:`variant`):
+by how fast the weights are read. One C++ source (``gemv.cpp`` beside this module), compiled
+at first use, holds a variant per instruction set (each function names its own with
+``__attribute__((target(...)))``), picked at run time from :mod:`minidalle.hardware`
+(:func:`variant`):
 
 - **native bf16** (AVX512-BF16): the weight packed so that one 64-byte load holds two
-  k-values of 16 output rows; ``_mm512_dpbf16_ps`` multiplies them by a broadcast pair of
-  inputs and accumulates 16 outputs in fp32, with no horizontal sums; bias and residual are
-  added in fp32 before one rounding to bf16 (oneDNN's results differ by at most one bf16
-  step). On AMD Zen 4 oneDNN's bf16 product reads ~13-16 GB/s with 1-8 rows, this 25-30 GB/s
-  for one row (a plain ``W.sum()`` streams ~26 GB/s on one core).
+  k-values of 16 output rows (:func:`pack_pairs`); ``_mm512_dpbf16_ps`` multiplies them by
+  a broadcast pair of inputs and accumulates 16 outputs in fp32, with no horizontal sums;
+  bias and residual are added in fp32 before one rounding to bf16 (oneDNN's results differ
+  by at most one bf16 step).
 - **fp32 arithmetic** on weights packed ``[N/16, K, 16]`` (one k-value of 16 output rows per
-  64 bytes in fp32, 32 in bf16; for AVX-512 the blocks of 16 rows interleaved in groups of
-  4, k-major, so that the products of a group read one stream: :func:`pack_rows`) times a
-  broadcast input,
-  fp32 FMA: AVX512F (16 outputs a
-  vector) or AVX2 + FMA (8 outputs a vector, a 16-row block being two). The weights are fp32,
-  or **bf16-stored** (:func:`pack` with ``store="bf16"``, or bf16 weights on a CPU without
-  native bf16): widened by a 16-bit shift as they are loaded, so a step reads half the bytes
-  and the results differ from fp32 weights' only by the weight rounding. Inputs come in fp32
-  (or bf16, widened), the output in the input's dtype (bf16: rounded to nearest even, as
-  PyTorch). The sums run in chunks of 64 products, in another order than ``F.linear``'s:
-  results differ from it by fp32 rounding only.
+  64 bytes in fp32, 32 in bf16; :func:`pack_rows`) times a broadcast input, fp32 FMA:
+  AVX512F (16 outputs a vector) or AVX2 + FMA (8 outputs a vector, a 16-row block being
+  two). The weights are fp32, or **bf16-stored** (:func:`pack` with ``store="bf16"``, or bf16
+  weights on a CPU without native bf16): widened by a 16-bit shift as they are loaded, so a
+  step reads half the bytes and the results differ from fp32 weights' only by the weight
+  rounding. Inputs come in fp32 (or bf16, widened), the output in the input's dtype (bf16:
+  rounded to nearest even, as PyTorch). The sums run in chunks of 64 products, in another
+  order than ``F.linear``'s: results differ from it by fp32 rounding only.
+
+For the AVX-512 variants the blocks of 16 rows are interleaved in groups of 4, k-major, so
+that the products of a group (and a thread's share of a matrix) read one contiguous stream;
+the AVX2 variant keeps one block after another (grouped, it read slower: RESULTS).
 
 Measured with ``benchmarks/gemv_ab.py`` (L16 shapes, 16 weights a pass): the fp32 variants
 read 1.5-3x faster than oneDNN's prepacked fp32 product, AVX2 against oneDNN capped at AVX2
@@ -32,11 +33,15 @@ what the kernel does not (more than 8 rows, other shapes and dtypes).
 
 Beside the products, the same source holds the rest of a decoding step for
 :mod:`minidalle.inference.decode` (AVX2 + FMA, so every variant has them): ``attend_step``
-(write a position's key/value into the fp32 cache, softmax attention over the pattern's
-keys given as (start, stop, step) slices, a vectorised exp) and ``block_step`` (a whole
-pre-norm block: LayerNorm, the four products, that attention, GEGLU with a vectorised erf),
-one call a layer in place of about twenty Python-level ops (:func:`attention_step`,
-:func:`block_step`).
+(write a position's key/value into the cache, softmax attention over the pattern's keys
+given as (start, stop, step) slices, a vectorised exp; :func:`attention_step`) and
+``Stack`` (:func:`new_stack`): a whole stack of pre-norm blocks for one position in one
+parallel region, each thread taking its share of every product, of the heads and of GEGLU
+(a vectorised erf), with barriers between, the next head's keys and the output product's
+weights prefetched during the attention. That replaced a Python call and five parallel
+loops a layer: at L16 a bf16 step went from 2.35x to 1.5-1.6x its bandwidth floor when the
+machine reads fast (RESULTS, session 10). :func:`one_buffer` lays the packed matrices end to
+end on 2 MB pages (:func:`minidalle.hardware.huge_page_buffer`).
 
 The kernel is compiled with ``torch.utils.cpp_extension`` (~20-35 s, needs g++ and ninja)
 and cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, by default
