@@ -123,8 +123,6 @@ static Epilogue rows_from(const Epilogue& e, int64_t m0) {
 struct Product {
   int64_t units = 0;
   std::function<void(int64_t, int64_t)> run;
-  const char* weights = nullptr;  // the packed weight's bytes (units read them in order)
-  int64_t bytes = 0;
 };
 
 // Thread t of n's units [first, second): the split at::parallel_for makes.
@@ -314,21 +312,7 @@ static Product make_product_of(bool avx512, const at::Tensor& wp, const void* x,
 // The product of a packed weight for M rows of x (bf16 pairs for the native bf16 layout, fp32
 // otherwise), with e's bias, residual and output.
 static Product make_product(bool avx512, const at::Tensor& wp, const void* x, int64_t M, const Epilogue& e) {
-  Product p = make_product_of(avx512, wp, x, M, e);
-  p.weights = (const char*)wp.data_ptr();
-  p.bytes = wp.numel() * wp.element_size();
-  return p;
-}
-
-// Asks for lines [from, to) of thread t's share of p's weights to be brought into L2 (where
-// a phase that reads no weights leaves the memory idle).
-constexpr int64_t PREFETCH = 512 * 1024;  // half of a Zen 4 core's L2
-
-static inline void prefetch_share(const Product& p, int t, int n, int64_t from, int64_t to) {
-  auto [u0, u1] = share(p.units, t, n);
-  const char* begin = p.weights + p.bytes * u0 / std::max<int64_t>(p.units, 1);
-  const char* end = p.weights + p.bytes * u1 / std::max<int64_t>(p.units, 1);
-  for (const char* a = begin + from; a < std::min(end, begin + to); a += 64) _mm_prefetch(a, _MM_HINT_T1);
+  return make_product_of(avx512, wp, x, M, e);
 }
 
 static Product make_product_of(bool avx512, const at::Tensor& wp, const void* x, int64_t M, const Epilogue& e) {
@@ -697,23 +681,42 @@ struct StackLayer {
   std::vector<std::vector<int64_t>> slices;  // per position: the keys as (start, stop, step)
 };
 
-// The cache lines of one head's keys and values at `slices` (the next head's, fetched while
-// this one is computed: each is a short stream that the hardware prefetcher barely starts).
+// The byte ranges of one head's keys and values at `slices` (for KeyPrefetch).
 template <typename C>
-static inline void prefetch_keys(const C* K, const C* V, int64_t d, const std::vector<int64_t>& slices) {
+static void key_ranges(const C* K, const C* V, int64_t d, const std::vector<int64_t>& slices,
+                       std::vector<std::pair<const char*, int64_t>>& out) {
+  const int64_t row = d * (int64_t)sizeof(C);
   for (size_t s = 0; s < slices.size(); s += 3) {
+    if (slices[s + 1] <= slices[s]) continue;
     if (slices[s + 2] == 1) {
-      for (const char* a = (const char*)(K + slices[s] * d); a < (const char*)(K + slices[s + 1] * d); a += 64) _mm_prefetch(a, _MM_HINT_T0);
-      for (const char* a = (const char*)(V + slices[s] * d); a < (const char*)(V + slices[s + 1] * d); a += 64) _mm_prefetch(a, _MM_HINT_T0);
+      out.push_back({(const char*)(K + slices[s] * d), (slices[s + 1] - slices[s]) * row});
+      out.push_back({(const char*)(V + slices[s] * d), (slices[s + 1] - slices[s]) * row});
     } else {
-      for (int64_t p = slices[s]; p < slices[s + 1]; p += slices[s + 2])
-        for (int64_t j = 0; j < d * (int64_t)sizeof(C); j += 64) {
-          _mm_prefetch((const char*)(K + p * d) + j, _MM_HINT_T0);
-          _mm_prefetch((const char*)(V + p * d) + j, _MM_HINT_T0);
-        }
+      for (int64_t p = slices[s]; p < slices[s + 1]; p += slices[s + 2]) {
+        out.push_back({(const char*)(K + p * d), row});
+        out.push_back({(const char*)(V + p * d), row});
+      }
     }
   }
 }
+
+// Brings a thread's heads' cached keys and values into L2 in slices, while the q/k/v product
+// streams the weights: read in the attention itself, each head's keys are a few short streams
+// that the hardware prefetcher barely starts, and an L16 layer's attention took 40 us from
+// DRAM against 8 us from cache (RESULTS, session 10).
+struct KeyPrefetch {
+  std::vector<std::pair<const char*, int64_t>> ranges;
+  size_t r = 0;
+  int64_t done = 0, total = 0;
+  void add_total() { total = 0; for (auto& x : ranges) total += x.second; }
+  void next(int64_t bytes) {  // the next `bytes` of the ranges
+    for (; r < ranges.size() && bytes > 0; ++r, done = 0) {
+      const char* p = ranges[r].first;
+      for (; done < ranges[r].second && bytes > 0; done += 64, bytes -= 64) _mm_prefetch(p + done, _MM_HINT_T1);
+      if (done < ranges[r].second) return;
+    }
+  }
+};
 
 static void widen_rows(const c10::BFloat16* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = (float)in[i];
@@ -786,13 +789,20 @@ class Stack {
     }
     auto opt = x.options();
     auto fopt = opt.dtype(at::kFloat);
-    at::Tensor X = x.clone(), Y = at::empty_like(x), xn = at::empty({B, D}, opt),
-               qkv = at::empty({B, 3 * HD}, opt), a = at::empty({B, HD}, opt),
-               f = at::empty({B, 2 * F}, opt), g = at::empty({B, F}, opt);
-    at::Tensor xn_in = wide ? at::empty({B, D}, fopt) : xn, a_in = wide ? at::empty({B, HD}, fopt) : a,
-               g_in = wide ? at::empty({B, F}, fopt) : g;
+    at::Tensor X = x.clone(), Y = at::empty_like(x), qkv = at::empty({B, 3 * HD}, opt),
+               a = at::empty({B, HD}, opt), f = at::empty({B, 2 * F}, opt), g = at::empty({B, F}, opt);
+    at::Tensor a_in = wide ? at::empty({B, HD}, fopt) : a, g_in = wide ? at::empty({B, F}, fopt) : g;
+    // Each thread normalises the rows itself, into its own buffer: no barrier and no idle
+    // thread for a LayerNorm
+    int threads = at::get_num_threads();
+    std::vector<at::Tensor> xn, xn_in;
+    for (int t = 0; t < threads; ++t) {
+      xn.push_back(at::empty({B, D}, opt));
+      xn_in.push_back(wide ? at::empty({B, D}, fopt) : xn.back());
+    }
     auto P = [](const at::Tensor& t) { return (T*)t.data_ptr(); };
-    // The four products of each layer, on these buffers
+    // The four products of each layer, on these buffers (those that read a LayerNorm's output,
+    // one per thread: products[4 * l + k] for the others, thread t's at [4 * (nl * (t + 1) + l) + k])
     std::vector<Product> products;
     std::vector<at::Tensor> keep;  // contiguous biases
     auto make = [&](const at::Tensor& w, const at::Tensor& in, const std::optional<at::Tensor>& bias,
@@ -805,16 +815,22 @@ class Stack {
       products.push_back(make_product(avx512_, w, in.data_ptr(), B, e));
     };
     for (const StackLayer& w : layers_) {
-      make(w.qkv, xn_in, std::nullopt, nullptr, qkv);
+      make(w.qkv, xn_in[0], std::nullopt, nullptr, qkv);
       make(w.out, a_in, w.out_b, &X, Y);
-      make(w.ff_in, xn_in, w.ff_in_b, nullptr, f);
+      make(w.ff_in, xn_in[0], w.ff_in_b, nullptr, f);
       make(w.ff_out, g_in, w.ff_out_b, &Y, X);
     }
-    auto norm = [&](const at::Tensor& in, const at::Tensor& nw, const at::Tensor& nb, float eps) {
-      layer_norm_rows<T>(P(in), (const T*)nw.data_ptr(), (const T*)nb.data_ptr(), eps, P(xn), B, D);
-      if constexpr (bf16) if (wide) widen_rows(P(xn), (float*)xn_in.data_ptr(), B * D);
+    for (int t = 0; t < threads; ++t)
+      for (const StackLayer& w : layers_) {
+        make(w.qkv, xn_in[t], std::nullopt, nullptr, qkv);
+        products.push_back(Product{});
+        make(w.ff_in, xn_in[t], w.ff_in_b, nullptr, f);
+        products.push_back(Product{});
+      }
+    auto norm = [&](int t, const at::Tensor& in, const at::Tensor& nw, const at::Tensor& nb, float eps) {
+      layer_norm_rows<T>(P(in), (const T*)nw.data_ptr(), (const T*)nb.data_ptr(), eps, P(xn[t]), B, D);
+      if constexpr (bf16) if (wide) widen_rows(P(xn[t]), (float*)xn_in[t].data_ptr(), B * D);
     };
-    int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads)
     {
       const int t = omp_get_thread_num(), n = omp_get_num_threads();
@@ -824,24 +840,32 @@ class Stack {
         auto [u0, u1] = share(p.units, t, n);
         if (u0 < u1) p.run(u0, u1);
       };
+      KeyPrefetch keys;
       for (int64_t l = 0; l < nl; ++l) {
         const StackLayer& w = layers_[l];
-        if (t == 0) norm(X, w.ln1_w, w.ln1_b, w.eps1);
-#pragma omp barrier
-        mine(products[4 * l]);
-#pragma omp barrier
         auto [i0, i1] = share(B * H, t, n);
         C* kc = (C*)ks[l].data_ptr();
         C* vc = (C*)vs[l].data_ptr();
         int64_t L = ks[l].size(2);
-        // The attention reads little: this thread's share of the output product's weights
-        // (up to PREFETCH bytes) comes into L2 meanwhile, a slice after each head (3% of an
-        // L16 bf16 step when the machine reads fast)
-        const Product& next = products[4 * l + 1];
-        int64_t slice = PREFETCH / std::max<int64_t>(i1 - i0, 1);
+        keys.ranges.clear();
+        keys.r = 0;
+        keys.done = 0;
+        for (int64_t i = i0; i < i1; ++i) key_ranges(kc + i * L * d, vc + i * L * d, d, w.slices[offset], keys.ranges);
+        keys.add_total();
+        norm(t, X, w.ln1_w, w.ln1_b, w.eps1);
+        {  // the q/k/v product, unit by unit, this thread's keys and values prefetched between
+          const Product& p = products[4 * (nl * (t + 1) + l)];
+          auto [u0, u1] = share(p.units, t, n);
+          // over the last third of the units: earlier, the streamed weights evict them again
+          int64_t start = u1 - std::max<int64_t>((u1 - u0) / 3, 1);
+          int64_t slice = (keys.total / std::max<int64_t>(u1 - start, 1) + 63) / 64 * 64;
+          for (int64_t u = u0; u < u1; ++u) {
+            if (u >= start) keys.next(slice);
+            p.run(u, u + 1);
+          }
+        }
+#pragma omp barrier
         for (int64_t i = i0; i < i1; ++i) {
-          prefetch_share(next, t, n, (i - i0) * slice, (i - i0 + 1) * slice);
-          if (i + 1 < i1) prefetch_keys(kc + (i + 1) * L * d, vc + (i + 1) * L * d, d, w.slices[offset]);
           int64_t b = i / H, h = i % H;
           attend_head<T, C>(P(qkv) + b * 3 * HD, kc + i * L * d, vc + i * L * d, P(a) + b * HD, H, h, d,
                          offset, w.slices[offset], q.data(), acc.data(), score.data(), pos.data(), counts[l]);
@@ -850,9 +874,8 @@ class Stack {
 #pragma omp barrier
         mine(products[4 * l + 1]);
 #pragma omp barrier
-        if (t == 0) norm(Y, w.ln2_w, w.ln2_b, w.eps2);
-#pragma omp barrier
-        mine(products[4 * l + 2]);
+        norm(t, Y, w.ln2_w, w.ln2_b, w.eps2);
+        mine(products[4 * (nl * (t + 1) + l) + 2]);
 #pragma omp barrier
         auto [c0, c1] = share((F + 7) / 8, t, n);
         if (c0 < c1) {
