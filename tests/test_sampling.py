@@ -203,3 +203,28 @@ def test_factorised_codes_cached_logits_equal_uncached_forward():
         for step, cached in steps.items():
             full = m(TEXT, codes[:, :step])[:, -1, TEXT_VOCAB + TEXT_LEN:]
             torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cpu_paths
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("filter_thres", [0.0, 0.5, 0.9, 0.999])
+def test_kernel_sampler_draws_as_the_pytorch_ops(filter_thres, temperature, monkeypatch):
+    """The gemv kernel's fused top-k draw takes the same uniform numbers and picks the same
+    ids as the PyTorch ops (up to sums rounded in another order: none differ here), and never
+    an id outside the top k."""
+    from minidalle.inference import gemv
+
+    if gemv.sampler() is None:
+        pytest.skip(f"the gemv kernel is not used here: {gemv.status()}")
+    torch.manual_seed(0)
+    logits = torch.randn(64, 1000) * 3
+    fused = sample_logits(logits, filter_thres=filter_thres, temperature=temperature,
+                          generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(gemv, "sampler", lambda: None)
+    plain = sample_logits(logits, filter_thres=filter_thres, temperature=temperature,
+                          generator=torch.Generator().manual_seed(5))
+    assert fused.dtype == torch.long and fused.shape == (64,)
+    assert torch.equal(fused, plain)
+    k = max(1, int((1 - filter_thres) * 1000)) if filter_thres > 0 else 1000
+    rank = (logits > logits.gather(1, fused[:, None])).sum(1)  # 0 = the largest
+    assert (rank < k).all()

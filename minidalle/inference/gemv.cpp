@@ -652,6 +652,57 @@ at::Tensor attend_step(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v
   return out;
 }
 
+// One id per row of logits [B, V] (fp32), as minidalle.inference.sampling.sample_logits
+// draws it with top-k and no top-p: the logits divided by the temperature, those below the
+// k-th largest dropped, softmax, then the first id whose cumulative probability passes
+// u[b] x the total (u uniform in [0, 1)). The same draw up to rounding, in one call instead of
+// about fifteen PyTorch ops (~0.3 ms a step when a decoding step has just streamed the
+// weights through every cache).
+template <typename F>
+AVX2 static void exp_shifted(const float* x, float shift, float* out, int64_t n, F keep) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(shift))));
+  for (; j < n; ++j) out[j] = std::exp(x[j] - shift);
+  for (j = 0; j < n; ++j) if (!keep(x[j])) out[j] = 0.f;
+}
+
+at::Tensor sample_top_k(const at::Tensor& logits_, int64_t k, double temperature, const at::Tensor& u_) {
+  auto logits = logits_.contiguous();
+  auto u = u_.contiguous();
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
+              "sample_top_k: bad logits");
+  int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(u.scalar_type() == at::kFloat && u.numel() == B && k >= 1 && temperature > 0,
+              "sample_top_k: bad arguments");
+  auto ids = at::empty({B}, logits.options().dtype(at::kLong));
+  std::vector<float> x(V), sorted(V), w(V);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = (const float*)logits.data_ptr() + b * V;
+    float t = (float)temperature;
+    for (int64_t j = 0; j < V; ++j) x[j] = t == 1.f ? row[j] : row[j] / t;
+    float kth = -INFINITY;
+    if (k < V) {
+      std::copy(x.begin(), x.end(), sorted.begin());
+      std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), std::greater<float>());
+      kth = sorted[k - 1];
+    }
+    float top = *std::max_element(x.begin(), x.end());
+    exp_shifted(x.data(), top, w.data(), V, [&](float v) { return v >= kth; });
+    double total = 0;
+    for (int64_t j = 0; j < V; ++j) total += w[j];
+    double target = (double)((const float*)u.data_ptr())[b] * total, run = 0;
+    int64_t pick = -1, last = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      if (w[j] <= 0.f) continue;
+      last = j;
+      run += w[j];
+      if (run > target) { pick = j; break; }
+    }
+    ((int64_t*)ids.data_ptr())[b] = pick < 0 ? last : pick;  // rounding: the last id kept
+  }
+  return ids;
+}
+
 // GEGLU of rows [M, 2F] -> [M, F] as the decoding step computes it (for the tests)
 at::Tensor geglu(const at::Tensor& h_) {
   auto h = h_.contiguous();
@@ -900,6 +951,7 @@ class Stack {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("geglu", &geglu);
+  m.def("sample_top_k", &sample_top_k);
   m.def("linear", &linear);
   m.def("linear_avx2", &linear_avx2);
   m.def("attend_step", &attend_step);

@@ -173,6 +173,14 @@ def attention_step():
     return None if module is None or not _cpu_ok() else module.attend_step
 
 
+def sampler():
+    """The kernel's top-k draw (``sample_top_k(logits, k, temperature, u)``: one id per row of
+    fp32 ``logits``, as :func:`minidalle.inference.sampling.sample_logits` draws it without
+    top-p, from the uniform numbers ``u``), or None where the kernel is not used."""
+    module = kernel()
+    return None if module is None or not _cpu_ok() else module.sample_top_k
+
+
 # Where the kernel's fp32-stored product beats oneDNN's (benchmarks/gemv_ab.py, see above).
 _FP32_VARIANTS = ("avx512", "avx2")
 

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from minidalle.inference import gemv
 from minidalle.inference.decode import LeanDecoder
 
 
@@ -37,8 +38,20 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def sample_logits(logits: torch.Tensor, *, filter_thres: float = 0.5, top_p: float | None = None,
                   temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One id per row of ``logits`` ``[B, V]``: top-k, then top-p, then temperature."""
-    logits = logits.float() / temperature  # top-k does not depend on the temperature
+    """One id per row of ``logits`` ``[B, V]``: top-k, then top-p, then temperature.
+
+    On a CPU where the :mod:`~minidalle.inference.gemv` kernel is built and without top-p,
+    its ``sample_top_k`` makes the same draw (the same uniform numbers; sums rounded in
+    another order) in one call: ~0.03 ms against ~0.3 ms of PyTorch ops a decoding step."""
+    fused = gemv.sampler() if top_p is None and logits.device.type == "cpu" else None
+    if fused is not None and logits.dim() == 2:
+        vocab = logits.shape[-1]
+        k = max(1, int((1.0 - filter_thres) * vocab)) if filter_thres > 0 else vocab
+        u = torch.rand(logits.shape[0], generator=generator)
+        return fused(logits.float(), min(k, vocab), float(temperature), u)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature  # top-k does not depend on the temperature
     if filter_thres > 0:
         logits = top_k_filter(logits, filter_thres)
     if top_p is not None and top_p < 1.0:
@@ -54,9 +67,9 @@ def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = No
     ids (a random exponential per id) against ~0.02 ms here: 4-7% of a cached L16 step."""
     cdf = probs.float().cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device) * total
+    u = torch.rand(total.shape, generator=generator, device=probs.device).mul_(total)
     # a target below the total, so that some id with a positive probability passes it
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    u = torch.minimum(u, torch.nextafter(total, total.new_zeros(())))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
@@ -149,12 +162,15 @@ def generate_image_codes(
     decoder = _Decoder(model, _can_cache(model, use_cache), static=cuda_graph, batch=rows.shape[0],
                        weight_store=weight_store)
     prefix = model.prepare_text(rows)
-    codes = prefix.new_empty(b, 0)
+    codes = prefix.new_empty(b, model.image_seq_len)
+    first = 0
     if prime_codes is not None:
-        codes = prime_codes.to(device=device, dtype=torch.long)
-        prefix = torch.cat([prefix, codes.repeat(2, 1) if guided else codes], dim=1)
+        primed = prime_codes.to(device=device, dtype=torch.long)
+        first = primed.shape[1]
+        codes[:, :first] = primed
+        prefix = torch.cat([prefix, primed.repeat(2, 1) if guided else primed], dim=1)
     h = decoder.feed(prefix)
-    for step in range(codes.shape[1], model.image_seq_len):
+    for step in range(first, model.image_seq_len):
         logits = decoder.image_logits(h)[:, -1].float()
         if guided:
             cond, uncond = logits[:b], logits[b:]
@@ -163,7 +179,7 @@ def generate_image_codes(
             on_logits(step, logits)
         sample = sample_logits(logits, filter_thres=filter_thres, top_p=top_p,
                                temperature=temperature, generator=generator)
-        codes = torch.cat([codes, sample[:, None]], dim=1)
+        codes[:, step] = sample
         if progress is not None:
             progress(1)
         if step + 1 < model.image_seq_len:
