@@ -307,15 +307,9 @@ static Product product256(const float* x, int64_t M, int64_t K, const W* wp, int
   return p;
 }
 
-static Product make_product_of(bool avx512, const at::Tensor& wp, const void* x, int64_t M, const Epilogue& e);
-
 // The product of a packed weight for M rows of x (bf16 pairs for the native bf16 layout, fp32
 // otherwise), with e's bias, residual and output.
 static Product make_product(bool avx512, const at::Tensor& wp, const void* x, int64_t M, const Epilogue& e) {
-  return make_product_of(avx512, wp, x, M, e);
-}
-
-static Product make_product_of(bool avx512, const at::Tensor& wp, const void* x, int64_t M, const Epilogue& e) {
   int64_t NB = wp.size(0), K = wp.size(1);
   if (wp.dim() == 4) return product_bf16((const uint32_t*)x, M, K, (const uint16_t*)wp.data_ptr(), NB, e);
   bool w16 = wp.scalar_type() == at::kBFloat16;
@@ -852,32 +846,29 @@ class Stack {
       xn_in.push_back(wide ? at::empty({B, D}, fopt) : xn.back());
     }
     auto P = [](const at::Tensor& t) { return (T*)t.data_ptr(); };
-    // The four products of each layer, on these buffers (those that read a LayerNorm's output,
-    // one per thread: products[4 * l + k] for the others, thread t's at [4 * (nl * (t + 1) + l) + k])
-    std::vector<Product> products;
+    // The four products of each layer on these buffers: the output projection and the
+    // second feed-forward product (shared[2 l], shared[2 l + 1]); the two that read a
+    // LayerNorm's output, for each thread's own copy of it (normed[t][2 l], normed[t][2 l + 1])
+    std::vector<Product> shared;
+    std::vector<std::vector<Product>> normed(threads);
     std::vector<at::Tensor> keep;  // contiguous biases
-    auto make = [&](const at::Tensor& w, const at::Tensor& in, const std::optional<at::Tensor>& bias,
-                    const at::Tensor* res, const at::Tensor& y) {
+    auto make = [&](std::vector<Product>& into, const at::Tensor& w, const at::Tensor& in,
+                    const std::optional<at::Tensor>& bias, const at::Tensor* res, const at::Tensor& y) {
       at::Tensor b, r;
       Epilogue e = epilogue_for(w, native, bias, res ? std::optional<at::Tensor>(*res) : std::nullopt,
                                 b, r, x.scalar_type(), B);
       e.y = y.data_ptr();
       keep.push_back(b);
-      products.push_back(make_product(avx512_, w, in.data_ptr(), B, e));
+      into.push_back(make_product(avx512_, w, in.data_ptr(), B, e));
     };
     for (const StackLayer& w : layers_) {
-      make(w.qkv, xn_in[0], std::nullopt, nullptr, qkv);
-      make(w.out, a_in, w.out_b, &X, Y);
-      make(w.ff_in, xn_in[0], w.ff_in_b, nullptr, f);
-      make(w.ff_out, g_in, w.ff_out_b, &Y, X);
-    }
-    for (int t = 0; t < threads; ++t)
-      for (const StackLayer& w : layers_) {
-        make(w.qkv, xn_in[t], std::nullopt, nullptr, qkv);
-        products.push_back(Product{});
-        make(w.ff_in, xn_in[t], w.ff_in_b, nullptr, f);
-        products.push_back(Product{});
+      make(shared, w.out, a_in, w.out_b, &X, Y);
+      make(shared, w.ff_out, g_in, w.ff_out_b, &Y, X);
+      for (int t = 0; t < threads; ++t) {
+        make(normed[t], w.qkv, xn_in[t], std::nullopt, nullptr, qkv);
+        make(normed[t], w.ff_in, xn_in[t], w.ff_in_b, nullptr, f);
       }
+    }
     auto norm = [&](int t, const at::Tensor& in, const at::Tensor& nw, const at::Tensor& nb, float eps) {
       layer_norm_rows<T>(P(in), (const T*)nw.data_ptr(), (const T*)nb.data_ptr(), eps, P(xn[t]), B, D);
       if constexpr (bf16) if (wide) widen_rows(P(xn[t]), (float*)xn_in[t].data_ptr(), B * D);
@@ -905,7 +896,7 @@ class Stack {
         keys.add_total();
         norm(t, X, w.ln1_w, w.ln1_b, w.eps1);
         {  // the q/k/v product, unit by unit, this thread's keys and values prefetched between
-          const Product& p = products[4 * (nl * (t + 1) + l)];
+          const Product& p = normed[t][2 * l];
           auto [u0, u1] = share(p.units, t, n);
           // over the last third of the units: earlier, the streamed weights evict them again
           int64_t start = u1 - std::max<int64_t>((u1 - u0) / 3, 1);
@@ -923,10 +914,10 @@ class Stack {
           if constexpr (bf16) if (wide) widen_rows(P(a) + b * HD + h * d, (float*)a_in.data_ptr() + b * HD + h * d, d);
         }
 #pragma omp barrier
-        mine(products[4 * l + 1]);
+        mine(shared[2 * l]);
 #pragma omp barrier
         norm(t, Y, w.ln2_w, w.ln2_b, w.eps2);
-        mine(products[4 * (nl * (t + 1) + l) + 2]);
+        mine(normed[t][2 * l + 1]);
 #pragma omp barrier
         auto [c0, c1] = share((F + 7) / 8, t, n);
         if (c0 < c1) {
@@ -937,7 +928,7 @@ class Stack {
               widen_rows(P(g) + m * F + j0, (float*)g_in.data_ptr() + m * F + j0, j1 - j0);
         }
 #pragma omp barrier
-        mine(products[4 * l + 3]);
+        mine(shared[2 * l + 1]);
 #pragma omp barrier
       }
     }
