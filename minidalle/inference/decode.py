@@ -225,11 +225,9 @@ class _Weights:
         slices = [_key_slices(block.attn) for block in model.transformer.layers]
         if (model.text_emb.weight.device.type == "cpu" and all(s is not None for s in slices)
                 and all(layer.stackable() for layer in self.layers)):
-            first = self.layers[0]
-            self.stack = gemv.new_stack(first.heads, first.dim_head)
-            for layer, layer_slices in zip(self.layers, slices):
-                if self.stack is not None:
-                    layer.add_to(self.stack, layer_slices)
+            self.stack = gemv.new_stack(self.layers[0].heads, self.layers[0].dim_head)
+            for layer, layer_slices in zip(self.layers, slices if self.stack is not None else []):
+                layer.add_to(self.stack, layer_slices)
 
     def linears(self) -> list[_Linear]:
         """Every product of a step, in the order the step runs them."""
