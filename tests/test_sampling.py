@@ -20,12 +20,12 @@ pytestmark = pytest.mark.cpu_paths  # `make test` reruns it with MINIDALLE_CPU f
 TEXT_VOCAB, TEXT_LEN, IMG_TOKENS, FMAP = 12, 5, 7, 3
 
 
-def tiny(attn_types, dtype=torch.float32, registry=None, **attention):
+def tiny(attn_types, dtype=torch.float32, registry=None, image_tokens=IMG_TOKENS, **attention):
     cfg = Config(registry=get_registry(), model=ModelConfig(dim=32, depth=len(attn_types), heads=2, dim_head=8,
                                    text_seq_len=TEXT_LEN, attn_types=list(attn_types)),
                  attention=attention)
     torch.manual_seed(0)
-    m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=IMG_TOKENS, fmap_size=FMAP,
+    m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=image_tokens, fmap_size=FMAP,
                     registry=registry)
     for layer in m.transformer.layers:  # LayerScale 0.1 hides mistakes: make layers count
         layer.scale_attn.data.fill_(1.0)
@@ -228,3 +228,44 @@ def test_kernel_sampler_draws_as_the_pytorch_ops(filter_thres, temperature, monk
     k = max(1, int((1 - filter_thres) * 1000)) if filter_thres > 0 else 1000
     rank = (logits > logits.gather(1, fused[:, None])).sum(1)  # 0 = the largest
     assert (rank < k).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-weights"])
+def test_kernel_generation_loop_draws_as_the_python_loop(precision, rows, monkeypatch):
+    """Where the kernel's stack has the image head (32 image codes: a kernel shape), the
+    whole sampling loop runs in it (LeanDecoder.generate, here 4 positions a call): the same codes
+    as the Python loop (same logits, same uniform numbers), primed or not, and progress is
+    called once a code."""
+    from minidalle.inference import decode
+
+    m = tiny(["axial_row", "full", "axial_col"], image_tokens=32)
+    if precision == "bf16":
+        m = m.to(torch.bfloat16)
+    store = "bf16" if precision == "bf16-weights" else None
+    weights = decode.LeanDecoder(m, store).weights
+    if not weights.stack_head:
+        pytest.skip("the gemv kernel's stack is not used here")
+    text = torch.tensor([[3, 5, 7, 0, 0], [1, 2, 0, 0, 0], [4, 0, 0, 0, 0]])[:rows]
+    prime = torch.tensor([[6, 5]]).expand(rows, -1)
+    calls = {"kernel": 0}
+    original = decode.LeanDecoder.generate
+
+    def counted(self, *a, **k):  # 4 positions a call: several calls an image
+        calls["kernel"] += 1
+        return original(self, *a, chunk=4, **k)
+
+    def draw(**kw):
+        ticks = []
+        codes = generate_image_codes(m, text, seed=9, weight_store=store, progress=ticks.append, **kw)
+        return codes, len(ticks)
+
+    monkeypatch.setattr(decode.LeanDecoder, "generate", counted)
+    fused = [draw(filter_thres=0.5), draw(filter_thres=0.0, temperature=0.8), draw(prime_codes=prime)]
+    assert calls["kernel"] == 3
+    monkeypatch.setattr(decode.LeanDecoder, "generate", lambda *a, **k: None)
+    plain = [draw(filter_thres=0.5), draw(filter_thres=0.0, temperature=0.8), draw(prime_codes=prime)]
+    for (a, na), (b, nb) in zip(fused, plain):
+        assert torch.equal(a, b) and na == nb
+    assert fused[0][1] == FMAP * FMAP and fused[2][1] == FMAP * FMAP - 2
+    assert torch.equal(fused[2][0][:, :2], prime)

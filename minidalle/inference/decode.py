@@ -228,6 +228,13 @@ class _Weights:
             self.stack = gemv.new_stack(self.layers[0].heads, self.layers[0].dim_head)
             for layer, layer_slices in zip(self.layers, slices if self.stack is not None else []):
                 layer.add_to(self.stack, layer_slices)
+        # ... and its image head (final norm and logits), for logits and whole generation loops
+        self.stack_head = (self.stack is not None and self.image_head.packed is not None
+                           and self.norm_out is not None and None not in self.norm_out[:2])
+        if self.stack_head:
+            self.stack.set_head(*self.norm_out[:2], self.norm_out[2], self.image_head.packed,
+                                self.image_head.bias)
+        self.image_tables = None  # (embedding of every image id, of every image position)
 
     def linears(self) -> list[_Linear]:
         """Every product of a step, in the order the step runs them."""
@@ -316,4 +323,50 @@ class LeanDecoder:
     @torch.no_grad()
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
         """As ``model.image_logits(h)``."""
-        return self.weights.image_head(_layer_norm(h, self.weights.norm_out))
+        w = self.weights
+        if w.stack_head and h.dim() == 3 and h.shape[1] == 1 and h.shape[0] <= gemv.MAX_ROWS:
+            # the kernel's head: the same logits as generate()'s loop
+            return w.stack.logits(h[:, 0].contiguous()).to(h.dtype)[:, None]
+        return w.image_head(_layer_norm(h, w.norm_out))
+
+    @torch.no_grad()
+    def generate(self, h: torch.Tensor, cache, count: int, *, k: int, temperature: float,
+                 generator: torch.Generator | None = None, progress=None, chunk: int = 32):
+        """The next ``count`` image codes ``[B, count]`` sampled from hidden states ``h``
+        ``[B, 1, dim]`` (the last fed position), each fed back but the last, by the kernel's
+        stack (``Stack.generate``: logits, a top-``k`` draw as
+        :func:`minidalle.inference.sampling.sample_logits` makes it from the same uniform
+        numbers of ``generator``, the embedding, the step) ``chunk`` positions a call; None
+        where that loop does not apply (then the caller's Python loop runs).
+        ``progress(1)`` is called for each code."""
+        w, b = self.weights, h.shape[0]
+        keys = cache.layers[0].get("k")
+        if (not w.stack_head or gemv.sampler() is None or keys is None or b > gemv.MAX_ROWS
+                or keys.shape[0] != b or keys.dtype not in (torch.float32, torch.bfloat16)
+                or h.dtype != w.layers[0].qkv.dtype or not all(s is not None for s in self.step_slices)
+                or cache.offset + count - 1 > keys.shape[2]):
+            return None
+        if h.dtype == torch.bfloat16 and keys.dtype == torch.float32:
+            for c in cache.layers:  # as in hidden()
+                c["k"], c["v"] = c["k"].bfloat16(), c["v"].bfloat16()
+        if w.image_tables is None:
+            m = self.model
+            w.image_tables = (m.image_emb(torch.arange(m.num_image_tokens)).to(h.dtype).contiguous(),
+                              m.image_pos_emb(0, m.image_seq_len).to(h.dtype).contiguous())
+        emb, pos = w.image_tables
+        ks, vs = [c["k"] for c in cache.layers], [c["v"] for c in cache.layers]
+        first = cache.offset - self.model.text_len  # the image position of the first code
+        state, out, done = h[:, -1].contiguous(), [], 0
+        while done < count:
+            n = min(chunk, count - done)
+            u = torch.rand(n, b, generator=generator)  # the uniforms sample_logits would draw
+            feed_last = done + n < count
+            ids, state = w.stack.generate(state, ks, vs, cache.offset, emb,
+                                          pos[first + done : first + done + n], k, float(temperature),
+                                          u, feed_last)
+            cache.offset += n if feed_last else n - 1
+            out.append(ids)
+            done += n
+            for _ in range(n if progress is not None else 0):
+                progress(1)
+        return torch.cat(out, dim=1)
