@@ -15,7 +15,8 @@ matrix-vector product: the step is bound by memory bandwidth plus per-op overhea
   in one kernel call (:func:`minidalle.inference.gemv.attention_step`) and, where every
   product of every block is the kernel's and there is no sandwich norm, the whole stack of
   blocks in one call a step (:func:`minidalle.inference.gemv.new_stack`; a bf16 model's
-  key/value cache then turns bf16, which holds its bf16 keys and values exactly).
+  key/value cache then turns bf16, which holds its bf16 keys and values exactly), and with
+  the image head, whole stretches of the sampling loop (:meth:`LeanDecoder.generate`).
 
 It shares the model's :class:`~minidalle.model.dalle.KVCache`, so the prompt goes through
 the module forward and the one-position steps through this class. Only standard blocks

@@ -37,11 +37,14 @@ Beside the products, the same source holds the rest of a decoding step for
 given as (start, stop, step) slices, a vectorised exp; :func:`attention_step`) and
 ``Stack`` (:func:`new_stack`): a whole stack of pre-norm blocks for one position in one
 parallel region, each thread taking its share of every product, of the heads and of GEGLU
-(a vectorised erf), with barriers between, the next head's keys and the output product's
-weights prefetched during the attention. That replaced a Python call and five parallel
-loops a layer: at L16 a bf16 step went from 2.35x to 1.5-1.6x its bandwidth floor when the
-machine reads fast (RESULTS, session 10). :func:`one_buffer` lays the packed matrices end to
-end on 2 MB pages (:func:`minidalle.hardware.huge_page_buffer`).
+(a vectorised erf), with barriers between, and each thread's heads' cached keys and
+values prefetched into L2 during its q/k/v product. That replaced a Python call
+and five parallel loops a layer: at L16 a bf16 step went from 2.35x to 1.4-1.6x its
+bandwidth floor when the machine reads fast (RESULTS, session 10). With the image head
+(``Stack.set_head``) it also gives the logits (``Stack.logits``) and runs whole stretches of
+the sampling loop (``Stack.generate``: logits, the top-k draw of :func:`sampler`, the
+embedding, the step). :func:`one_buffer` lays the packed matrices end to end on 2 MB pages
+(:func:`minidalle.hardware.huge_page_buffer`).
 
 The kernel is compiled with ``torch.utils.cpp_extension`` (~20-35 s, needs g++ and ninja)
 and cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, by default
