@@ -13,10 +13,10 @@ pytestmark = pytest.mark.cpu_paths  # `make test` reruns it with MINIDALLE_CPU f
 TEXT_VOCAB, TEXT_LEN, IMG_TOKENS, FMAP = 12, 5, 7, 3
 
 
-def tiny(attn_types, *, sandwich_norm=False, registry=None):
-    cfg = Config(registry=get_registry(), model=ModelConfig(dim=32, depth=len(attn_types), heads=2, dim_head=8,
-                                   text_seq_len=TEXT_LEN, attn_types=list(attn_types),
-                                   sandwich_norm=sandwich_norm))
+def tiny(attn_types, *, sandwich_norm=False, registry=None, heads=2, dim_head=8, ff_mult=4):
+    cfg = Config(registry=get_registry(), model=ModelConfig(dim=32, depth=len(attn_types), heads=heads,
+                                   dim_head=dim_head, ff_mult=ff_mult, text_seq_len=TEXT_LEN,
+                                   attn_types=list(attn_types), sandwich_norm=sandwich_norm))
     torch.manual_seed(0)
     m = build_model(cfg, text_vocab=TEXT_VOCAB, num_image_tokens=IMG_TOKENS, fmap_size=FMAP,
                     registry=registry)
@@ -129,7 +129,7 @@ def test_bf16_weights_close_to_fp32_module_step(sandwich_norm):
     bf16, fp32 = LeanDecoder(m, "bf16").weights, LeanDecoder(m).weights
     linears = [lin for layer in bf16.layers for lin in layer.linears] + [bf16.image_head]
     # 2 bytes a weight where the kernel reads the bf16 copy (7 image rows: not a kernel shape)
-    assert bf16.bytes_read() == sum(lin.shape[0] * lin.shape[1] * (2 if lin.packed is not None else 4)
+    assert bf16.bytes_read() == sum(lin.shape[0] * lin.shape[1] * (2 if lin.stored() else 4)
                                     for lin in linears)
     assert fp32.bytes_read() == 4 * sum(lin.shape[0] * lin.shape[1] for lin in linears)
     assert LeanDecoder(m).weights is fp32 and LeanDecoder(m, "bf16").weights is not fp32
@@ -308,6 +308,72 @@ def test_stack_step_equals_the_per_layer_step(precision, rows):
     for (h1, l1), (h2, l2) in zip(run(False), run(True)):
         torch.testing.assert_close(h2, h1, atol=tol, rtol=tol)
         torch.testing.assert_close(l2, l1, atol=tol, rtol=tol)
+
+
+def _stack_against_per_layer(m, rows_seq=(1, 3, 1)):
+    """The stack's hidden states for a few positions, in turn for the row counts of
+    ``rows_seq`` on one decoder (its buffers rebuilt when the rows change), against the
+    per-layer step's."""
+    decoder = LeanDecoder(m)
+    assert decoder.weights.stack is not None
+    tol = 2e-2 if m.text_emb.weight.dtype == torch.bfloat16 else 1e-5
+    for rows in rows_seq:
+        seq = SEQ.repeat(3, 1)[:rows]
+        got = []
+        for use_stack in (True, False):
+            cache, out, stack = m.new_cache(), [], decoder.weights.stack
+            if not use_stack:
+                decoder.weights.stack = None
+            try:
+                with torch.no_grad():
+                    m.hidden(seq[:, :3], cache=cache)
+                    for i in range(3, seq.shape[1]):
+                        out.append(decoder.hidden(seq[:, i : i + 1], cache).float())
+            finally:
+                decoder.weights.stack = stack
+            got.append(out)
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    return decoder
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("heads, dim_head, ff_mult", [(3, 64, 4), (2, 8, 3)])
+def test_stack_shares_for_any_thread_count_and_layout(heads, dim_head, ff_mult, threads, dtype):
+    """Each thread's share of a block (its heads, its GEGLU columns, its parts of out and
+    ff_out) gives the per-layer step's result for 1-3 shares, where the q/k/v and ff_in
+    units fall on head and column boundaries (dim_head 64; one barrier less each) and where
+    they do not (dim_head 8, a GEGLU width of 96; with 3 shares of 2 heads one has none)."""
+    _fused_or_skip()
+    m = tiny(["axial_row", "full"], heads=heads, dim_head=dim_head, ff_mult=ff_mult).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        decoder = _stack_against_per_layer(m)
+        heads, columns = decoder.weights.stack.shares(32 * ff_mult)
+        assert len(heads) == len(columns) == threads
+        assert [len(p) for p in (decoder.weights.layers[0].out.parts, decoder.weights.layers[0].ff_out.parts)] == [threads] * 2
+    finally:
+        torch.set_num_threads(before)
+    # other thread counts: the weights are split anew
+    assert LeanDecoder(m).weights.threads == before
+
+
+def test_stack_step_in_a_smaller_team():
+    """With fewer threads than shares (asked for here; or a region nested in another), each
+    thread runs several shares one after another between the barriers: the same result."""
+    _fused_or_skip()
+    m = tiny(["axial_row", "full"], heads=3, dim_head=64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        LeanDecoder(m).weights.stack.set_threads(1)
+        _stack_against_per_layer(m)
+        LeanDecoder(m).weights.stack.set_threads(2)
+        _stack_against_per_layer(m)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_stack_step_checks_its_inputs():

@@ -14,8 +14,10 @@ matrix-vector product: the step is bound by memory bandwidth plus per-op overhea
 - no ``nn.Module`` calls; where the kernel is built, the attention of boolean-mask patterns
   in one kernel call (:func:`minidalle.inference.gemv.attention_step`) and, where every
   product of every block is the kernel's and there is no sandwich norm, the whole stack of
-  blocks in one call a step (:func:`minidalle.inference.gemv.new_stack`; a bf16 model's
-  key/value cache then turns bf16, which holds its bf16 keys and values exactly), and with
+  blocks in one call a step (:func:`minidalle.inference.gemv.new_stack`, split into one
+  share a thread of torch's thread count when the weights are prepared: the output
+  projections then keep one packed matrix of input columns a share; a bf16 model's
+  key/value cache turns bf16, which holds its bf16 keys and values exactly), and with
   the image head, whole stretches of the sampling loop (:meth:`LeanDecoder.generate`).
 
 It shares the model's :class:`~minidalle.model.dalle.KVCache`, so the prompt goes through
@@ -97,6 +99,23 @@ class _Linear:
         self.gemv = None if self.packed is None else gemv.function()  # ~1 us a call
         self.onednn = _use_onednn(weight)
         self.weight = None if self.packed is not None else self._prepare(weight)
+        self.parts = None  # the packed weight split by input columns for the kernel's stack
+
+    def split(self, bounds: list) -> None:
+        """Keep the packed weight as one matrix of input columns ``[a, b)`` a share of the
+        kernel's stack (:func:`minidalle.inference.gemv.split_columns`), which then runs it;
+        a call here multiplies by the weight unpacked from them."""
+        self.parts = gemv.split_columns(self.packed, bounds)
+        self.packed, self.gemv = None, None
+
+    def _unpacked(self) -> torch.Tensor:
+        if self.parts is not None:
+            return torch.cat([gemv.unpack(p) for p in self.parts], dim=1)
+        return gemv.unpack(self.packed)
+
+    def stored(self) -> list[torch.Tensor]:
+        """The kernel's packed matrices of this product (none where it does not serve it)."""
+        return self.parts if self.parts is not None else [] if self.packed is None else [self.packed]
 
     def _prepare(self, weight):
         weight = weight.to(torch.bfloat16).to(self.dtype) if self.rounded else weight.to(self.dtype)
@@ -107,7 +126,7 @@ class _Linear:
                 and x.numel() <= gemv.MAX_ROWS * x.shape[-1]):
             return self.gemv(x, self.packed, self.bias, residual)
         if self.weight is None:
-            self.weight = self._prepare(gemv.unpack(self.packed))
+            self.weight = self._prepare(self._unpacked())
         if not self.onednn:
             y = F.linear(x, self.weight, self.bias)
             return y if residual is None else y + residual
@@ -118,7 +137,8 @@ class _Linear:
     @property
     def bytes_read(self) -> int:
         """Bytes of weight one product reads (the stored dtype's where the kernel serves)."""
-        size = self.packed.element_size() if self.packed is not None else self.dtype.itemsize
+        stored = self.stored()
+        size = stored[0].element_size() if stored else self.dtype.itemsize
         return self.shape[0] * self.shape[1] * size
 
 
@@ -167,8 +187,8 @@ class _LayerWeights:
                 and all(n is not None and n[0] is not None and n[1] is not None for n in norms))
 
     def add_to(self, stack, slices: list) -> None:
-        stack.add(*self.norm_attn, self.qkv.packed, self.out.packed, self.out.bias, *self.norm_ff,
-                  self.ff_in.packed, self.ff_in.bias, self.ff_out.packed, self.ff_out.bias, slices)
+        stack.add(*self.norm_attn, self.qkv.packed, self.out.parts, self.out.bias, *self.norm_ff,
+                  self.ff_in.packed, self.ff_in.bias, self.ff_out.parts, self.ff_out.bias, slices)
 
     def step(self, x: torch.Tensor, attend, offset: int, cache: dict,
              step_slices: list | None = None) -> torch.Tensor:
@@ -211,23 +231,36 @@ def _key_slices(attn) -> list | None:
 class _Weights:
     def __init__(self, model, store: str | None):
         self.layers = [_LayerWeights(block, store) for block in model.transformer.layers]
+        self.threads = torch.get_num_threads()
         n = model.num_text_tokens
         self.norm_out = _norm(model.norm_out)
         b = model.to_logits.bias
         self.image_head = _Linear(model.to_logits.weight[n:].contiguous(),
                                   None if b is None else b[n:].contiguous(), store)
-        # The kernel's packed matrices end to end in step order, on huge pages where granted
-        kernel_linears = [lin for lin in self.linears() if lin.packed is not None]
-        for lin, moved in zip(kernel_linears, gemv.one_buffer([lin.packed for lin in kernel_linears])):
-            lin.packed = moved
         # The kernel's whole-stack step, where it runs every block and every layer's attention
-        # steps by key slices (see LeanDecoder)
+        # steps by key slices (see LeanDecoder): out and ff_out then split by the input columns
+        # of each thread's share
         self.stack = None
         slices = [_key_slices(block.attn) for block in model.transformer.layers]
         if (model.text_emb.weight.device.type == "cpu" and all(s is not None for s in slices)
                 and all(layer.stackable() for layer in self.layers)):
             self.stack = gemv.new_stack(self.layers[0].heads, self.layers[0].dim_head)
-            for layer, layer_slices in zip(self.layers, slices if self.stack is not None else []):
+        if self.stack is not None:
+            d = self.layers[0].dim_head
+            heads, columns = self.stack.shares(self.layers[0].ff_out.shape[1])
+            for layer in self.layers:
+                layer.out.split([(h0 * d, h1 * d) for h0, h1 in heads])
+                layer.ff_out.split(columns)
+        # The kernel's packed matrices end to end in step order, on huge pages where granted
+        kernel_linears = [lin for lin in self.linears() if lin.stored()]
+        moved = iter(gemv.one_buffer([p for lin in kernel_linears for p in lin.stored()]))
+        for lin in kernel_linears:
+            if lin.parts is not None:
+                lin.parts = [next(moved) for _ in lin.parts]
+            else:
+                lin.packed = next(moved)
+        if self.stack is not None:
+            for layer, layer_slices in zip(self.layers, slices):
                 layer.add_to(self.stack, layer_slices)
         # ... and its image head (final norm and logits), for logits and whole generation loops
         self.stack_head = (self.stack is not None and self.image_head.packed is not None
@@ -257,7 +290,8 @@ def _weights(model, store: str | None) -> _Weights:
     versions = [p._version for p in params]
     hit = _built.get(model, {}).get(store)
     if hit is not None and hit[1] == versions and len(hit[0]) == len(params) and all(
-            a.data_ptr() == b.data_ptr() and a.dtype == b.dtype for a, b in zip(hit[0], params)):
+            a.data_ptr() == b.data_ptr() and a.dtype == b.dtype for a, b in zip(hit[0], params)
+    ) and hit[2].threads == torch.get_num_threads():  # a stack's shares are per thread
         return hit[2]
     _built.pop(model, None)  # free the old weights (of every store) first
     with torch.no_grad():

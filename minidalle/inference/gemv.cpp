@@ -9,6 +9,9 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <algorithm>
+#include <cstring>
+#include <atomic>
+#include <memory>
 #include <functional>
 #include <optional>
 #include <type_traits>
@@ -77,7 +80,7 @@ constexpr int64_t CHUNK = 64;
 
 // AVX-512: y[m, n0:n0+16*RB] for RB blocks of 16 output rows starting at block nb0.
 template <typename W, int M, int RB>
-KERNEL512 static void blocks512(const float* x, int64_t K, const W* w, int64_t stride,
+KERNEL512 static void blocks512(const float* x, int64_t xs, int64_t K, const W* w, int64_t stride,
                                 int64_t nb0, const Epilogue& e) {
   __m512 acc[M][RB];
   for (int m = 0; m < M; ++m)
@@ -90,7 +93,7 @@ KERNEL512 static void blocks512(const float* x, int64_t K, const W* w, int64_t s
       __m512 wv[RB];
       for (int r = 0; r < RB; ++r) wv[r] = load512(w + k * stride + r * 16);
       for (int m = 0; m < M; ++m) {
-        __m512 xv = _mm512_set1_ps(x[m * K + k]);
+        __m512 xv = _mm512_set1_ps(x[m * xs + k]);
         for (int r = 0; r < RB; ++r) part[m][r] = _mm512_fmadd_ps(xv, wv[r], part[m][r]);
       }
     }
@@ -121,7 +124,7 @@ static Epilogue rows_from(const Epilogue& e, int64_t m0) {
 // blocks, or of vectors for AVX2) that threads take in contiguous ranges: at::parallel_for
 // for one product, or a share of each product inside the decoding step's parallel region.
 struct Product {
-  int64_t units = 0;
+  int64_t units = 0, rows = 0;  // rows: output rows per unit (the last unit may have fewer)
   std::function<void(int64_t, int64_t)> run;
 };
 
@@ -182,7 +185,7 @@ KERNEL static inline __m512 widen(const uint16_t* p) {  // 16 bf16 -> fp32
 
 // y[m, rows of S blocks from block nb0] from the group's weights w.
 template <int M, int S>
-KERNEL static void group_bf16(const uint32_t* x, int64_t K2, const uint16_t* w, int64_t nb0,
+KERNEL static void group_bf16(const uint32_t* x, int64_t xs, int64_t K2, const uint16_t* w, int64_t nb0,
                               const Epilogue& e) {
   __m512 acc[M][S];
   for (int m = 0; m < M; ++m)
@@ -191,7 +194,7 @@ KERNEL static void group_bf16(const uint32_t* x, int64_t K2, const uint16_t* w, 
     __m512i wv[S];
     for (int r = 0; r < S; ++r) wv[r] = _mm512_loadu_si512(w + (k * S + r) * 32);
     for (int m = 0; m < M; ++m) {
-      __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * K2 + k]);  // (x[2k], x[2k+1])
+      __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * xs + k]);  // (x[2k], x[2k+1])
       for (int r = 0; r < S; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, (__m512bh)wv[r]);
     }
   }
@@ -202,23 +205,25 @@ KERNEL static void group_bf16(const uint32_t* x, int64_t K2, const uint16_t* w, 
     for (int m = 0; m < M; ++m) {
       __m512 v = _mm512_add_ps(acc[m][r], b);
       if (res) v = _mm512_add_ps(v, widen(res + m * e.N + n0));
-      _mm256_storeu_si256((__m256i*)((uint16_t*)e.y + m * e.N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+      if (e.y16) _mm256_storeu_si256((__m256i*)((uint16_t*)e.y + m * e.N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+      else _mm512_storeu_ps((float*)e.y + m * e.N + n0, v);  // a partial sum
     }
   }
 }
 
-static Product product_bf16(const uint32_t* x, int64_t M, int64_t K2, const uint16_t* wp, int64_t NB,
-                            Epilogue e) {
+static Product product_bf16(const uint32_t* x, int64_t xs, int64_t M, int64_t K2, const uint16_t* wp,
+                            int64_t NB, Epilogue e) {
   Product p;
   p.units = (NB + GROUP - 1) / GROUP;
+  p.rows = GROUP * 16;
   p.run = [=](int64_t g0, int64_t g1) {
     by_rows(M, [&](auto m) {
       for (int64_t g = g0; g < g1; ++g) {
         int64_t b0 = g * GROUP;
         const uint16_t* w = wp + b0 * K2 * 32;
         by_size(std::min(GROUP, NB - b0), [&](auto s) {
-          in_row_halves<decltype(m)::value>(x, K2, e, [&](auto r, const uint32_t* xr, const Epilogue& er) {
-            group_bf16<decltype(r)::value, decltype(s)::value>(xr, K2, w, b0, er);
+          in_row_halves<decltype(m)::value>(x, xs, e, [&](auto r, const uint32_t* xr, const Epilogue& er) {
+            group_bf16<decltype(r)::value, decltype(s)::value>(xr, xs, K2, w, b0, er);
           });
         });
       }
@@ -229,17 +234,19 @@ static Product product_bf16(const uint32_t* x, int64_t M, int64_t K2, const uint
 
 // ---- fp32 arithmetic, AVX-512: groups [K, S, 16] of fp32 or bf16-stored weights.
 template <typename W>
-static Product product512(const float* x, int64_t M, int64_t K, const W* wp, int64_t NB, Epilogue e) {
+static Product product512(const float* x, int64_t xs, int64_t M, int64_t K, const W* wp, int64_t NB,
+                          Epilogue e) {
   Product p;
   p.units = (NB + GROUP - 1) / GROUP;
+  p.rows = GROUP * 16;
   p.run = [=](int64_t g0, int64_t g1) {
     by_rows(M, [&](auto m) {
       for (int64_t g = g0; g < g1; ++g) {
         int64_t b0 = g * GROUP, size = std::min(GROUP, NB - b0);
         const W* w = wp + b0 * K * 16;
         by_size(size, [&](auto s) {
-          in_row_halves<decltype(m)::value>(x, K, e, [&](auto r, const float* xr, const Epilogue& er) {
-            blocks512<W, decltype(r)::value, decltype(s)::value>(xr, K, w, size * 16, b0, er);
+          in_row_halves<decltype(m)::value>(x, xs, e, [&](auto r, const float* xr, const Epilogue& er) {
+            blocks512<W, decltype(r)::value, decltype(s)::value>(xr, xs, K, w, size * 16, b0, er);
           });
         });
       }
@@ -251,7 +258,7 @@ static Product product512(const float* x, int64_t M, int64_t K, const W* wp, int
 // AVX2: y[m, 8v:8v+8] for V vectors of 8 output rows from vector v0 (vector v: half v % 2
 // of block v / 2). 16 registers: M x V accumulators + V weights + one x stay below 16.
 template <typename W, int M, int V>
-KERNEL256 static void vectors256(const float* x, int64_t K, const W* wp, int64_t v0,
+KERNEL256 static void vectors256(const float* x, int64_t xs, int64_t K, const W* wp, int64_t v0,
                                  const Epilogue& e) {
   const W* w[V];
   for (int j = 0; j < V; ++j) w[j] = wp + ((v0 + j) >> 1) * K * 16 + ((v0 + j) & 1) * 8;
@@ -266,7 +273,7 @@ KERNEL256 static void vectors256(const float* x, int64_t K, const W* wp, int64_t
       __m256 wv[V];
       for (int j = 0; j < V; ++j) wv[j] = load256(w[j] + k * 16);
       for (int m = 0; m < M; ++m) {
-        __m256 xv = _mm256_broadcast_ss(x + m * K + k);
+        __m256 xv = _mm256_broadcast_ss(x + m * xs + k);
         for (int j = 0; j < V; ++j) part[m][j] = _mm256_fmadd_ps(xv, wv[j], part[m][j]);
       }
     }
@@ -290,17 +297,19 @@ static inline int64_t vectors_per_unit(int64_t M) { return M == 1 ? 8 : M == 2 ?
 
 // ---- fp32 arithmetic, AVX2 + FMA: blocks [K, 16] one after another, units of V vectors.
 template <typename W>
-static Product product256(const float* x, int64_t M, int64_t K, const W* wp, int64_t NB, Epilogue e) {
+static Product product256(const float* x, int64_t xs, int64_t M, int64_t K, const W* wp, int64_t NB,
+                          Epilogue e) {
   Product p;
   int64_t V = vectors_per_unit(M), NV = 2 * NB;
   p.units = (NV + V - 1) / V;
+  p.rows = V * 8;
   p.run = [=](int64_t g0, int64_t g1) {
     by_rows(M, [&](auto m) {
       constexpr int R = decltype(m)::value;
       constexpr int VV = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;
       for (int64_t g = g0; g < g1; ++g) {
-        if ((g + 1) * VV <= NV) vectors256<W, R, VV>(x, K, wp, g * VV, e);
-        else for (int64_t v = g * VV; v < NV; ++v) vectors256<W, R, 1>(x, K, wp, v, e);
+        if ((g + 1) * VV <= NV) vectors256<W, R, VV>(x, xs, K, wp, g * VV, e);
+        else for (int64_t v = g * VV; v < NV; ++v) vectors256<W, R, 1>(x, xs, K, wp, v, e);
       }
     });
   };
@@ -308,18 +317,25 @@ static Product product256(const float* x, int64_t M, int64_t K, const W* wp, int
 }
 
 // The product of a packed weight for M rows of x (bf16 pairs for the native bf16 layout, fp32
-// otherwise), with e's bias, residual and output.
-static Product make_product(bool avx512, const at::Tensor& wp, const void* x, int64_t M, const Epilogue& e) {
+// otherwise), with e's bias, residual and output. x's rows are `x_stride` elements apart
+// (default: the weight's K; more where the weight takes a slice of x's columns).
+static Product make_product(bool avx512, const at::Tensor& wp, const void* x, int64_t M, const Epilogue& e,
+                            int64_t x_stride = -1) {
   int64_t NB = wp.size(0), K = wp.size(1);
-  if (wp.dim() == 4) return product_bf16((const uint32_t*)x, M, K, (const uint16_t*)wp.data_ptr(), NB, e);
+  bool native = wp.dim() == 4;
+  int64_t xs = x_stride < 0 ? (native ? 2 * K : K) : x_stride;
+  if (native) {
+    TORCH_CHECK(xs % 2 == 0, "a native bf16 product takes rows of whole pairs");
+    return product_bf16((const uint32_t*)x, xs / 2, M, K, (const uint16_t*)wp.data_ptr(), NB, e);
+  }
   bool w16 = wp.scalar_type() == at::kBFloat16;
   auto xf = (const float*)x;
   if (avx512) {
-    if (w16) return product512<uint16_t>(xf, M, K, (const uint16_t*)wp.data_ptr(), NB, e);
-    return product512<float>(xf, M, K, (const float*)wp.data_ptr(), NB, e);
+    if (w16) return product512<uint16_t>(xf, xs, M, K, (const uint16_t*)wp.data_ptr(), NB, e);
+    return product512<float>(xf, xs, M, K, (const float*)wp.data_ptr(), NB, e);
   }
-  if (w16) return product256<uint16_t>(xf, M, K, (const uint16_t*)wp.data_ptr(), NB, e);
-  return product256<float>(xf, M, K, (const float*)wp.data_ptr(), NB, e);
+  if (w16) return product256<uint16_t>(xf, xs, M, K, (const uint16_t*)wp.data_ptr(), NB, e);
+  return product256<float>(xf, xs, M, K, (const float*)wp.data_ptr(), NB, e);
 }
 
 static void run_parallel(const Product& p) {
@@ -476,18 +492,38 @@ AVX2 static void geglu_cols(const T* x, T* y, int64_t rows, int64_t F, int64_t j
   }
 }
 
+AVX2 static inline float sum8(__m256 v) {  // the sum of the 8 lanes
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
 // LayerNorm of rows of D in fp32 (two passes), weight and bias in T, out in T.
 template <typename T>
 AVX2 static void layer_norm_rows(const T* x, const T* w, const T* b, float eps, T* y,
                                  int64_t rows, int64_t D) {
   for (int64_t m = 0; m < rows; ++m) {
     const T* r = x + m * D;
-    float mean = 0.f, var = 0.f;
-    for (int64_t j = 0; j < D; ++j) mean += (float)r[j];
+    T* out = y + m * D;
+    int64_t v = D / 8 * 8;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t j = 0; j < v; j += 8) s = _mm256_add_ps(s, load8(r + j));
+    float mean = sum8(s);
+    for (int64_t j = v; j < D; ++j) mean += (float)r[j];
     mean /= D;
-    for (int64_t j = 0; j < D; ++j) { float c = (float)r[j] - mean; var += c * c; }
+    __m256 mu = _mm256_set1_ps(mean);
+    s = _mm256_setzero_ps();
+    for (int64_t j = 0; j < v; j += 8) {
+      __m256 c = _mm256_sub_ps(load8(r + j), mu);
+      s = _mm256_fmadd_ps(c, c, s);
+    }
+    float var = sum8(s);
+    for (int64_t j = v; j < D; ++j) { float c = (float)r[j] - mean; var += c * c; }
     float rstd = 1.f / std::sqrt(var / D + eps);
-    for (int64_t j = 0; j < D; ++j) y[m * D + j] = (T)(((float)r[j] - mean) * rstd * (float)w[j] + (float)b[j]);
+    __m256 rs = _mm256_set1_ps(rstd);
+    for (int64_t j = 0; j < v; j += 8)
+      store8(out + j, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(load8(r + j), mu), rs), load8(w + j), load8(b + j)));
+    for (int64_t j = v; j < D; ++j) out[j] = (T)(((float)r[j] - mean) * rstd * (float)w[j] + (float)b[j]);
   }
 }
 
@@ -712,18 +748,47 @@ at::Tensor geglu(const at::Tensor& h_) {
   return y;
 }
 
+struct alignas(64) Claim {  // a share of a split product: its next unit, whether its inputs are ready
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> ready{false};
+};
+
+// y[m] = the partial sums parts[c][m] (in order) + bias + res[m], rounded once to T: rows of D.
+template <typename T>
+AVX2 static void add_partials(const std::vector<const float*>& parts, const float* bias, const T* res, T* y,
+                              int64_t rows, int64_t D) {
+  for (int64_t m = 0; m < rows; ++m) {
+    int64_t j = 0, o = m * D;
+    for (; j + 8 <= D; j += 8) {
+      __m256 v = _mm256_loadu_ps(parts[0] + o + j);
+      for (size_t c = 1; c < parts.size(); ++c) v = _mm256_add_ps(v, _mm256_loadu_ps(parts[c] + o + j));
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+      store8(y + o + j, _mm256_add_ps(v, load8(res + o + j)));
+    }
+    for (; j < D; ++j) {
+      float v = parts[0][o + j];
+      for (size_t c = 1; c < parts.size(); ++c) v += parts[c][o + j];
+      if (bias) v += bias[j];
+      y[o + j] = (T)(v + (float)res[o + j]);
+    }
+  }
+}
+
 // ---- A decoding step of a whole stack of pre-norm blocks, in one parallel region.
 // Each block: x + out(attn(LN1 x)), then + ff_out(geglu(ff_in(LN2 x))), LayerScale folded into
-// the output products. Every thread takes its share of each product (the same split as
-// at::parallel_for), of the heads and of GEGLU's columns, with a barrier wherever the next
-// part needs all of the last: one region a step instead of five parallel loops and a Python
-// call a layer (which cost 15-25% of an L16 step's weight streaming when the machine reads
-// fast: RESULTS, session 10).
+// the output products. Every thread takes one share of each block (see run()): one region a
+// step instead of five parallel loops and a Python call a layer (which cost 15-25% of an L16
+// step's weight streaming when the machine reads fast: RESULTS, session 10), two barriers a
+// block instead of six (session 11).
 struct StackLayer {
-  at::Tensor ln1_w, ln1_b, qkv, out, ln2_w, ln2_b, ff_in, ff_out;
-  std::optional<at::Tensor> out_b, ff_in_b, ff_out_b;
+  at::Tensor ln1_w, ln1_b, qkv;
+  std::vector<at::Tensor> out;  // per share: the columns of its heads' inputs
+  at::Tensor ln2_w, ln2_b, ff_in;
+  std::vector<at::Tensor> ff_out;  // per share: the columns of its GEGLU outputs
+  std::optional<at::Tensor> ff_in_b;
   float eps1, eps2;
   std::vector<std::vector<int64_t>> slices;  // per position: the keys as (start, stop, step)
+  at::Tensor out_b32, ff_out_b32;  // the split products' biases in fp32 (undefined: none)
 };
 
 // The byte ranges of one head's keys and values at `slices` (for KeyPrefetch).
@@ -769,33 +834,83 @@ static void widen_rows(const c10::BFloat16* in, float* out, int64_t n) {
 
 class Stack {
  public:
-  Stack(bool avx512, int64_t heads, int64_t dim_head) : avx512_(avx512), H_(heads), d_(dim_head) {}
+  // `splits`: the shares each block's work is cut into, one per thread (the threads a step
+  // runs; fewer threads take several shares, more are left idle).
+  Stack(bool avx512, int64_t heads, int64_t dim_head, int64_t splits)
+      : avx512_(avx512), H_(heads), d_(dim_head), splits_(splits), team_(splits) {
+    TORCH_CHECK(heads >= 1 && dim_head >= 1 && splits >= 1 && splits <= 256, "Stack: bad shape");
+  }
+
+  // The threads a step asks for (default: one a share; fewer run several shares each).
+  void set_threads(int64_t n) {
+    TORCH_CHECK(n >= 1, "Stack.set_threads: at least one thread");
+    team_ = n;
+  }
+
+  // Share t's heads [h0, h1) and GEGLU columns [j0, j1) for a feed-forward width F: the inputs
+  // of its parts of the output projection and of the second feed-forward product, which
+  // add() takes packed separately (`out` and `ff_out`: one matrix of those columns a share).
+  // Columns go by 64 (a unit's rows in every kernel) where F allows, else by 8.
+  std::pair<std::vector<std::pair<int64_t, int64_t>>, std::vector<std::pair<int64_t, int64_t>>>
+  shares(int64_t F) const {
+    std::vector<std::pair<int64_t, int64_t>> heads, columns;
+    int64_t step = F % 64 == 0 ? 64 : 8;
+    for (int t = 0; t < splits_; ++t) {
+      heads.push_back(share(H_, t, (int)splits_));
+      auto [c0, c1] = share((F + step - 1) / step, t, (int)splits_);
+      columns.push_back({std::min(F, c0 * step), std::min(F, c1 * step)});
+    }
+    return {heads, columns};
+  }
 
   void add(const at::Tensor& ln1_w, const at::Tensor& ln1_b, double eps1, const at::Tensor& qkv,
-           const at::Tensor& out, const std::optional<at::Tensor>& out_b, const at::Tensor& ln2_w,
-           const at::Tensor& ln2_b, double eps2, const at::Tensor& ff_in,
-           const std::optional<at::Tensor>& ff_in_b, const at::Tensor& ff_out,
+           const std::vector<at::Tensor>& out, const std::optional<at::Tensor>& out_b,
+           const at::Tensor& ln2_w, const at::Tensor& ln2_b, double eps2, const at::Tensor& ff_in,
+           const std::optional<at::Tensor>& ff_in_b, const std::vector<at::Tensor>& ff_out,
            const std::optional<at::Tensor>& ff_out_b, std::vector<std::vector<int64_t>> slices) {
-    for (const at::Tensor* w : {&qkv, &out, &ff_in, &ff_out}) {
+    TORCH_CHECK((int64_t)out.size() == splits_ && (int64_t)ff_out.size() == splits_,
+                "Stack.add: one part of out and of ff_out a share");
+    std::vector<const at::Tensor*> all = {&qkv, &ff_in};
+    for (int t = 0; t < splits_; ++t) all.insert(all.end(), {&out[t], &ff_out[t]});
+    for (const at::Tensor* w : all) {
       check_packed(*w);
       TORCH_CHECK(w->dim() == qkv.dim() && w->scalar_type() == qkv.scalar_type()
                   && (avx512_ || w->dim() == 3), "Stack.add: the products' layouts differ");
     }
     int64_t D = ln1_w.numel(), HD = H_ * d_, F = ff_in.size(0) * 8;
-    TORCH_CHECK(layers_.empty() || D == D_, "Stack.add: another width");
+    TORCH_CHECK(layers_.empty() || (D == D_ && F == F_), "Stack.add: another width");
     D_ = D;
-    TORCH_CHECK(packed_k(qkv) == D && qkv.size(0) * 16 == 3 * HD && packed_k(out) == HD
-                && out.size(0) * 16 == D && packed_k(ff_in) == D && packed_k(ff_out) == F
-                && ff_out.size(0) * 16 == D, "Stack.add: the products' shapes do not chain");
+    F_ = F;
+    TORCH_CHECK(packed_k(qkv) == D && qkv.size(0) * 16 == 3 * HD && packed_k(ff_in) == D,
+                "Stack.add: the products' shapes do not chain");
+    auto [heads, columns] = shares(F);
+    for (int t = 0; t < splits_; ++t)
+      TORCH_CHECK(packed_k(out[t]) == (heads[t].second - heads[t].first) * d_ && out[t].size(0) * 16 == D
+                  && packed_k(ff_out[t]) == columns[t].second - columns[t].first && ff_out[t].size(0) * 16 == D,
+                  "Stack.add: out and ff_out must be split as shares() says");
     for (const at::Tensor* t : {&ln1_w, &ln1_b, &ln2_w, &ln2_b})
       TORCH_CHECK(t->is_contiguous() && t->numel() == D && t->scalar_type() == ln1_w.scalar_type(),
                   "Stack.add: bad norm");
-    layers_.push_back({ln1_w, ln1_b, qkv, out, ln2_w, ln2_b, ff_in, ff_out, out_b, ff_in_b, ff_out_b,
-                       (float)eps1, (float)eps2, std::move(slices)});
+    TORCH_CHECK(qkv.dim() == 3 || d_ % 2 == 0, "Stack.add: the native bf16 layout needs an even dim_head");
+    auto wide = [](const std::optional<at::Tensor>& b) { return b ? b->to(at::kFloat).contiguous() : at::Tensor(); };
+    ws_.reset();
+    layers_.push_back({ln1_w, ln1_b, qkv, out, ln2_w, ln2_b, ff_in, ff_out, ff_in_b,
+                       (float)eps1, (float)eps2, std::move(slices), wide(out_b), wide(ff_out_b)});
   }
 
   at::Tensor step(const at::Tensor& x, const std::vector<at::Tensor>& ks,
                   const std::vector<at::Tensor>& vs, int64_t offset) {
+    return std::get<0>(step_and_head(x, ks, vs, offset, false));
+  }
+
+  // The step, and with `head` the image logits of its output in the same parallel region
+  // (each thread's share of the head's rows right after its last product, the weights
+  // streamed on: called on its own after a step, the head's 1 MB at L16 took 130-190 us, its
+  // weights cold, against 20 us warm).
+  std::tuple<at::Tensor, at::Tensor> step_and_head(const at::Tensor& x, const std::vector<at::Tensor>& ks,
+                                                   const std::vector<at::Tensor>& vs, int64_t offset,
+                                                   bool head) {
+    TORCH_CHECK(!head || head_.has_value(), "Stack.step: no head");
     TORCH_CHECK(!layers_.empty() && ks.size() == layers_.size() && vs.size() == layers_.size(),
                 "Stack.step: one key and one value cache a layer");
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) >= 1 && x.size(0) <= 8
@@ -804,9 +919,9 @@ class Stack {
                 "Stack.step: bad input");
     bool cache16 = ks[0].scalar_type() == at::kBFloat16;
     if (x.scalar_type() == at::kFloat)
-      return cache16 ? run<float, c10::BFloat16>(x, ks, vs, offset) : run<float, float>(x, ks, vs, offset);
-    return cache16 ? run<c10::BFloat16, c10::BFloat16>(x, ks, vs, offset)
-                   : run<c10::BFloat16, float>(x, ks, vs, offset);
+      return cache16 ? run<float, c10::BFloat16>(x, ks, vs, offset, head) : run<float, float>(x, ks, vs, offset, head);
+    return cache16 ? run<c10::BFloat16, c10::BFloat16>(x, ks, vs, offset, head)
+                   : run<c10::BFloat16, float>(x, ks, vs, offset, head);
   }
 
   // The image head: the final LayerNorm and the image logits' packed product (for logits()
@@ -819,6 +934,7 @@ class Stack {
                 && norm_b.numel() == D_ && norm_w.is_contiguous() && norm_b.is_contiguous()
                 && norm_w.scalar_type() == layers_[0].ln1_w.scalar_type()
                 && norm_b.scalar_type() == norm_w.scalar_type(), "Stack.set_head: bad head");
+    ws_.reset();
     head_ = {norm_w, norm_b, head, head_b, (float)eps};
   }
 
@@ -860,8 +976,9 @@ class Stack {
                 "Stack.generate: bad embeddings");
     auto ids = at::empty({B, n}, h.options().dtype(at::kLong));
     auto x = at::empty_like(h);
+    auto lg = logits(h);
     for (int64_t s = 0; s < n; ++s) {
-      auto drawn = sample_top_k(logits(h), k, temperature, u[s]);
+      auto drawn = sample_top_k(lg, k, temperature, u[s]);
       const int64_t* id = (const int64_t*)drawn.data_ptr();
       for (int64_t b = 0; b < B; ++b) {
         TORCH_CHECK(id[b] >= 0 && id[b] < emb.size(0), "Stack.generate: an id past the embedding");
@@ -879,7 +996,7 @@ class Stack {
           for (int64_t j = 0; j < D_; ++j) y[j] = (c10::BFloat16)((float)e[j] + (float)p[j]);
         }
       }
-      h = step(x, ks, vs, offset + s);
+      std::tie(h, lg) = step_and_head(x, ks, vs, offset + s, s + 1 < n);
     }
     return {ids, h};
   }
@@ -892,9 +1009,17 @@ class Stack {
   };
   std::optional<Head> head_;
 
+  // Thread t of n takes heads [h0, h1) (of every row) and a share of GEGLU's columns, and
+  // computes the q/k/v rows and feed-forward input rows those need; the output projection
+  // and the second feed-forward product split their inputs the same way: each thread's
+  // partial sums over its own heads' (columns') inputs, which every thread then adds up with
+  // the bias and residual itself. Where the products' units fall on head and column
+  // boundaries (dim_head and the GEGLU width multiples of a unit's rows: 64 at L16) a block
+  // needs two barriers, one after each partial sum; otherwise one more after each of the
+  // q/k/v and feed-forward input products.
   template <typename T, typename C>
-  at::Tensor run(const at::Tensor& x, const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
-                 int64_t offset) {
+  std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const std::vector<at::Tensor>& ks,
+                                         const std::vector<at::Tensor>& vs, int64_t offset, bool head) {
     constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
     const int64_t B = x.size(0), D = D_, H = H_, d = d_, HD = H * d, nl = layers_.size();
     const int64_t F = layers_[0].ff_in.size(0) * 8;
@@ -914,111 +1039,219 @@ class Stack {
       counts[l] = count_keys(layers_[l].slices[offset], offset);
       most = std::max(most, counts[l]);
     }
-    auto opt = x.options();
-    auto fopt = opt.dtype(at::kFloat);
-    at::Tensor X = x.clone(), Y = at::empty_like(x), qkv = at::empty({B, 3 * HD}, opt),
-               a = at::empty({B, HD}, opt), f = at::empty({B, 2 * F}, opt), g = at::empty({B, F}, opt);
-    at::Tensor a_in = wide ? at::empty({B, HD}, fopt) : a, g_in = wide ? at::empty({B, F}, fopt) : g;
-    // Each thread normalises the rows itself, into its own buffer: no barrier and no idle
-    // thread for a LayerNorm
-    int threads = at::get_num_threads();
-    std::vector<at::Tensor> xn, xn_in;
-    for (int t = 0; t < threads; ++t) {
-      xn.push_back(at::empty({B, D}, opt));
-      xn_in.push_back(wide ? at::empty({B, D}, fopt) : xn.back());
-    }
+    Workspace& ws = workspace(x, wide);
+    const int threads = (int)splits_;
     auto P = [](const at::Tensor& t) { return (T*)t.data_ptr(); };
-    // The four products of each layer on these buffers: the output projection and the
-    // second feed-forward product (shared[2 l], shared[2 l + 1]); the two that read a
-    // LayerNorm's output, for each thread's own copy of it (normed[t][2 l], normed[t][2 l + 1])
-    std::vector<Product> shared;
-    std::vector<std::vector<Product>> normed(threads);
-    std::vector<at::Tensor> keep;  // contiguous biases
-    auto make = [&](std::vector<Product>& into, const at::Tensor& w, const at::Tensor& in,
-                    const std::optional<at::Tensor>& bias, const at::Tensor* res, const at::Tensor& y) {
-      at::Tensor b, r;
-      Epilogue e = epilogue_for(w, native, bias, res ? std::optional<at::Tensor>(*res) : std::nullopt,
-                                b, r, x.scalar_type(), B);
-      e.y = y.data_ptr();
-      keep.push_back(b);
-      into.push_back(make_product(avx512_, w, in.data_ptr(), B, e));
-    };
-    for (const StackLayer& w : layers_) {
-      make(shared, w.out, a_in, w.out_b, &X, Y);
-      make(shared, w.ff_out, g_in, w.ff_out_b, &Y, X);
-      for (int t = 0; t < threads; ++t) {
-        make(normed[t], w.qkv, xn_in[t], std::nullopt, nullptr, qkv);
-        make(normed[t], w.ff_in, xn_in[t], w.ff_in_b, nullptr, f);
-      }
-    }
+    auto &xs = ws.xs, &ys = ws.ys, &part_out = ws.part_out, &part_ff = ws.part_ff;
+    auto& products = ws.products;
+    auto &qkv_units = ws.qkv_units, &ff_units = ws.ff_units;
+    const at::Tensor &qkv = ws.qkv, &a = ws.a, &f = ws.f, &g = ws.g, &a_in = ws.a_in, &g_in = ws.g_in;
+    auto heads = [&](int t) { return ws.heads[t]; };
+    auto columns = [&](int t) { return ws.columns[t]; };
+    const bool qkv_aligned = ws.qkv_aligned, ff_aligned = ws.ff_aligned;
     auto norm = [&](int t, const at::Tensor& in, const at::Tensor& nw, const at::Tensor& nb, float eps) {
-      layer_norm_rows<T>(P(in), (const T*)nw.data_ptr(), (const T*)nb.data_ptr(), eps, P(xn[t]), B, D);
-      if constexpr (bf16) if (wide) widen_rows(P(xn[t]), (float*)xn_in[t].data_ptr(), B * D);
+      layer_norm_rows<T>(P(in), (const T*)nw.data_ptr(), (const T*)nb.data_ptr(), eps, P(ws.xn[t]), B, D);
+      if constexpr (bf16) if (wide) widen_rows(P(ws.xn[t]), (float*)ws.xn_in[t].data_ptr(), B * D);
     };
-#pragma omp parallel num_threads(threads)
+    auto add_up = [&](const std::vector<at::Tensor>& parts, const at::Tensor& bias, const at::Tensor& res,
+                      const at::Tensor& y) {
+      std::vector<const float*> p(parts.size());
+      for (size_t c = 0; c < parts.size(); ++c) p[c] = (const float*)parts[c].data_ptr();
+      add_partials<T>(p, bias.defined() ? (const float*)bias.data_ptr() : nullptr, P(res), P(y), B, D);
+    };
+    // The split products' units are claimed one at a time from a counter per share: a share
+    // that is done takes what is left of another's whose inputs are ready (the same units,
+    // written where its owner would), so that the threads reach the barrier together.
+    std::unique_ptr<Claim[]> claims(new Claim[nl * 2 * threads]);
+    auto split_product = [&](int t, int64_t l, int which) {  // which: 0 out, 1 ff_out
+      Claim* c = &claims[(l * 2 + which) * threads];
+      c[t].ready.store(true, std::memory_order_release);
+      for (int i = 0; i < threads; ++i) {
+        int o = (t + i) % threads;
+        if (!c[o].ready.load(std::memory_order_acquire)) continue;
+        const Product& p = products[o][4 * l + 1 + 2 * which];
+        for (int64_t u; (u = c[o].next.fetch_add(1, std::memory_order_relaxed)) < p.units;) p.run(u, u + 1);
+      }
+    };
+#pragma omp parallel num_threads((int)std::min(team_, splits_))
     {
-      const int t = omp_get_thread_num(), n = omp_get_num_threads();
+      // A team smaller than the shares (asked for, or nested in another parallel region)
+      // runs several shares a thread, one after another between the barriers.
+      const int first = omp_get_thread_num(), team = omp_get_num_threads();
+      auto each = [&](auto&& part) { for (int t = first; t < threads; t += team) part(t); };
+      each([&](int t) { std::memcpy(xs[t].data_ptr(), x.data_ptr(), x.nbytes()); });
       std::vector<float> q(d), acc(d), score(most);
       std::vector<int64_t> pos(most);
-      auto mine = [&](const Product& p) {
-        auto [u0, u1] = share(p.units, t, n);
-        if (u0 < u1) p.run(u0, u1);
-      };
       KeyPrefetch keys;
       for (int64_t l = 0; l < nl; ++l) {
         const StackLayer& w = layers_[l];
-        auto [i0, i1] = share(B * H, t, n);
         C* kc = (C*)ks[l].data_ptr();
         C* vc = (C*)vs[l].data_ptr();
-        int64_t L = ks[l].size(2);
-        keys.ranges.clear();
-        keys.r = 0;
-        keys.done = 0;
-        for (int64_t i = i0; i < i1; ++i) key_ranges(kc + i * L * d, vc + i * L * d, d, w.slices[offset], keys.ranges);
-        keys.add_total();
-        norm(t, X, w.ln1_w, w.ln1_b, w.eps1);
-        {  // the q/k/v product, unit by unit, this thread's keys and values prefetched between
-          const Product& p = normed[t][2 * l];
-          auto [u0, u1] = share(p.units, t, n);
-          // over the last third of the units: earlier, the streamed weights evict them again
-          int64_t start = u1 - std::max<int64_t>((u1 - u0) / 3, 1);
-          int64_t slice = (keys.total / std::max<int64_t>(u1 - start, 1) + 63) / 64 * 64;
-          for (int64_t u = u0; u < u1; ++u) {
-            if (u >= start) keys.next(slice);
-            p.run(u, u + 1);
+        const int64_t L = ks[l].size(2);
+        each([&](int t) {  // LayerNorm, then the q/k/v product unit by unit, this share's cached
+                           // keys and values prefetched over its last third (earlier, the
+                           // streamed weights evict them again)
+          auto [h0, h1] = heads(t);
+          keys.ranges.clear();
+          keys.r = 0;
+          keys.done = 0;
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t h = h0; h < h1; ++h)
+              key_ranges(kc + (b * H + h) * L * d, vc + (b * H + h) * L * d, d, w.slices[offset], keys.ranges);
+          keys.add_total();
+          norm(t, xs[t], w.ln1_w, w.ln1_b, w.eps1);
+          int64_t count = 0, i = 0;
+          for (auto [u0, u1] : qkv_units[t]) count += u1 - u0;
+          int64_t start = count - std::max<int64_t>(count / 3, 1);
+          int64_t slice = (keys.total / std::max<int64_t>(count - start, 1) + 63) / 64 * 64;
+          for (auto [u0, u1] : qkv_units[t])
+            for (int64_t u = u0; u < u1; ++u, ++i) {
+              if (i >= start) keys.next(slice);
+              products[t][4 * l].run(u, u + 1);
+            }
+        });
+        if (!qkv_aligned) {
+#pragma omp barrier
+        }
+        each([&](int t) {  // attention of its heads, its partial sums of the output projection
+          auto [h0, h1] = heads(t);
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t h = h0; h < h1; ++h) {
+              int64_t i = b * H + h;
+              attend_head<T, C>(P(qkv) + b * 3 * HD, kc + i * L * d, vc + i * L * d, P(a) + b * HD, H, h, d,
+                                offset, w.slices[offset], q.data(), acc.data(), score.data(), pos.data(), counts[l]);
+              if constexpr (bf16) if (wide) widen_rows(P(a) + b * HD + h * d, (float*)a_in.data_ptr() + b * HD + h * d, d);
+            }
+          split_product(t, l, 0);
+        });
+#pragma omp barrier
+        each([&](int t) {  // the sums, LayerNorm, its rows of the feed-forward input
+          add_up(part_out, w.out_b32, xs[t], ys[t]);
+          norm(t, ys[t], w.ln2_w, w.ln2_b, w.eps2);
+          for (auto [u0, u1] : ff_units[t])
+            if (u0 < u1) products[t][4 * l + 2].run(u0, u1);
+        });
+        if (!ff_aligned) {
+#pragma omp barrier
+        }
+        each([&](int t) {  // GEGLU of its columns, its partial sums of the second product
+          auto [j0, j1] = columns(t);
+          if (j0 < j1) {
+            geglu_cols<T>(P(f), P(g), B, F, j0, j1);
+            if constexpr (bf16) if (wide)
+              for (int64_t m = 0; m < B; ++m)
+                widen_rows(P(g) + m * F + j0, (float*)g_in.data_ptr() + m * F + j0, j1 - j0);
           }
-        }
+          split_product(t, l, 1);
+        });
 #pragma omp barrier
-        for (int64_t i = i0; i < i1; ++i) {
-          int64_t b = i / H, h = i % H;
-          attend_head<T, C>(P(qkv) + b * 3 * HD, kc + i * L * d, vc + i * L * d, P(a) + b * HD, H, h, d,
-                         offset, w.slices[offset], q.data(), acc.data(), score.data(), pos.data(), counts[l]);
-          if constexpr (bf16) if (wide) widen_rows(P(a) + b * HD + h * d, (float*)a_in.data_ptr() + b * HD + h * d, d);
-        }
-#pragma omp barrier
-        mine(shared[2 * l]);
-#pragma omp barrier
-        norm(t, Y, w.ln2_w, w.ln2_b, w.eps2);
-        mine(normed[t][2 * l + 1]);
-#pragma omp barrier
-        auto [c0, c1] = share((F + 7) / 8, t, n);
-        if (c0 < c1) {
-          int64_t j0 = 8 * c0, j1 = std::min(F, 8 * c1);
-          geglu_cols<T>(P(f), P(g), B, F, j0, j1);
-          if constexpr (bf16) if (wide)
-            for (int64_t m = 0; m < B; ++m)
-              widen_rows(P(g) + m * F + j0, (float*)g_in.data_ptr() + m * F + j0, j1 - j0);
-        }
-#pragma omp barrier
-        mine(shared[2 * l + 1]);
-#pragma omp barrier
+        each([&](int t) { add_up(part_ff, w.ff_out_b32, ys[t], xs[t]); });
       }
+      if (head)
+        each([&](int t) {
+          norm(t, xs[t], head_->norm_w, head_->norm_b, head_->eps);
+          auto [u0, u1] = share(ws.head_products[t].units, t, threads);
+          if (u0 < u1) ws.head_products[t].run(u0, u1);
+        });
     }
-    return X;
+    return {xs[0].clone(), head ? ws.lg.to(at::kFloat) : at::Tensor()};
+  }
+
+  // The buffers and products of a step for x's rows and dtype (kept from the last step where
+  // they match: building them took ~60 us a step at L16).
+  struct Workspace {
+    int64_t B = 0;
+    at::ScalarType dtype;
+    at::Tensor qkv, a, f, g, a_in, g_in, lg;
+    // per share: the residual stream before and after the attention (every share holds the
+    // same values), its LayerNorm's output (and widened), its partial sums of out and ff_out
+    std::vector<at::Tensor> xs, ys, xn, xn_in, part_out, part_ff, keep;
+    std::vector<std::pair<int64_t, int64_t>> heads, columns;
+    // per share: per layer q/k/v, its part of out, ff_in, its part of ff_out; the head
+    std::vector<std::vector<Product>> products;
+    std::vector<Product> head_products;
+    // per share: the units of q/k/v and of ff_in it runs (its heads' rows of q, k and v; its
+    // columns' rows of both GEGLU halves; or an even share where those do not fall on units)
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> qkv_units, ff_units;
+    bool qkv_aligned = false, ff_aligned = false;
+  };
+  std::optional<Workspace> ws_;
+
+  Workspace& workspace(const at::Tensor& x, bool wide) {
+    const int64_t B = x.size(0), D = D_, HD = H_ * d_, F = F_;
+    if (ws_ && ws_->B == B && ws_->dtype == x.scalar_type()) return *ws_;
+    ws_.reset();
+    Workspace w;
+    w.B = B;
+    w.dtype = x.scalar_type();
+    const int threads = (int)splits_;
+    const bool native = layers_[0].qkv.dim() == 4;
+    auto opt = x.options();
+    auto fopt = opt.dtype(at::kFloat);
+    w.qkv = at::empty({B, 3 * HD}, opt);
+    w.a = at::empty({B, HD}, opt);
+    w.f = at::empty({B, 2 * F}, opt);
+    w.g = at::empty({B, F}, opt);
+    w.a_in = wide ? at::empty({B, HD}, fopt) : w.a;
+    w.g_in = wide ? at::empty({B, F}, fopt) : w.g;
+    for (int t = 0; t < threads; ++t) {
+      w.xs.push_back(at::empty({B, D}, opt));
+      w.ys.push_back(at::empty({B, D}, opt));
+      w.xn.push_back(at::empty({B, D}, opt));
+      w.xn_in.push_back(wide ? at::empty({B, D}, fopt) : w.xn.back());
+      w.part_out.push_back(at::empty({B, D}, fopt));
+      w.part_ff.push_back(at::empty({B, D}, fopt));
+    }
+    std::tie(w.heads, w.columns) = shares(F);
+    auto make = [&](const at::Tensor& wt, const void* in, int64_t in_stride, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& y) {
+      at::Tensor b, r;
+      Epilogue e = epilogue_for(wt, native, bias, std::nullopt, b, r, x.scalar_type(), B);
+      e.y = y.data_ptr();
+      if (y.scalar_type() == at::kFloat) e.y16 = false;  // a partial sum
+      w.keep.push_back(b);
+      return make_product(avx512_, wt, in, B, e, in_stride);
+    };
+    const size_t in_size = wide ? 4 : x.element_size();
+    w.products.resize(threads);
+    for (const StackLayer& l : layers_)
+      for (int t = 0; t < threads; ++t) {
+        auto [h0, h1] = w.heads[t];
+        auto [j0, j1] = w.columns[t];
+        w.products[t].push_back(make(l.qkv, w.xn_in[t].data_ptr(), -1, std::nullopt, w.qkv));
+        w.products[t].push_back(make(l.out[t], (char*)w.a_in.data_ptr() + h0 * d_ * in_size, HD, std::nullopt, w.part_out[t]));
+        w.products[t].push_back(make(l.ff_in, w.xn_in[t].data_ptr(), -1, l.ff_in_b, w.f));
+        w.products[t].push_back(make(l.ff_out[t], (char*)w.g_in.data_ptr() + j0 * in_size, F, std::nullopt, w.part_ff[t]));
+      }
+    if (head_) {
+      w.lg = at::empty({B, head_->head.size(0) * 16}, opt);
+      for (int t = 0; t < threads; ++t)
+        w.head_products.push_back(make(head_->head, w.xn_in[t].data_ptr(), -1, head_->head_b, w.lg));
+    }
+    const int64_t rows = w.products[0][0].rows;
+    w.qkv_aligned = d_ % rows == 0;
+    w.ff_aligned = true;
+    for (auto [j0, j1] : w.columns) w.ff_aligned = w.ff_aligned && j0 % rows == 0 && j1 % rows == 0;
+    w.qkv_units.resize(threads);
+    w.ff_units.resize(threads);
+    for (int t = 0; t < threads; ++t) {
+      auto [h0, h1] = w.heads[t];
+      auto [j0, j1] = w.columns[t];
+      if (w.qkv_aligned)
+        for (int64_t s = 0; s < 3; ++s) w.qkv_units[t].push_back({(s * HD + h0 * d_) / rows, (s * HD + h1 * d_) / rows});
+      else
+        w.qkv_units[t].push_back(share(w.products[t][0].units, t, threads));
+      if (w.ff_aligned)
+        w.ff_units[t] = {{j0 / rows, j1 / rows}, {(F + j0) / rows, (F + j1) / rows}};
+      else
+        w.ff_units[t].push_back(share(w.products[t][2].units, t, threads));
+    }
+    ws_ = std::move(w);
+    return *ws_;
   }
 
   bool avx512_;
-  int64_t H_, d_, D_ = 0;
+  int64_t H_, d_, splits_, team_, D_ = 0, F_ = 0;
   std::vector<StackLayer> layers_;
 };
 
@@ -1029,7 +1262,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_avx2", &linear_avx2);
   m.def("attend_step", &attend_step);
   pybind11::class_<Stack>(m, "Stack", pybind11::module_local())
-      .def(pybind11::init<bool, int64_t, int64_t>())
+      .def(pybind11::init<bool, int64_t, int64_t, int64_t>())
+      .def("shares", &Stack::shares)
+      .def("set_threads", &Stack::set_threads)
       .def("add", &Stack::add)
       .def("step", &Stack::step)
       .def("set_head", &Stack::set_head)

@@ -36,14 +36,19 @@ Beside the products, the same source holds the rest of a decoding step for
 (write a position's key/value into the cache, softmax attention over the pattern's keys
 given as (start, stop, step) slices, a vectorised exp; :func:`attention_step`) and
 ``Stack`` (:func:`new_stack`): a whole stack of pre-norm blocks for one position in one
-parallel region, each thread taking its share of every product, of the heads and of GEGLU
-(a vectorised erf), with barriers between, and each thread's heads' cached keys and
-values prefetched into L2 during its q/k/v product. That replaced a Python call
-and five parallel loops a layer: at L16 a bf16 step went from 2.35x to 1.4-1.6x its
-bandwidth floor when the machine reads fast (RESULTS, session 10). With the image head
-(``Stack.set_head``) it also gives the logits (``Stack.logits``) and runs whole stretches of
-the sampling loop (``Stack.generate``: logits, the top-k draw of :func:`sampler`, the
-embedding, the step). :func:`one_buffer` lays the packed matrices end to end on 2 MB pages
+parallel region. Each thread takes one share of every block: its heads (their q/k/v rows,
+their attention, with their cached keys and values prefetched into L2 during the q/k/v
+product), its GEGLU columns (their rows of the feed-forward input; a vectorised erf), and
+the part of the output projection and of the second feed-forward product that reads those
+(the weights split by input columns, one matrix a share, :func:`split_columns`), as partial
+sums that every thread adds up itself after a barrier: two barriers a block. A share done
+early takes what is left of another's part (units claimed from a counter), so the threads
+reach each barrier together. That replaced a Python call and five parallel loops a layer:
+at L16 a bf16 step went from 2.35x to 1.4-1.6x its bandwidth floor when the machine reads
+fast (RESULTS, session 10). With the image head (``Stack.set_head``) it also gives the
+logits (``Stack.logits``) and runs whole stretches of the sampling loop (``Stack.generate``:
+the top-k draw of :func:`sampler`, the embedding, the step and the next logits in the same
+region). :func:`one_buffer` lays the packed matrices end to end on 2 MB pages
 (:func:`minidalle.hardware.huge_page_buffer`).
 
 The kernel is compiled with ``torch.utils.cpp_extension`` (~20-35 s, needs g++ and ninja)
@@ -155,16 +160,30 @@ def function():
     return module.linear if variant() == "avx512" else module.linear_avx2
 
 
-def new_stack(heads: int, dim_head: int):
-    """An empty ``Stack`` of the kernel for this CPU level (its ``add(ln1_w, ln1_b, ln1_eps,
-    qkv, out, out_b, ln2_w, ln2_b, ln2_eps, ff_in, ff_in_b, ff_out, ff_out_b, slices)`` takes
-    one pre-norm block's packed weights and per position its attention's key slices;
-    ``step(x, k_caches, v_caches, offset)`` runs one decoding position through every block
-    in one parallel region), or None where the kernel is not used."""
+def new_stack(heads: int, dim_head: int, splits: int | None = None):
+    """An empty ``Stack`` of the kernel for this CPU level, or None where the kernel is not
+    used. Its ``step(x, k_caches, v_caches, offset)`` runs one decoding position through every
+    block in one parallel region of ``splits`` threads (default: torch's thread count), each
+    thread taking one share of every block: its heads, its GEGLU columns (``shares(F)`` says
+    which), the q/k/v and feed-forward input rows those need, and the part of the output
+    projection and of the second feed-forward product that reads them. ``add(ln1_w, ln1_b,
+    ln1_eps, qkv, out_parts, out_b, ln2_w, ln2_b, ln2_eps, ff_in, ff_in_b, ff_out_parts,
+    ff_out_b, slices)`` takes one pre-norm block's packed weights, ``out`` and ``ff_out`` as one
+    packed matrix of its input columns a share (:func:`split_columns`), and per position its
+    attention's key slices."""
     module = kernel()
     if module is None or not _cpu_ok():
         return None
-    return module.Stack(variant() == "avx512", heads, dim_head)
+    return module.Stack(variant() == "avx512", heads, dim_head, splits or torch.get_num_threads())
+
+
+def split_columns(packed: torch.Tensor, bounds: list) -> list[torch.Tensor]:
+    """The packed weight's input columns ``[a, b)`` for each ``(a, b)`` in ``bounds``, each
+    packed on its own in the same layout and dtype (exactly the stored values)."""
+    w = unpack(packed)
+    if packed.dim() == 4:
+        return [pack_pairs(w[:, a:b].contiguous()) for a, b in bounds]
+    return [pack_rows(w[:, a:b].contiguous()) for a, b in bounds]
 
 
 def attention_step():
