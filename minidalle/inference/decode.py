@@ -100,6 +100,7 @@ class _Linear:
         self.onednn = _use_onednn(weight)
         self.weight = None if self.packed is not None else self._prepare(weight)
         self.parts = None  # the packed weight split by input columns for the kernel's stack
+        self.row_order, self.stack_bias = None, bias  # its rows as the stack lays them out
 
     def split(self, bounds: list) -> None:
         """Keep the packed weight as one matrix of input columns ``[a, b)`` a share of the
@@ -108,10 +109,19 @@ class _Linear:
         self.parts = gemv.split_columns(self.packed, bounds)
         self.packed, self.gemv = None, None
 
+    def reorder_rows(self, order: torch.Tensor) -> None:
+        """Pack the weight's rows (and bias) in ``order`` for the kernel's stack, which then
+        runs it (``stack_bias``); a call here multiplies by the weight in its own order."""
+        w = gemv.unpack(self.packed)[order]
+        self.packed = gemv.pack_pairs(w) if self.packed.dim() == 4 else gemv.pack_rows(w)
+        self.stack_bias = None if self.bias is None else self.bias[order].contiguous()
+        self.row_order, self.gemv = order, None
+
     def _unpacked(self) -> torch.Tensor:
         if self.parts is not None:
             return torch.cat([gemv.unpack(p) for p in self.parts], dim=1)
-        return gemv.unpack(self.packed)
+        w = gemv.unpack(self.packed)
+        return w if self.row_order is None else w[torch.argsort(self.row_order)]
 
     def stored(self) -> list[torch.Tensor]:
         """The kernel's packed matrices of this product (none where it does not serve it)."""
@@ -188,7 +198,7 @@ class _LayerWeights:
 
     def add_to(self, stack, slices: list) -> None:
         stack.add(*self.norm_attn, self.qkv.packed, self.out.parts, self.out.bias, *self.norm_ff,
-                  self.ff_in.packed, self.ff_in.bias, self.ff_out.parts, self.ff_out.bias, slices)
+                  self.ff_in.packed, self.ff_in.stack_bias, self.ff_out.parts, self.ff_out.bias, slices)
 
     def step(self, x: torch.Tensor, attend, offset: int, cache: dict,
              step_slices: list | None = None) -> torch.Tensor:
@@ -246,9 +256,17 @@ class _Weights:
                 and all(layer.stackable() for layer in self.layers)):
             self.stack = gemv.new_stack(self.layers[0].heads, self.layers[0].dim_head)
         if self.stack is not None:
-            d = self.layers[0].dim_head
-            heads, columns = self.stack.shares(self.layers[0].ff_out.shape[1])
+            d, n = self.layers[0].dim_head, self.layers[0].heads * self.layers[0].dim_head
+            f = self.layers[0].ff_out.shape[1]
+            heads, columns = self.stack.shares(f)
+            # each share's rows of q/k/v (q, k, v of its heads) and of ff_in (values, gates)
+            # in one stretch
+            qkv_order = torch.cat([torch.arange(s * n + h0 * d, s * n + h1 * d)
+                                   for h0, h1 in heads for s in range(3)])
+            ff_order = torch.cat([torch.arange(s * f + j0, s * f + j1) for j0, j1 in columns for s in range(2)])
             for layer in self.layers:
+                layer.qkv.reorder_rows(qkv_order)
+                layer.ff_in.reorder_rows(ff_order)
                 layer.out.split([(h0 * d, h1 * d) for h0, h1 in heads])
                 layer.ff_out.split(columns)
         # The kernel's packed matrices end to end in step order, on huge pages where granted

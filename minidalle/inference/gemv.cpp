@@ -478,18 +478,18 @@ template <typename T> AVX2 static inline void store8(T* p, __m256 v) {
 // y = x[:, :F] * gelu(x[:, F:]) for rows of 2F (GEGLU), columns [j0, j1) of each row (j0 a
 // multiple of 8), in fp32, one rounding to T.
 template <typename T>
-AVX2 static void geglu_cols(const T* x, T* y, int64_t rows, int64_t F, int64_t j0, int64_t j1) {
-  for (int64_t m = 0; m < rows; ++m) {
-    const T* v = x + m * 2 * F;
-    const T* g = v + F;
-    T* out = y + m * F;
-    int64_t j = j0;
-    for (; j + 8 <= j1; j += 8) store8(out + j, _mm256_mul_ps(load8(v + j), gelu8(load8(g + j))));
-    for (; j < j1; ++j) {
-      float gj = (float)g[j];
-      out[j] = (T)((float)v[j] * 0.5f * gj * (1.f + std::erf(gj * 0.70710678f)));
-    }
+AVX2 static void geglu_block(const T* v, const T* g, T* out, int64_t n) {  // out = v * gelu(g), n values
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) store8(out + j, _mm256_mul_ps(load8(v + j), gelu8(load8(g + j))));
+  for (; j < n; ++j) {
+    float gj = (float)g[j];
+    out[j] = (T)((float)v[j] * 0.5f * gj * (1.f + std::erf(gj * 0.70710678f)));
   }
+}
+
+template <typename T>
+AVX2 static void geglu_cols(const T* x, T* y, int64_t rows, int64_t F, int64_t j0, int64_t j1) {
+  for (int64_t m = 0; m < rows; ++m) geglu_block(x + m * 2 * F + j0, x + m * 2 * F + F + j0, y + m * F + j0, j1 - j0);
 }
 
 AVX2 static inline float sum8(__m256 v) {  // the sum of the 8 lanes
@@ -847,9 +847,11 @@ class Stack {
     team_ = n;
   }
 
-  // Share t's heads [h0, h1) and GEGLU columns [j0, j1) for a feed-forward width F: the inputs
-  // of its parts of the output projection and of the second feed-forward product, which
-  // add() takes packed separately (`out` and `ff_out`: one matrix of those columns a share).
+  // Share t's heads [h0, h1) and GEGLU columns [j0, j1) for a feed-forward width F. add()
+  // takes the weights laid out by shares: `qkv`'s rows share by share, each share's the q,
+  // then k, then v rows of its heads; `ff_in`'s rows share by share, each share's the value
+  // then gate rows of its columns (so each share's rows are one stream); `out` and `ff_out`
+  // one packed matrix a share, of the input columns of its heads and of its GEGLU columns.
   // Columns go by 64 (a unit's rows in every kernel) where F allows, else by 8.
   std::pair<std::vector<std::pair<int64_t, int64_t>>, std::vector<std::pair<int64_t, int64_t>>>
   shares(int64_t F) const {
@@ -1009,14 +1011,15 @@ class Stack {
   };
   std::optional<Head> head_;
 
-  // Thread t of n takes heads [h0, h1) (of every row) and a share of GEGLU's columns, and
-  // computes the q/k/v rows and feed-forward input rows those need; the output projection
-  // and the second feed-forward product split their inputs the same way: each thread's
-  // partial sums over its own heads' (columns') inputs, which every thread then adds up with
-  // the bias and residual itself. Where the products' units fall on head and column
-  // boundaries (dim_head and the GEGLU width multiples of a unit's rows: 64 at L16) a block
-  // needs two barriers, one after each partial sum; otherwise one more after each of the
-  // q/k/v and feed-forward input products.
+  // Thread t of n takes heads [h0, h1) (of every row) and a share of GEGLU's columns (see
+  // shares()), and computes the q/k/v rows and feed-forward input rows those need (one
+  // contiguous stretch of each packed matrix); the output projection and the second
+  // feed-forward product split their inputs the same way: each thread's partial sums over
+  // its own heads' (columns') inputs, which every thread then adds up with the bias and
+  // residual itself. Where a share's rows fall on the products' units (3 dim_head and twice
+  // a share's GEGLU columns multiples of a unit's rows: 64 at L16) a block needs two
+  // barriers, one after each partial sum; otherwise one more after each of the q/k/v and
+  // feed-forward input products.
   template <typename T, typename C>
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const std::vector<at::Tensor>& ks,
                                          const std::vector<at::Tensor>& vs, int64_t offset, bool head) {
@@ -1118,8 +1121,9 @@ class Stack {
           for (int64_t b = 0; b < B; ++b)
             for (int64_t h = h0; h < h1; ++h) {
               int64_t i = b * H + h;
-              attend_head<T, C>(P(qkv) + b * 3 * HD, kc + i * L * d, vc + i * L * d, P(a) + b * HD, H, h, d,
-                                offset, w.slices[offset], q.data(), acc.data(), score.data(), pos.data(), counts[l]);
+              attend_head<T, C>(P(qkv) + b * 3 * HD + 3 * h0 * d, kc + i * L * d, vc + i * L * d,
+                                P(a) + b * HD + h0 * d, h1 - h0, h - h0, d, offset, w.slices[offset],
+                                q.data(), acc.data(), score.data(), pos.data(), counts[l]);
               if constexpr (bf16) if (wide) widen_rows(P(a) + b * HD + h * d, (float*)a_in.data_ptr() + b * HD + h * d, d);
             }
           split_product(t, l, 0);
@@ -1137,7 +1141,8 @@ class Stack {
         each([&](int t) {  // GEGLU of its columns, its partial sums of the second product
           auto [j0, j1] = columns(t);
           if (j0 < j1) {
-            geglu_cols<T>(P(f), P(g), B, F, j0, j1);
+            for (int64_t m = 0; m < B; ++m)
+              geglu_block(P(f) + m * 2 * F + 2 * j0, P(f) + m * 2 * F + j0 + j1, P(g) + m * F + j0, j1 - j0);
             if constexpr (bf16) if (wide)
               for (int64_t m = 0; m < B; ++m)
                 widen_rows(P(g) + m * F + j0, (float*)g_in.data_ptr() + m * F + j0, j1 - j0);
@@ -1229,20 +1234,20 @@ class Stack {
         w.head_products.push_back(make(head_->head, w.xn_in[t].data_ptr(), -1, head_->head_b, w.lg));
     }
     const int64_t rows = w.products[0][0].rows;
-    w.qkv_aligned = d_ % rows == 0;
+    w.qkv_aligned = 3 * d_ % rows == 0;
     w.ff_aligned = true;
-    for (auto [j0, j1] : w.columns) w.ff_aligned = w.ff_aligned && j0 % rows == 0 && j1 % rows == 0;
+    for (auto [j0, j1] : w.columns) w.ff_aligned = w.ff_aligned && 2 * j0 % rows == 0 && 2 * j1 % rows == 0;
     w.qkv_units.resize(threads);
     w.ff_units.resize(threads);
     for (int t = 0; t < threads; ++t) {
       auto [h0, h1] = w.heads[t];
       auto [j0, j1] = w.columns[t];
       if (w.qkv_aligned)
-        for (int64_t s = 0; s < 3; ++s) w.qkv_units[t].push_back({(s * HD + h0 * d_) / rows, (s * HD + h1 * d_) / rows});
+        w.qkv_units[t].push_back({3 * h0 * d_ / rows, 3 * h1 * d_ / rows});
       else
         w.qkv_units[t].push_back(share(w.products[t][0].units, t, threads));
       if (w.ff_aligned)
-        w.ff_units[t] = {{j0 / rows, j1 / rows}, {(F + j0) / rows, (F + j1) / rows}};
+        w.ff_units[t].push_back({2 * j0 / rows, 2 * j1 / rows});
       else
         w.ff_units[t].push_back(share(w.products[t][2].units, t, threads));
     }
