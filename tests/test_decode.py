@@ -287,27 +287,29 @@ def test_stack_step_equals_the_per_layer_step(precision, rows):
         m = m.to(torch.bfloat16)
     store = "bf16" if precision == "bf16-weights" else None
     seq = SEQ.repeat(3, 1)[:rows]
-
-    def run(use_stack):
-        cache, decoder, out = m.new_cache(), LeanDecoder(m, store), []
-        assert decoder.weights.stack is not None
-        stack = decoder.weights.stack
-        if not use_stack:
-            decoder.weights.stack = None
-        try:
-            with torch.no_grad():
-                m.hidden(seq[:, :3], cache=cache)
-                for i in range(3, seq.shape[1]):
-                    h = decoder.hidden(seq[:, i : i + 1], cache)
-                    out.append((h.float(), decoder.image_logits(h).float()))
-        finally:
-            decoder.weights.stack = stack
-        return out
-
+    decoder = LeanDecoder(m, store)
     tol = 2e-2 if precision == "bf16" else 1e-5
-    for (h1, l1), (h2, l2) in zip(run(False), run(True)):
+    for (h1, l1), (h2, l2) in zip(_decoded(m, decoder, seq, False), _decoded(m, decoder, seq, True)):
         torch.testing.assert_close(h2, h1, atol=tol, rtol=tol)
         torch.testing.assert_close(l2, l1, atol=tol, rtol=tol)
+
+
+def _decoded(m, decoder, seq, use_stack):
+    """(hidden states, image logits) of the positions of ``seq`` after its first 3, by the
+    decoder's stack or (``use_stack`` False) its per-layer step."""
+    cache, out, stack = m.new_cache(), [], decoder.weights.stack
+    assert stack is not None
+    if not use_stack:
+        decoder.weights.stack = None
+    try:
+        with torch.no_grad():
+            m.hidden(seq[:, :3], cache=cache)
+            for i in range(3, seq.shape[1]):
+                h = decoder.hidden(seq[:, i : i + 1], cache)
+                out.append((h.float(), decoder.image_logits(h).float()))
+    finally:
+        decoder.weights.stack = stack
+    return out
 
 
 def _stack_against_per_layer(m, rows_seq=(1, 3, 1)):
@@ -315,25 +317,12 @@ def _stack_against_per_layer(m, rows_seq=(1, 3, 1)):
     ``rows_seq`` on one decoder (its buffers rebuilt when the rows change), against the
     per-layer step's."""
     decoder = LeanDecoder(m)
-    assert decoder.weights.stack is not None
     tol = 2e-2 if m.text_emb.weight.dtype == torch.bfloat16 else 1e-5
     for rows in rows_seq:
         seq = SEQ.repeat(3, 1)[:rows]
-        got = []
-        for use_stack in (True, False):
-            cache, out, stack = m.new_cache(), [], decoder.weights.stack
-            if not use_stack:
-                decoder.weights.stack = None
-            try:
-                with torch.no_grad():
-                    m.hidden(seq[:, :3], cache=cache)
-                    for i in range(3, seq.shape[1]):
-                        out.append(decoder.hidden(seq[:, i : i + 1], cache).float())
-            finally:
-                decoder.weights.stack = stack
-            got.append(out)
-        for a, b in zip(*got):
-            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+        for (h1, l1), (h2, l2) in zip(_decoded(m, decoder, seq, False), _decoded(m, decoder, seq, True)):
+            torch.testing.assert_close(h2, h1, atol=tol, rtol=tol)
+            torch.testing.assert_close(l2, l1, atol=tol, rtol=tol)
     return decoder
 
 
