@@ -23,7 +23,9 @@
 // be smaller), each group stored k-major, so that the products of a group read one
 // contiguous stream: four 16-KB streams at once read 10-25% slower from DRAM on Zen 4 when
 // the machine reads fast (RESULTS, sessions 9 and 10). The AVX2 kernel (1-4 blocks at a
-// time, depending on the rows) keeps one block after another (GROUP 1 in gemv.py).
+// time, depending on the rows) reads the same layout: for one row a group at a time, one
+// stream (a cached image 20% faster than with one block after another, 8 rows together 5%
+// slower, as each of their passes reads part of a group's lines: RESULTS, session 11).
 constexpr int64_t GROUP = 4;
 
 struct Epilogue {
@@ -258,10 +260,15 @@ static Product product512(const float* x, int64_t xs, int64_t M, int64_t K, cons
 // AVX2: y[m, 8v:8v+8] for V vectors of 8 output rows from vector v0 (vector v: half v % 2
 // of block v / 2). 16 registers: M x V accumulators + V weights + one x stay below 16.
 template <typename W, int M, int V>
-KERNEL256 static void vectors256(const float* x, int64_t xs, int64_t K, const W* wp, int64_t v0,
+KERNEL256 static void vectors256(const float* x, int64_t xs, int64_t K, const W* wp, int64_t NB, int64_t v0,
                                  const Epilogue& e) {
   const W* w[V];
-  for (int j = 0; j < V; ++j) w[j] = wp + ((v0 + j) >> 1) * K * 16 + ((v0 + j) & 1) * 8;
+  int64_t stride[V];  // between k-values: the group's blocks x 16
+  for (int j = 0; j < V; ++j) {
+    int64_t b = (v0 + j) >> 1, g = b / GROUP;
+    stride[j] = std::min(GROUP, NB - g * GROUP) * 16;
+    w[j] = wp + g * GROUP * K * 16 + (b - g * GROUP) * 16 + ((v0 + j) & 1) * 8;
+  }
   __m256 acc[M][V];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < V; ++j) acc[m][j] = _mm256_setzero_ps();
@@ -271,7 +278,7 @@ KERNEL256 static void vectors256(const float* x, int64_t xs, int64_t K, const W*
       for (int j = 0; j < V; ++j) part[m][j] = _mm256_setzero_ps();
     for (int64_t k = k0; k < std::min(K, k0 + CHUNK); ++k) {
       __m256 wv[V];
-      for (int j = 0; j < V; ++j) wv[j] = load256(w[j] + k * 16);
+      for (int j = 0; j < V; ++j) wv[j] = load256(w[j] + k * stride[j]);
       for (int m = 0; m < M; ++m) {
         __m256 xv = _mm256_broadcast_ss(x + m * xs + k);
         for (int j = 0; j < V; ++j) part[m][j] = _mm256_fmadd_ps(xv, wv[j], part[m][j]);
@@ -308,8 +315,8 @@ static Product product256(const float* x, int64_t xs, int64_t M, int64_t K, cons
       constexpr int R = decltype(m)::value;
       constexpr int VV = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;
       for (int64_t g = g0; g < g1; ++g) {
-        if ((g + 1) * VV <= NV) vectors256<W, R, VV>(x, xs, K, wp, g * VV, e);
-        else for (int64_t v = g * VV; v < NV; ++v) vectors256<W, R, 1>(x, xs, K, wp, v, e);
+        if ((g + 1) * VV <= NV) vectors256<W, R, VV>(x, xs, K, wp, NB, g * VV, e);
+        else for (int64_t v = g * VV; v < NV; ++v) vectors256<W, R, 1>(x, xs, K, wp, NB, v, e);
       }
     });
   };
