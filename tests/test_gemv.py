@@ -79,8 +79,9 @@ def test_kernel_equals_linear_in_fp32(variant, n, k, rows, bias, residual):
     b = torch.randn(n, generator=g) if bias else None
     x = torch.randn(rows, k, generator=g)
     r = torch.randn(rows, n, generator=g) if residual else None
-    packed = gemv.pack_rows(w, gemv.GROUPS[variant])
-    assert packed.dtype == torch.float32 and torch.equal(gemv.unpack(packed, gemv.GROUPS[variant]), w)
+    group = gemv.GROUPS[variant, torch.float32]
+    packed = gemv.pack_rows(w, group)
+    assert packed.dtype == torch.float32 and torch.equal(gemv.unpack(packed, group), w)
     y = fn(x, packed, b, r)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     # Only the summation order differs from F.linear: the error against an fp64 product is
@@ -103,8 +104,9 @@ def test_bf16_stored_weights_fp32_arithmetic(variant, n, k, rows):
     g = torch.Generator().manual_seed(n + k + rows)
     w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
     b, x, r = torch.randn(n, generator=g), torch.randn(rows, k, generator=g), torch.randn(rows, n, generator=g)
-    packed = gemv.pack_rows(w, gemv.GROUPS[variant])
-    assert packed.dtype == torch.bfloat16 and torch.equal(gemv.unpack(packed, gemv.GROUPS[variant]), w)
+    group = gemv.GROUPS[variant, torch.bfloat16]
+    packed = gemv.pack_rows(w, group)
+    assert packed.dtype == torch.bfloat16 and torch.equal(gemv.unpack(packed, group), w)
     exact = F.linear(x.double(), w.double(), b.double()) + r.double()
     y = fn(x, packed, b, r)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
@@ -123,7 +125,7 @@ def test_bf16_stored_weights_fp32_arithmetic(variant, n, k, rows):
 @pytest.mark.parametrize("variant", ["avx512", "avx2"])
 def test_bf16_output_rounds_like_pytorch(variant):
     fn = _variant(variant)
-    eye = gemv.pack_rows(torch.eye(16).bfloat16(), gemv.GROUPS[variant])
+    eye = gemv.pack_rows(torch.eye(16).bfloat16(), gemv.GROUPS[variant, torch.bfloat16])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 16, generator=g).bfloat16()
     r = (torch.randn(8, 16, generator=g) * 2**-9).bfloat16()  # x + r falls between bf16 values

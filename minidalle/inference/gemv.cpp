@@ -23,9 +23,11 @@
 // be smaller), each group stored k-major, so that the products of a group read one
 // contiguous stream: four 16-KB streams at once read 10-25% slower from DRAM on Zen 4 when
 // the machine reads fast (RESULTS, sessions 9 and 10). The AVX2 kernel (1-4 blocks at a
-// time, depending on the rows) reads the same layout: for one row a group at a time, one
-// stream (a cached image 20% faster than with one block after another, 8 rows together 5%
-// slower, as each of their passes reads part of a group's lines: RESULTS, session 11).
+// time, depending on the rows) reads the same layout for bf16-stored weights: for one row a
+// group at a time, one stream (a cached image 20% faster than with one block after another,
+// 8 rows together 3-5% slower, as each of their passes reads part of a group's lines); fp32
+// weights keep one block after another (grouped, 8 fp32 rows took 40% longer, 2 rows 35%:
+// RESULTS, session 11).
 constexpr int64_t GROUP = 4;
 
 struct Epilogue {
@@ -260,14 +262,14 @@ static Product product512(const float* x, int64_t xs, int64_t M, int64_t K, cons
 // AVX2: y[m, 8v:8v+8] for V vectors of 8 output rows from vector v0 (vector v: half v % 2
 // of block v / 2). 16 registers: M x V accumulators + V weights + one x stay below 16.
 template <typename W, int M, int V>
-KERNEL256 static void vectors256(const float* x, int64_t xs, int64_t K, const W* wp, int64_t NB, int64_t v0,
-                                 const Epilogue& e) {
+KERNEL256 static void vectors256(const float* x, int64_t xs, int64_t K, const W* wp, int64_t NB, int64_t G,
+                                 int64_t v0, const Epilogue& e) {
   const W* w[V];
   int64_t stride[V];  // between k-values: the group's blocks x 16
   for (int j = 0; j < V; ++j) {
-    int64_t b = (v0 + j) >> 1, g = b / GROUP;
-    stride[j] = std::min(GROUP, NB - g * GROUP) * 16;
-    w[j] = wp + g * GROUP * K * 16 + (b - g * GROUP) * 16 + ((v0 + j) & 1) * 8;
+    int64_t b = (v0 + j) >> 1, g = b / G;
+    stride[j] = std::min(G, NB - g * G) * 16;
+    w[j] = wp + g * G * K * 16 + (b - g * G) * 16 + ((v0 + j) & 1) * 8;
   }
   __m256 acc[M][V];
   for (int m = 0; m < M; ++m)
@@ -308,6 +310,7 @@ static Product product256(const float* x, int64_t xs, int64_t M, int64_t K, cons
                           Epilogue e) {
   Product p;
   int64_t V = vectors_per_unit(M), NV = 2 * NB;
+  const int64_t G = sizeof(W) == 2 ? GROUP : 1;  // bf16-stored weights grouped, fp32 blocks one after another
   p.units = (NV + V - 1) / V;
   p.rows = V * 8;
   p.run = [=](int64_t g0, int64_t g1) {
@@ -315,8 +318,8 @@ static Product product256(const float* x, int64_t xs, int64_t M, int64_t K, cons
       constexpr int R = decltype(m)::value;
       constexpr int VV = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;
       for (int64_t g = g0; g < g1; ++g) {
-        if ((g + 1) * VV <= NV) vectors256<W, R, VV>(x, xs, K, wp, NB, g * VV, e);
-        else for (int64_t v = g * VV; v < NV; ++v) vectors256<W, R, 1>(x, xs, K, wp, NB, v, e);
+        if ((g + 1) * VV <= NV) vectors256<W, R, VV>(x, xs, K, wp, NB, G, g * VV, e);
+        else for (int64_t v = g * VV; v < NV; ++v) vectors256<W, R, 1>(x, xs, K, wp, NB, G, v, e);
       }
     });
   };

@@ -23,8 +23,9 @@ at first use, holds a variant per instruction set (each function names its own w
 
 The blocks of 16 rows are interleaved in groups of 4, k-major, so that the products of a
 group (and a thread's share of a matrix) read one contiguous stream. The AVX2 variant reads
-the same layout (since session 11: one cached image 20% faster than with one block after
-another, as session 9 kept it; 8 rows together 5% slower, RESULTS).
+that layout for bf16-stored weights (since session 11: one cached image 20% faster than
+with one block after another; 8 rows together 3-5% slower) and keeps one block after another
+for fp32 weights (grouped, 2 and 8 fp32 rows took 35-40% longer: RESULTS).
 
 Measured with ``benchmarks/gemv_ab.py`` (L16 shapes, 16 weights a pass): the fp32 variants
 read 1.5-3x faster than oneDNN's prepacked fp32 product, AVX2 against oneDNN capped at AVX2
@@ -255,13 +256,14 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
     return pack_rows(w) if _fp32_stored() else None
 
 
-# Blocks of 16 rows interleaved k-major in pack_rows' layout, per kernel variant (gemv.cpp's
-# GROUP; 1 would be one block after another)
-GROUPS = {"avx512": 4, "avx2": 4}
+# Blocks of 16 rows interleaved k-major in pack_rows' layout (gemv.cpp's GROUP), per kernel
+# variant and stored dtype (1: one block after another)
+GROUPS = {("avx512", torch.float32): 4, ("avx512", torch.bfloat16): 4,
+          ("avx2", torch.float32): 1, ("avx2", torch.bfloat16): 4}
 
 
-def _group(group: int | None) -> int:
-    return group or GROUPS.get(variant() or "avx2", 1)
+def _group(group: int | None, dtype: torch.dtype) -> int:
+    return group or GROUPS.get((variant() or "avx2", dtype), 1)
 
 
 def pack_rows(w: torch.Tensor, group: int | None = None) -> torch.Tensor:
@@ -269,7 +271,7 @@ def pack_rows(w: torch.Tensor, group: int | None = None) -> torch.Tensor:
     ``group`` (default: this CPU's variant's, :data:`GROUPS`), each group ``[K, group, 16]``
     (one contiguous stream for the kernel); shaped ``[N/16, K, 16]``."""
     n, k = w.shape
-    parts = [g.permute(2, 0, 1).reshape(-1) for g in w.view(n // 16, 16, k).split(_group(group))]
+    parts = [g.permute(2, 0, 1).reshape(-1) for g in w.view(n // 16, 16, k).split(_group(group, w.dtype))]
     return torch.cat(parts).view(n // 16, k, 16)
 
 
@@ -305,7 +307,7 @@ def unpack(packed: torch.Tensor, group: int | None = None) -> torch.Tensor:
     nb, k = packed.shape[:2]
     pairs = packed.dim() == 4  # [N/16, K/2, 16, 2], groups [K/2, size, 16, 2]
     flat, out, start = packed.reshape(-1), [], 0
-    group = PAIR_GROUP if pairs else _group(group)
+    group = PAIR_GROUP if pairs else _group(group, packed.dtype)
     inner = 32 if pairs else 16
     for b0 in range(0, nb, group):  # groups [K, size, 16(, 2)], k-major
         size = min(group, nb - b0)
