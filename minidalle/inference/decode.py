@@ -112,8 +112,7 @@ class _Linear:
     def reorder_rows(self, order: torch.Tensor) -> None:
         """Pack the weight's rows (and bias) in ``order`` for the kernel's stack, which then
         runs it (``stack_bias``); a call here multiplies by the weight in its own order."""
-        w = gemv.unpack(self.packed)[order]
-        self.packed = gemv.pack_pairs(w) if self.packed.dim() == 4 else gemv.pack_rows(w)
+        self.packed = gemv.pack_like(gemv.unpack(self.packed)[order], self.packed)
         self.stack_bias = None if self.bias is None else self.bias[order].contiguous()
         self.row_order, self.gemv = order, None
 
@@ -318,6 +317,16 @@ def _weights(model, store: str | None) -> _Weights:
     return weights
 
 
+def _stack_cache(cache, dtype: torch.dtype) -> tuple[list, list]:
+    """The per-layer key and value caches for the kernel's stack; a bf16 model's turn bf16
+    first (its keys and values are bf16 products: a bf16 cache holds them exactly in half
+    the bytes; a step reads ~15 MB of cache at L16 in fp32)."""
+    if dtype == torch.bfloat16 and cache.layers[0]["k"].dtype == torch.float32:
+        for c in cache.layers:
+            c["k"], c["v"] = c["k"].bfloat16(), c["v"].bfloat16()
+    return [c["k"] for c in cache.layers], [c["v"] for c in cache.layers]
+
+
 class LeanDecoder:
     """One-position decoding steps of ``model`` with its current weights.
 
@@ -358,13 +367,8 @@ class LeanDecoder:
                 and keys.dtype in (torch.float32, torch.bfloat16)
                 and keys.shape[0] == x.shape[0] <= gemv.MAX_ROWS and offset < keys.shape[2]
                 and all(s is not None for s in self.step_slices)):
-            if x.dtype == torch.bfloat16 and keys.dtype == torch.float32:
-                # A bf16 model's keys and values are bf16 products: a bf16 cache holds them
-                # exactly in half the bytes (a step reads ~15 MB of cache at L16 in fp32)
-                for c in cache.layers:
-                    c["k"], c["v"] = c["k"].bfloat16(), c["v"].bfloat16()
-            x = self.weights.stack.step(x.contiguous(), [c["k"] for c in cache.layers],
-                                        [c["v"] for c in cache.layers], offset)
+            ks, vs = _stack_cache(cache, x.dtype)
+            x = self.weights.stack.step(x.contiguous(), ks, vs, offset)
             cache.offset += 1
             return x[:, None]
         for layer, attend, layer_cache, slices in zip(self.weights.layers, self.attends, cache.layers,
@@ -399,15 +403,12 @@ class LeanDecoder:
                 or h.dtype != w.layers[0].qkv.dtype or not all(s is not None for s in self.step_slices)
                 or cache.offset + count - 1 > keys.shape[2]):
             return None
-        if h.dtype == torch.bfloat16 and keys.dtype == torch.float32:
-            for c in cache.layers:  # as in hidden()
-                c["k"], c["v"] = c["k"].bfloat16(), c["v"].bfloat16()
+        ks, vs = _stack_cache(cache, h.dtype)
         if w.image_tables is None:
             m = self.model
             w.image_tables = (m.image_emb(torch.arange(m.num_image_tokens)).to(h.dtype).contiguous(),
                               m.image_pos_emb(0, m.image_seq_len).to(h.dtype).contiguous())
         emb, pos = w.image_tables
-        ks, vs = [c["k"] for c in cache.layers], [c["v"] for c in cache.layers]
         first = cache.offset - self.model.text_len  # the image position of the first code
         state, out, done = h[:, -1].contiguous(), [], 0
         while done < count:

@@ -957,15 +957,13 @@ class Stack {
     TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.size(0) >= 1 && h.size(0) <= 8 && h.size(1) == D_
                 && h.scalar_type() == head_->norm_w.scalar_type(), "Stack.logits: bad input");
     auto hn = at::empty_like(h);
-    if (h.scalar_type() == at::kFloat)
-      layer_norm_rows<float>((const float*)h.data_ptr(), (const float*)head_->norm_w.data_ptr(),
-                             (const float*)head_->norm_b.data_ptr(), head_->eps, (float*)hn.data_ptr(),
-                             h.size(0), D_);
-    else
-      layer_norm_rows<c10::BFloat16>((const c10::BFloat16*)h.data_ptr(),
-                                     (const c10::BFloat16*)head_->norm_w.data_ptr(),
-                                     (const c10::BFloat16*)head_->norm_b.data_ptr(), head_->eps,
-                                     (c10::BFloat16*)hn.data_ptr(), h.size(0), D_);
+    auto norm = [&](auto* out) {
+      using T = std::remove_pointer_t<decltype(out)>;
+      layer_norm_rows<T>((const T*)h.data_ptr(), (const T*)head_->norm_w.data_ptr(),
+                         (const T*)head_->norm_b.data_ptr(), head_->eps, out, h.size(0), D_);
+    };
+    if (h.scalar_type() == at::kFloat) norm((float*)hn.data_ptr());
+    else norm((c10::BFloat16*)hn.data_ptr());
     return linear_any(hn, head_->head, head_->head_b, std::nullopt, avx512_).to(at::kFloat);
   }
 
@@ -1055,7 +1053,7 @@ class Stack {
     Workspace& ws = workspace(x, wide);
     const int threads = (int)splits_;
     auto P = [](const at::Tensor& t) { return (T*)t.data_ptr(); };
-    auto &xs = ws.xs, &ys = ws.ys, &part_out = ws.part_out, &part_ff = ws.part_ff;
+    auto &xs = ws.xs, &ys = ws.ys;
     auto& products = ws.products;
     auto &qkv_units = ws.qkv_units, &ff_units = ws.ff_units;
     const at::Tensor &qkv = ws.qkv, &a = ws.a, &f = ws.f, &g = ws.g, &a_in = ws.a_in, &g_in = ws.g_in;
@@ -1066,16 +1064,18 @@ class Stack {
       layer_norm_rows<T>(P(in), (const T*)nw.data_ptr(), (const T*)nb.data_ptr(), eps, P(ws.xn[t]), B, D);
       if constexpr (bf16) if (wide) widen_rows(P(ws.xn[t]), (float*)ws.xn_in[t].data_ptr(), B * D);
     };
-    auto add_up = [&](const std::vector<at::Tensor>& parts, const at::Tensor& bias, const at::Tensor& res,
+    auto add_up = [&](const std::vector<const float*>& parts, const at::Tensor& bias, const at::Tensor& res,
                       const at::Tensor& y) {
-      std::vector<const float*> p(parts.size());
-      for (size_t c = 0; c < parts.size(); ++c) p[c] = (const float*)parts[c].data_ptr();
-      add_partials<T>(p, bias.defined() ? (const float*)bias.data_ptr() : nullptr, P(res), P(y), B, D);
+      add_partials<T>(parts, bias.defined() ? (const float*)bias.data_ptr() : nullptr, P(res), P(y), B, D);
     };
     // The split products' units are claimed one at a time from a counter per share: a share
     // that is done takes what is left of another's whose inputs are ready (the same units,
     // written where its owner would), so that the threads reach the barrier together.
-    std::unique_ptr<Claim[]> claims(new Claim[nl * 2 * threads]);
+    Claim* claims = ws.claims.get();
+    for (int64_t i = 0; i < nl * 2 * threads; ++i) {
+      claims[i].next.store(0, std::memory_order_relaxed);
+      claims[i].ready.store(false, std::memory_order_relaxed);
+    }
     auto split_product = [&](int t, int64_t l, int which) {  // which: 0 out, 1 ff_out
       Claim* c = &claims[(l * 2 + which) * threads];
       c[t].ready.store(true, std::memory_order_release);
@@ -1140,7 +1140,7 @@ class Stack {
         });
 #pragma omp barrier
         each([&](int t) {  // the sums, LayerNorm, its rows of the feed-forward input
-          add_up(part_out, w.out_b32, xs[t], ys[t]);
+          add_up(ws.part_out_sums, w.out_b32, xs[t], ys[t]);
           norm(t, ys[t], w.ln2_w, w.ln2_b, w.eps2);
           for (auto [u0, u1] : ff_units[t])
             if (u0 < u1) products[t][4 * l + 2].run(u0, u1);
@@ -1160,7 +1160,7 @@ class Stack {
           split_product(t, l, 1);
         });
 #pragma omp barrier
-        each([&](int t) { add_up(part_ff, w.ff_out_b32, ys[t], xs[t]); });
+        each([&](int t) { add_up(ws.part_ff_sums, w.ff_out_b32, ys[t], xs[t]); });
       }
       if (head)
         each([&](int t) {
@@ -1181,6 +1181,8 @@ class Stack {
     // per share: the residual stream before and after the attention (every share holds the
     // same values), its LayerNorm's output (and widened), its partial sums of out and ff_out
     std::vector<at::Tensor> xs, ys, xn, xn_in, part_out, part_ff, keep;
+    std::vector<const float*> part_out_sums, part_ff_sums;  // the partial sums' data
+    std::unique_ptr<Claim[]> claims;  // per layer, split product and share
     std::vector<std::pair<int64_t, int64_t>> heads, columns;
     // per share: per layer q/k/v, its part of out, ff_in, its part of ff_out; the head
     std::vector<std::vector<Product>> products;
@@ -1216,7 +1218,10 @@ class Stack {
       w.xn_in.push_back(wide ? at::empty({B, D}, fopt) : w.xn.back());
       w.part_out.push_back(at::empty({B, D}, fopt));
       w.part_ff.push_back(at::empty({B, D}, fopt));
+      w.part_out_sums.push_back((const float*)w.part_out.back().data_ptr());
+      w.part_ff_sums.push_back((const float*)w.part_ff.back().data_ptr());
     }
+    w.claims.reset(new Claim[layers_.size() * 2 * threads]);
     std::tie(w.heads, w.columns) = shares(F);
     auto make = [&](const at::Tensor& wt, const void* in, int64_t in_stride, const std::optional<at::Tensor>& bias,
                     const at::Tensor& y) {

@@ -183,9 +183,12 @@ def split_columns(packed: torch.Tensor, bounds: list) -> list[torch.Tensor]:
     """The packed weight's input columns ``[a, b)`` for each ``(a, b)`` in ``bounds``, each
     packed on its own in the same layout and dtype (exactly the stored values)."""
     w = unpack(packed)
-    if packed.dim() == 4:
-        return [pack_pairs(w[:, a:b].contiguous()) for a, b in bounds]
-    return [pack_rows(w[:, a:b].contiguous()) for a, b in bounds]
+    return [pack_like(w[:, a:b].contiguous(), packed) for a, b in bounds]
+
+
+def pack_like(w: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``w`` (in ``packed``'s stored dtype) packed in ``packed``'s layout."""
+    return pack_pairs(w) if packed.dim() == 4 else pack_rows(w)
 
 
 def attention_step():
