@@ -65,6 +65,32 @@ def test_lean_step_bf16_close_to_module_step():
         assert diff < 0.01, diff
 
 
+@pytest.mark.parametrize("rows", [2, 9])
+def test_bf16_prompt_through_prepacked_products(rows):
+    """A bf16 model's prompt through the decoder's prepacked products (LeanDecoder.prompt)
+    gives the module's hidden states and keys and values, kept in bf16 where the kernel's
+    stack takes the next steps (at most 8 rows) and in fp32 otherwise, and the next step
+    from that cache gives the step from the module's cache."""
+    m = tiny(["axial_row", "full", "axial_col"]).to(torch.bfloat16)
+    decoder = LeanDecoder(m)
+    if not decoder.prompts():
+        pytest.skip("oneDNN's prepacked bf16 products do not run on this CPU path (the probe)")
+    seq = SEQ.repeat(5, 1)[:rows]
+    ref, cache = m.new_cache(), m.new_cache()
+    with torch.no_grad():
+        h1 = m.hidden(seq[:, :8], cache=ref)
+        h2 = decoder.prompt(seq[:, :8], cache)
+        assert cache.offset == ref.offset == 8
+        torch.testing.assert_close(h2.float(), h1.float(), atol=2e-2, rtol=2e-2)
+        stacked = decoder.weights.stack is not None and rows <= 8
+        for a, b in zip(ref.layers, cache.layers):
+            assert b["k"].dtype == (torch.bfloat16 if stacked else torch.float32)
+            for key in ("k", "v"):
+                torch.testing.assert_close(b[key][:, :, :8].float(), a[key][:, :, :8], atol=2e-2, rtol=2e-2)
+        s1, s2 = decoder.hidden(seq[:, 8:9], ref), decoder.hidden(seq[:, 8:9], cache)
+        torch.testing.assert_close(s2.float(), s1.float(), atol=3e-2, rtol=3e-2)
+
+
 def test_weights_follow_parameter_changes():
     m = tiny(["full"])
     before = steps(m, True)[-1][1]

@@ -124,6 +124,8 @@ class _Decoder:
             return self.static.hidden(tokens, self.cache)
         if self.lean is not None and tokens.shape[1] == 1:
             return self.lean.hidden(tokens, self.cache)
+        if self.lean is not None and self.static is None and self.lean.prompts():
+            return self.lean.prompt(tokens, self.cache)[:, -1:]
         return self.model.hidden(tokens, cache=self.cache)[:, -1:]
 
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
