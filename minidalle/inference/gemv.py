@@ -309,18 +309,22 @@ def unpack(packed: torch.Tensor, group: int | None = None) -> torch.Tensor:
     :func:`pack_rows`."""
     nb, k = packed.shape[:2]
     pairs = packed.dim() == 4  # [N/16, K/2, 16, 2], groups [K/2, size, 16, 2]
-    flat, out, start = packed.reshape(-1), [], 0
+    flat = packed.reshape(-1)
     group = PAIR_GROUP if pairs else _group(group, packed.dtype)
     inner = 32 if pairs else 16
-    for b0 in range(0, nb, group):  # groups [K, size, 16(, 2)], k-major
-        size = min(group, nb - b0)
-        g = flat[start : start + size * k * inner]
+
+    def rows(g, count, size):  # `count` groups of `size` blocks [K, size, 16(, 2)], k-major
         if pairs:
-            out.append(g.view(k, size, 16, 2).permute(1, 2, 0, 3).reshape(size * 16, 2 * k))
-        else:
-            out.append(g.view(k, size, 16).permute(1, 2, 0).reshape(size * 16, k))
-        start += size * k * inner
-    return torch.cat(out)
+            return g.view(count, k, size, 16, 2).permute(0, 2, 3, 1, 4).reshape(count * size * 16, 2 * k)
+        return g.view(count, k, size, 16).permute(0, 2, 3, 1).reshape(count * size * 16, k)
+
+    full, last = divmod(nb, group)  # whole groups in one copy, then the smaller last group
+    cut = full * group * k * inner
+    out = [rows(flat[:cut], full, group)] if full else []
+    if last:
+        out.append(rows(flat[cut:], 1, last))
+    w = torch.cat(out) if len(out) > 1 else out[0]
+    return w.clone() if w.data_ptr() == packed.data_ptr() else w  # never a view of packed
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
