@@ -706,6 +706,35 @@ AVX2 static void exp_shifted(const float* x, float shift, float* out, int64_t n,
   for (j = 0; j < n; ++j) if (!keep(x[j])) out[j] = 0.f;
 }
 
+// The draw itself on plain buffers (Stack.generate calls it a step with no tensor made):
+// ids[b] for the rows of logits [B, V]; x, sorted, w: scratch of V values each.
+static void draw_top_k(const float* logits, int64_t B, int64_t V, int64_t k, float t, const float* u,
+                       int64_t* ids, float* x, float* sorted, float* w) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = logits + b * V;
+    for (int64_t j = 0; j < V; ++j) x[j] = t == 1.f ? row[j] : row[j] / t;
+    float kth = -INFINITY;
+    if (k < V) {
+      std::copy(x, x + V, sorted);
+      std::nth_element(sorted, sorted + (k - 1), sorted + V, std::greater<float>());
+      kth = sorted[k - 1];
+    }
+    float top = *std::max_element(x, x + V);
+    exp_shifted(x, top, w, V, [&](float v) { return v >= kth; });
+    double total = 0;
+    for (int64_t j = 0; j < V; ++j) total += w[j];
+    double target = (double)u[b] * total, run = 0;
+    int64_t pick = -1, last = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      if (w[j] <= 0.f) continue;
+      last = j;
+      run += w[j];
+      if (run > target) { pick = j; break; }
+    }
+    ids[b] = pick < 0 ? last : pick;  // rounding: the last id kept
+  }
+}
+
 at::Tensor sample_top_k(const at::Tensor& logits_, int64_t k, double temperature, const at::Tensor& u_) {
   auto logits = logits_.contiguous();
   auto u = u_.contiguous();
@@ -715,31 +744,9 @@ at::Tensor sample_top_k(const at::Tensor& logits_, int64_t k, double temperature
   TORCH_CHECK(u.scalar_type() == at::kFloat && u.numel() == B && k >= 1 && temperature > 0,
               "sample_top_k: bad arguments");
   auto ids = at::empty({B}, logits.options().dtype(at::kLong));
-  std::vector<float> x(V), sorted(V), w(V);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = (const float*)logits.data_ptr() + b * V;
-    float t = (float)temperature;
-    for (int64_t j = 0; j < V; ++j) x[j] = t == 1.f ? row[j] : row[j] / t;
-    float kth = -INFINITY;
-    if (k < V) {
-      std::copy(x.begin(), x.end(), sorted.begin());
-      std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), std::greater<float>());
-      kth = sorted[k - 1];
-    }
-    float top = *std::max_element(x.begin(), x.end());
-    exp_shifted(x.data(), top, w.data(), V, [&](float v) { return v >= kth; });
-    double total = 0;
-    for (int64_t j = 0; j < V; ++j) total += w[j];
-    double target = (double)((const float*)u.data_ptr())[b] * total, run = 0;
-    int64_t pick = -1, last = 0;
-    for (int64_t j = 0; j < V; ++j) {
-      if (w[j] <= 0.f) continue;
-      last = j;
-      run += w[j];
-      if (run > target) { pick = j; break; }
-    }
-    ((int64_t*)ids.data_ptr())[b] = pick < 0 ? last : pick;  // rounding: the last id kept
-  }
+  std::vector<float> scratch(3 * V);
+  draw_top_k((const float*)logits.data_ptr(), B, V, k, (float)temperature, (const float*)u.data_ptr(),
+             (int64_t*)ids.data_ptr(), scratch.data(), scratch.data() + V, scratch.data() + 2 * V);
   return ids;
 }
 
@@ -929,11 +936,15 @@ class Stack {
                 && x.size(1) == D_ && x.scalar_type() == layers_[0].ln1_w.scalar_type()
                 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
                 "Stack.step: bad input");
-    bool cache16 = ks[0].scalar_type() == at::kBFloat16;
-    if (x.scalar_type() == at::kFloat)
-      return cache16 ? run<float, c10::BFloat16>(x, ks, vs, offset, head) : run<float, float>(x, ks, vs, offset, head);
-    return cache16 ? run<c10::BFloat16, c10::BFloat16>(x, ks, vs, offset, head)
-                   : run<c10::BFloat16, float>(x, ks, vs, offset, head);
+    run_any(x, ks, vs, offset, head);
+    auto h = at::empty_like(x);
+    std::memcpy(h.data_ptr(), ws_->xs[0].data_ptr(), x.nbytes());
+    at::Tensor lg;
+    if (head) {
+      lg = at::empty(ws_->lg.sizes(), x.options().dtype(at::kFloat));
+      logits_to_float((float*)lg.data_ptr());
+    }
+    return {h, lg};
   }
 
   // The image head: the final LayerNorm and the image logits' packed product (for logits()
@@ -986,10 +997,17 @@ class Stack {
                 "Stack.generate: bad embeddings");
     auto ids = at::empty({B, n}, h.options().dtype(at::kLong));
     auto x = at::empty_like(h);
-    auto lg = logits(h);
+    auto first = logits(h);
+    const int64_t V = first.size(1);
+    // Between steps no tensor is made: the logits and the draw's scratch live here, the
+    // step's outputs in its workspace (tensor ops right after a step, their code and data
+    // evicted by the streamed weights, took 30-60 us a step).
+    std::vector<float> lg(first.data_ptr<float>(), first.data_ptr<float>() + B * V), scratch(3 * V);
+    std::vector<int64_t> id(B);
+    bool stepped = false;
     for (int64_t s = 0; s < n; ++s) {
-      auto drawn = sample_top_k(lg, k, temperature, u[s]);
-      const int64_t* id = (const int64_t*)drawn.data_ptr();
+      draw_top_k(lg.data(), B, V, k, (float)temperature, (const float*)u.data_ptr() + s * B, id.data(),
+                 scratch.data(), scratch.data() + V, scratch.data() + 2 * V);
       for (int64_t b = 0; b < B; ++b) {
         TORCH_CHECK(id[b] >= 0 && id[b] < emb.size(0), "Stack.generate: an id past the embedding");
         ((int64_t*)ids.data_ptr())[b * n + s] = id[b];
@@ -1006,7 +1024,14 @@ class Stack {
           for (int64_t j = 0; j < D_; ++j) y[j] = (c10::BFloat16)((float)e[j] + (float)p[j]);
         }
       }
-      std::tie(h, lg) = step_and_head(x, ks, vs, offset + s, s + 1 < n);
+      const bool more = s + 1 < n;
+      run_any(x, ks, vs, offset + s, more);
+      if (more) logits_to_float(lg.data());
+      stepped = true;
+    }
+    if (stepped) {
+      h = at::empty_like(x);
+      std::memcpy(h.data_ptr(), ws_->xs[0].data_ptr(), x.nbytes());
     }
     return {ids, h};
   }
@@ -1028,9 +1053,31 @@ class Stack {
   // a share's GEGLU columns multiples of a unit's rows: 64 at L16) a block needs two
   // barriers, one after each partial sum; otherwise one more after each of the q/k/v and
   // feed-forward input products.
+  // The step for x's dtype and the cache's, its outputs left in the workspace (xs[0]; lg with
+  // `head`).
+  void run_any(const at::Tensor& x, const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
+               int64_t offset, bool head) {
+    bool cache16 = ks[0].scalar_type() == at::kBFloat16;
+    if (x.scalar_type() == at::kFloat)
+      return cache16 ? run<float, c10::BFloat16>(x, ks, vs, offset, head) : run<float, float>(x, ks, vs, offset, head);
+    return cache16 ? run<c10::BFloat16, c10::BFloat16>(x, ks, vs, offset, head)
+                   : run<c10::BFloat16, float>(x, ks, vs, offset, head);
+  }
+
+  // The last step's image logits (the workspace's, in the activations' dtype) widened into out.
+  void logits_to_float(float* out) const {
+    const int64_t n = ws_->lg.numel();
+    if (ws_->lg.scalar_type() == at::kFloat) {
+      std::memcpy(out, ws_->lg.data_ptr(), n * sizeof(float));
+    } else {
+      const c10::BFloat16* in = (const c10::BFloat16*)ws_->lg.data_ptr();
+      for (int64_t i = 0; i < n; ++i) out[i] = (float)in[i];
+    }
+  }
+
   template <typename T, typename C>
-  std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const std::vector<at::Tensor>& ks,
-                                         const std::vector<at::Tensor>& vs, int64_t offset, bool head) {
+  void run(const at::Tensor& x, const std::vector<at::Tensor>& ks,
+           const std::vector<at::Tensor>& vs, int64_t offset, bool head) {
     constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
     const int64_t B = x.size(0), D = D_, H = H_, d = d_, HD = H * d, nl = layers_.size();
     const int64_t F = layers_[0].ff_in.size(0) * 8;
@@ -1169,7 +1216,6 @@ class Stack {
           if (u0 < u1) ws.head_products[t].run(u0, u1);
         });
     }
-    return {xs[0].clone(), head ? ws.lg.to(at::kFloat) : at::Tensor()};
   }
 
   // The buffers and products of a step for x's rows and dtype (kept from the last step where
