@@ -235,8 +235,8 @@ def test_kernel_sampler_draws_as_the_pytorch_ops(filter_thres, temperature, monk
 def test_kernel_generation_loop_draws_as_the_python_loop(precision, rows, monkeypatch):
     """Where the kernel's stack has the image head (32 image codes: a kernel shape), the
     whole sampling loop runs in it (LeanDecoder.generate, here 4 positions a call): the same codes
-    as the Python loop (same logits, same uniform numbers), primed or not, and progress is
-    called once a code."""
+    as the Python loop (same logits, same uniform numbers), primed or not, guided or not, and
+    progress is called once a code."""
     from minidalle.inference import decode
 
     m = tiny(["axial_row", "full", "axial_col"], image_tokens=32)
@@ -261,11 +261,14 @@ def test_kernel_generation_loop_draws_as_the_python_loop(precision, rows, monkey
         return codes, len(ticks)
 
     monkeypatch.setattr(decode.LeanDecoder, "generate", counted)
-    fused = [draw(filter_thres=0.5), draw(filter_thres=0.0, temperature=0.8), draw(prime_codes=prime)]
-    assert calls["kernel"] == 3
+    kinds = [dict(filter_thres=0.5), dict(filter_thres=0.0, temperature=0.8), dict(prime_codes=prime),
+             dict(cond_scale=3.0), dict(cond_scale=0.5, prime_codes=prime)]
+    fused = [draw(**kw) for kw in kinds]
+    assert calls["kernel"] == len(kinds)
     monkeypatch.setattr(decode.LeanDecoder, "generate", lambda *a, **k: None)
-    plain = [draw(filter_thres=0.5), draw(filter_thres=0.0, temperature=0.8), draw(prime_codes=prime)]
+    plain = [draw(**kw) for kw in kinds]
     for (a, na), (b, nb) in zip(fused, plain):
         assert torch.equal(a, b) and na == nb
     assert fused[0][1] == FMAP * FMAP and fused[2][1] == FMAP * FMAP - 2
-    assert torch.equal(fused[2][0][:, :2], prime)
+    assert torch.equal(fused[2][0][:, :2], prime) and torch.equal(fused[4][0][:, :2], prime)
+    assert fused[3][0].shape == (rows, FMAP * FMAP) and not torch.equal(fused[3][0], fused[0][0])

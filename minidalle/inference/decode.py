@@ -425,14 +425,18 @@ class LeanDecoder:
 
     @torch.no_grad()
     def generate(self, h: torch.Tensor, cache, count: int, *, k: int, temperature: float,
-                 generator: torch.Generator | None = None, progress=None, chunk: int = 32):
+                 generator: torch.Generator | None = None, progress=None, chunk: int = 32,
+                 cond_scale: float = 1.0):
         """The next ``count`` image codes ``[B, count]`` sampled from hidden states ``h``
         ``[B, 1, dim]`` (the last fed position), each fed back but the last, by the kernel's
         stack (``Stack.generate``: logits, a top-``k`` draw as
         :func:`minidalle.inference.sampling.sample_logits` makes it from the same uniform
         numbers of ``generator``, the embedding, the step) ``chunk`` positions a call; None
         where that loop does not apply (then the caller's Python loop runs).
-        ``progress(1)`` is called for each code."""
+        ``progress(1)`` is called for each code. ``cond_scale`` != 1: ``h``'s second half are
+        the null captions' rows; one code per pair is drawn from the guided logits
+        (``[B/2, count]``), as :func:`~minidalle.inference.sampling.generate_image_codes`'
+        loop draws it."""
         w, b = self.weights, h.shape[0]
         keys = cache.layers[0].get("k")
         if (not w.stack_head or gemv.sampler() is None or keys is None or b > gemv.MAX_ROWS
@@ -440,6 +444,10 @@ class LeanDecoder:
                 or h.dtype != w.layers[0].qkv.dtype or not all(s is not None for s in self.step_slices)
                 or cache.offset + count - 1 > keys.shape[2]):
             return None
+        guided = cond_scale != 1.0
+        if guided and b % 2:
+            return None
+        rows = b // 2 if guided else b  # the rows drawn
         ks, vs = _stack_cache(cache, h.dtype)
         if w.image_tables is None:
             m = self.model
@@ -450,11 +458,11 @@ class LeanDecoder:
         state, out, done = h[:, -1].contiguous(), [], 0
         while done < count:
             n = min(chunk, count - done)
-            u = torch.rand(n, b, generator=generator)  # the uniforms sample_logits would draw
+            u = torch.rand(n, rows, generator=generator)  # the uniforms sample_logits would draw
             feed_last = done + n < count
             ids, state = w.stack.generate(state, ks, vs, cache.offset, emb,
                                           pos[first + done : first + done + n], k, float(temperature),
-                                          u, feed_last)
+                                          u, feed_last, float(cond_scale))
             cache.offset += n if feed_last else n - 1
             out.append(ids)
             done += n

@@ -984,33 +984,50 @@ class Stack {
   // feed_last) the ids' embedding emb[id] + pos[s] stepped through the stack at offset + s.
   // Returns (ids [B, n], the last hidden states): the Python loop's work without a Python
   // call a position (0.3-0.5 ms a step when the weights have just streamed through the caches).
+  // cond_scale != 1: classifier-free guidance. The first half of the B rows has the captions,
+  // the second the null captions; one id per pair is drawn from uncond + cond_scale x (cond -
+  // uncond) of their logits (u [n, B/2], ids [B/2, n]) and fed to both rows.
   std::tuple<at::Tensor, at::Tensor> generate(at::Tensor h, const std::vector<at::Tensor>& ks,
                                               const std::vector<at::Tensor>& vs, int64_t offset,
                                               const at::Tensor& emb, const at::Tensor& pos, int64_t k,
-                                              double temperature, const at::Tensor& u, bool feed_last) {
-    TORCH_CHECK(u.dim() == 2 && u.size(1) == h.size(0) && u.scalar_type() == at::kFloat
+                                              double temperature, const at::Tensor& u, bool feed_last,
+                                              double cond_scale) {
+    const bool guided = cond_scale != 1.0;
+    const int64_t B = h.size(0), R = guided ? B / 2 : B;  // R: the rows drawn
+    TORCH_CHECK(!guided || B % 2 == 0, "Stack.generate: guidance needs caption and null-caption rows");
+    TORCH_CHECK(u.dim() == 2 && u.size(1) == R && u.scalar_type() == at::kFloat
                 && u.is_contiguous(), "Stack.generate: bad uniforms");
-    int64_t n = u.size(0), B = h.size(0);
+    const int64_t n = u.size(0);
     TORCH_CHECK(emb.dim() == 2 && emb.size(1) == D_ && emb.scalar_type() == h.scalar_type()
                 && emb.is_contiguous() && pos.dim() == 2 && pos.size(0) >= n && pos.size(1) == D_
                 && pos.scalar_type() == h.scalar_type() && pos.is_contiguous(),
                 "Stack.generate: bad embeddings");
-    auto ids = at::empty({B, n}, h.options().dtype(at::kLong));
+    auto ids = at::empty({R, n}, h.options().dtype(at::kLong));
     auto x = at::empty_like(h);
     auto first = logits(h);
     const int64_t V = first.size(1);
+    const float scale = (float)cond_scale;
     // Between steps no tensor is made: the logits and the draw's scratch live here, the
     // step's outputs in its workspace (tensor ops right after a step, their code and data
     // evicted by the streamed weights, took 30-60 us a step).
     std::vector<float> lg(first.data_ptr<float>(), first.data_ptr<float>() + B * V), scratch(3 * V);
+    std::vector<float> mixed(guided ? R * V : 0);
     std::vector<int64_t> id(B);
     bool stepped = false;
     for (int64_t s = 0; s < n; ++s) {
-      draw_top_k(lg.data(), B, V, k, (float)temperature, (const float*)u.data_ptr() + s * B, id.data(),
-                 scratch.data(), scratch.data() + V, scratch.data() + 2 * V);
-      for (int64_t b = 0; b < B; ++b) {
+      if (guided)  // as the Python loop's fp32 ops: the difference, times the scale, plus uncond
+        for (int64_t i = 0; i < R * V; ++i) {
+          float diff = lg[i] - lg[R * V + i];
+          float scaled = scale * diff;
+          mixed[i] = lg[R * V + i] + scaled;
+        }
+      draw_top_k(guided ? mixed.data() : lg.data(), R, V, k, (float)temperature,
+                 (const float*)u.data_ptr() + s * R, id.data(), scratch.data(), scratch.data() + V,
+                 scratch.data() + 2 * V);
+      for (int64_t b = 0; b < R; ++b) {
         TORCH_CHECK(id[b] >= 0 && id[b] < emb.size(0), "Stack.generate: an id past the embedding");
         ((int64_t*)ids.data_ptr())[b * n + s] = id[b];
+        if (guided) id[R + b] = id[b];  // the null caption's row takes the same code
       }
       if (s + 1 == n && !feed_last) break;
       for (int64_t b = 0; b < B; ++b) {

@@ -175,12 +175,13 @@ def generate_image_codes(
         codes[:, :first] = primed
         prefix = torch.cat([prefix, primed.repeat(2, 1) if guided else primed], dim=1)
     h = decoder.feed(prefix)
-    if (decoder.lean is not None and decoder.static is None and not guided and on_logits is None
+    if (decoder.lean is not None and decoder.static is None and on_logits is None
             and top_p is None and first < model.image_seq_len):
         # the whole loop in the kernel where it applies (the same draws, no Python a position)
         rest = decoder.lean.generate(h, decoder.cache, model.image_seq_len - first,
                                      k=top_k_count(filter_thres, model.num_image_tokens),
-                                     temperature=temperature, generator=generator, progress=progress)
+                                     temperature=temperature, generator=generator, progress=progress,
+                                     cond_scale=cond_scale)
         if rest is not None:
             codes[:, first:] = rest
             return codes
