@@ -206,28 +206,35 @@ def test_factorised_codes_cached_logits_equal_uncached_forward():
 
 
 @pytest.mark.cpu_paths
+@pytest.mark.parametrize("top_p", [None, 0.9, 0.3, 0.0])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("filter_thres", [0.0, 0.5, 0.9, 0.999])
-def test_kernel_sampler_draws_as_the_pytorch_ops(filter_thres, temperature, monkeypatch):
-    """The gemv kernel's fused top-k draw takes the same uniform numbers and picks the same
-    ids as the PyTorch ops (up to sums rounded in another order: none differ here), and never
-    an id outside the top k."""
+def test_kernel_sampler_draws_as_the_pytorch_ops(filter_thres, temperature, top_p, monkeypatch):
+    """The gemv kernel's fused draw (top-k, then the nucleus filter) takes the same uniform
+    numbers and picks the same ids as the PyTorch ops (up to sums rounded in another order:
+    none differ here), and never an id outside the top k, nor outside the nucleus."""
     from minidalle.inference import gemv
 
     if gemv.sampler() is None:
         pytest.skip(f"the gemv kernel is not used here: {gemv.status()}")
     torch.manual_seed(0)
     logits = torch.randn(64, 1000) * 3
-    fused = sample_logits(logits, filter_thres=filter_thres, temperature=temperature,
+    fused = sample_logits(logits, filter_thres=filter_thres, temperature=temperature, top_p=top_p,
                           generator=torch.Generator().manual_seed(5))
     monkeypatch.setattr(gemv, "sampler", lambda: None)
-    plain = sample_logits(logits, filter_thres=filter_thres, temperature=temperature,
+    plain = sample_logits(logits, filter_thres=filter_thres, temperature=temperature, top_p=top_p,
                           generator=torch.Generator().manual_seed(5))
     assert fused.dtype == torch.long and fused.shape == (64,)
     assert torch.equal(fused, plain)
     k = max(1, int((1 - filter_thres) * 1000)) if filter_thres > 0 else 1000
     rank = (logits > logits.gather(1, fused[:, None])).sum(1)  # 0 = the largest
     assert (rank < k).all()
+    if top_p == 0.0:  # a nucleus of one: the largest logit
+        assert (rank == 0).all()
+    elif top_p is not None:  # the mass of the larger logits kept is below top_p
+        kept = top_k_filter(logits / temperature, filter_thres).softmax(-1)
+        before = (kept * (kept > kept.gather(1, fused[:, None]))).sum(1)
+        assert (before < top_p + 1e-6).all()
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -235,8 +242,8 @@ def test_kernel_sampler_draws_as_the_pytorch_ops(filter_thres, temperature, monk
 def test_kernel_generation_loop_draws_as_the_python_loop(precision, rows, monkeypatch):
     """Where the kernel's stack has the image head (32 image codes: a kernel shape), the
     whole sampling loop runs in it (LeanDecoder.generate, here 4 positions a call): the same codes
-    as the Python loop (same logits, same uniform numbers), primed or not, guided or not, and
-    progress is called once a code."""
+    as the Python loop (same logits, same uniform numbers), primed or not, guided or not, with
+    top-p or not, and progress is called once a code."""
     from minidalle.inference import decode
 
     m = tiny(["axial_row", "full", "axial_col"], image_tokens=32)
@@ -252,8 +259,9 @@ def test_kernel_generation_loop_draws_as_the_python_loop(precision, rows, monkey
     original = decode.LeanDecoder.generate
 
     def counted(self, *a, **k):  # 4 positions a call: several calls an image
-        calls["kernel"] += 1
-        return original(self, *a, chunk=4, **k)
+        codes = original(self, *a, chunk=4, **k)
+        calls["kernel"] += codes is not None  # the kernel's loop drew them
+        return codes
 
     def draw(**kw):
         ticks = []
@@ -262,7 +270,8 @@ def test_kernel_generation_loop_draws_as_the_python_loop(precision, rows, monkey
 
     monkeypatch.setattr(decode.LeanDecoder, "generate", counted)
     kinds = [dict(filter_thres=0.5), dict(filter_thres=0.0, temperature=0.8), dict(prime_codes=prime),
-             dict(cond_scale=3.0), dict(cond_scale=0.5, prime_codes=prime)]
+             dict(cond_scale=3.0), dict(cond_scale=0.5, prime_codes=prime), dict(top_p=0.8),
+             dict(top_p=0.6, cond_scale=2.0, temperature=1.3)]
     fused = [draw(**kw) for kw in kinds]
     assert calls["kernel"] == len(kinds)
     monkeypatch.setattr(decode.LeanDecoder, "generate", lambda *a, **k: None)

@@ -426,10 +426,10 @@ class LeanDecoder:
     @torch.no_grad()
     def generate(self, h: torch.Tensor, cache, count: int, *, k: int, temperature: float,
                  generator: torch.Generator | None = None, progress=None, chunk: int = 32,
-                 cond_scale: float = 1.0):
+                 cond_scale: float = 1.0, top_p: float = 1.0):
         """The next ``count`` image codes ``[B, count]`` sampled from hidden states ``h``
         ``[B, 1, dim]`` (the last fed position), each fed back but the last, by the kernel's
-        stack (``Stack.generate``: logits, a top-``k`` draw as
+        stack (``Stack.generate``: logits, a top-``k`` (then ``top_p`` < 1: nucleus) draw as
         :func:`minidalle.inference.sampling.sample_logits` makes it from the same uniform
         numbers of ``generator``, the embedding, the step) ``chunk`` positions a call; None
         where that loop does not apply (then the caller's Python loop runs).
@@ -462,7 +462,7 @@ class LeanDecoder:
             feed_last = done + n < count
             ids, state = w.stack.generate(state, ks, vs, cache.offset, emb,
                                           pos[first + done : first + done + n], k, float(temperature),
-                                          u, feed_last, float(cond_scale))
+                                          u, feed_last, float(cond_scale), float(top_p))
             cache.offset += n if feed_last else n - 1
             out.append(ids)
             done += n

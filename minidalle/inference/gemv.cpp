@@ -707,9 +707,10 @@ AVX2 static void exp_shifted(const float* x, float shift, float* out, int64_t n,
 }
 
 // The draw itself on plain buffers (Stack.generate calls it a step with no tensor made):
-// ids[b] for the rows of logits [B, V]; x, sorted, w: scratch of V values each.
+// ids[b] for the rows of logits [B, V]; x, sorted, w: scratch of V values each, order of V
+// ids. top_p < 1: then the nucleus filter of sampling.top_p_filter on the kept ids.
 static void draw_top_k(const float* logits, int64_t B, int64_t V, int64_t k, float t, const float* u,
-                       int64_t* ids, float* x, float* sorted, float* w) {
+                       int64_t* ids, float* x, float* sorted, float* w, float top_p, int64_t* order) {
   for (int64_t b = 0; b < B; ++b) {
     const float* row = logits + b * V;
     for (int64_t j = 0; j < V; ++j) x[j] = t == 1.f ? row[j] : row[j] / t;
@@ -721,6 +722,20 @@ static void draw_top_k(const float* logits, int64_t B, int64_t V, int64_t k, flo
     }
     float top = *std::max_element(x, x + V);
     exp_shifted(x, top, w, V, [&](float v) { return v >= kth; });
+    if (top_p < 1.f) {  // the kept ids, largest logit first; drop those whose preceding
+                        // probability mass already reaches top_p (never the first)
+      int64_t m = 0;
+      float mass = 0.f;
+      for (int64_t j = 0; j < V; ++j)
+        if (w[j] > 0.f) { order[m++] = j; mass += w[j]; }
+      std::sort(order, order + m, [&](int64_t a, int64_t c) { return x[a] > x[c] || (x[a] == x[c] && a < c); });
+      double cum = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        float p = w[order[i]] / mass;
+        cum += p;
+        if (i > 0 && (float)cum - p >= top_p) w[order[i]] = 0.f;
+      }
+    }
     double total = 0;
     for (int64_t j = 0; j < V; ++j) total += w[j];
     double target = (double)u[b] * total, run = 0;
@@ -735,7 +750,8 @@ static void draw_top_k(const float* logits, int64_t B, int64_t V, int64_t k, flo
   }
 }
 
-at::Tensor sample_top_k(const at::Tensor& logits_, int64_t k, double temperature, const at::Tensor& u_) {
+at::Tensor sample_top_k(const at::Tensor& logits_, int64_t k, double temperature, const at::Tensor& u_,
+                        double top_p) {
   auto logits = logits_.contiguous();
   auto u = u_.contiguous();
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
@@ -745,8 +761,10 @@ at::Tensor sample_top_k(const at::Tensor& logits_, int64_t k, double temperature
               "sample_top_k: bad arguments");
   auto ids = at::empty({B}, logits.options().dtype(at::kLong));
   std::vector<float> scratch(3 * V);
+  std::vector<int64_t> order(V);
   draw_top_k((const float*)logits.data_ptr(), B, V, k, (float)temperature, (const float*)u.data_ptr(),
-             (int64_t*)ids.data_ptr(), scratch.data(), scratch.data() + V, scratch.data() + 2 * V);
+             (int64_t*)ids.data_ptr(), scratch.data(), scratch.data() + V, scratch.data() + 2 * V,
+             (float)top_p, order.data());
   return ids;
 }
 
@@ -980,7 +998,7 @@ class Stack {
 
   // Image positions sampled and fed in one call, from hidden states h [B, D] at the cache's
   // `offset`: for each row s of the uniforms u [n, B], the logits of h, one id per row drawn
-  // as sample_top_k(logits, k, temperature, u[s]), then (except after the last, unless
+  // as sample_top_k(logits, k, temperature, u[s], top_p), then (except after the last, unless
   // feed_last) the ids' embedding emb[id] + pos[s] stepped through the stack at offset + s.
   // Returns (ids [B, n], the last hidden states): the Python loop's work without a Python
   // call a position (0.3-0.5 ms a step when the weights have just streamed through the caches).
@@ -991,7 +1009,7 @@ class Stack {
                                               const std::vector<at::Tensor>& vs, int64_t offset,
                                               const at::Tensor& emb, const at::Tensor& pos, int64_t k,
                                               double temperature, const at::Tensor& u, bool feed_last,
-                                              double cond_scale) {
+                                              double cond_scale, double top_p) {
     const bool guided = cond_scale != 1.0;
     const int64_t B = h.size(0), R = guided ? B / 2 : B;  // R: the rows drawn
     TORCH_CHECK(!guided || B % 2 == 0, "Stack.generate: guidance needs caption and null-caption rows");
@@ -1012,7 +1030,7 @@ class Stack {
     // evicted by the streamed weights, took 30-60 us a step).
     std::vector<float> lg(first.data_ptr<float>(), first.data_ptr<float>() + B * V), scratch(3 * V);
     std::vector<float> mixed(guided ? R * V : 0);
-    std::vector<int64_t> id(B);
+    std::vector<int64_t> id(B), order(V);
     bool stepped = false;
     for (int64_t s = 0; s < n; ++s) {
       if (guided)  // as the Python loop's fp32 ops: the difference, times the scale, plus uncond
@@ -1023,7 +1041,7 @@ class Stack {
         }
       draw_top_k(guided ? mixed.data() : lg.data(), R, V, k, (float)temperature,
                  (const float*)u.data_ptr() + s * R, id.data(), scratch.data(), scratch.data() + V,
-                 scratch.data() + 2 * V);
+                 scratch.data() + 2 * V, (float)top_p, order.data());
       for (int64_t b = 0; b < R; ++b) {
         TORCH_CHECK(id[b] >= 0 && id[b] < emb.size(0), "Stack.generate: an id past the embedding");
         ((int64_t*)ids.data_ptr())[b * n + s] = id[b];

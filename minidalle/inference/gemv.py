@@ -201,9 +201,10 @@ def attention_step():
 
 
 def sampler():
-    """The kernel's top-k draw (``sample_top_k(logits, k, temperature, u)``: one id per row of
-    fp32 ``logits``, as :func:`minidalle.inference.sampling.sample_logits` draws it without
-    top-p, from the uniform numbers ``u``), or None where the kernel is not used."""
+    """The kernel's draw (``sample_top_k(logits, k, temperature, u, top_p)``: one id per row of
+    fp32 ``logits``, as :func:`minidalle.inference.sampling.sample_logits` draws it (top-k,
+    then the nucleus filter where ``top_p`` < 1), from the uniform numbers ``u``), or None
+    where the kernel is not used."""
     module = kernel()
     return None if module is None or not _cpu_ok() else module.sample_top_k
 

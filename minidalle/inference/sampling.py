@@ -41,17 +41,23 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _nucleus(top_p: float | None) -> float:
+    """top_p as the kernel's draw takes it (1: no nucleus filter)."""
+    return 1.0 if top_p is None or top_p >= 1.0 else float(top_p)
+
+
 def sample_logits(logits: torch.Tensor, *, filter_thres: float = 0.5, top_p: float | None = None,
                   temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row of ``logits`` ``[B, V]``: top-k, then top-p, then temperature.
 
-    On a CPU where the :mod:`~minidalle.inference.gemv` kernel is built and without top-p,
-    its ``sample_top_k`` makes the same draw (the same uniform numbers; sums rounded in
-    another order) in one call: ~0.03 ms against ~0.3 ms of PyTorch ops a decoding step."""
-    fused = gemv.sampler() if top_p is None and logits.device.type == "cpu" else None
+    On a CPU where the :mod:`~minidalle.inference.gemv` kernel is built, its ``sample_top_k``
+    makes the same draw (the same uniform numbers; sums rounded in another order) in one
+    call: ~0.03 ms against ~0.3 ms of PyTorch ops a decoding step."""
+    fused = gemv.sampler() if logits.device.type == "cpu" else None
     if fused is not None and logits.dim() == 2:
         u = torch.rand(logits.shape[0], generator=generator)
-        return fused(logits.float(), top_k_count(filter_thres, logits.shape[-1]), float(temperature), u)
+        return fused(logits.float(), top_k_count(filter_thres, logits.shape[-1]), float(temperature), u,
+                     _nucleus(top_p))
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature  # top-k does not depend on the temperature
@@ -176,12 +182,12 @@ def generate_image_codes(
         prefix = torch.cat([prefix, primed.repeat(2, 1) if guided else primed], dim=1)
     h = decoder.feed(prefix)
     if (decoder.lean is not None and decoder.static is None and on_logits is None
-            and top_p is None and first < model.image_seq_len):
+            and first < model.image_seq_len):
         # the whole loop in the kernel where it applies (the same draws, no Python a position)
         rest = decoder.lean.generate(h, decoder.cache, model.image_seq_len - first,
                                      k=top_k_count(filter_thres, model.num_image_tokens),
                                      temperature=temperature, generator=generator, progress=progress,
-                                     cond_scale=cond_scale)
+                                     cond_scale=cond_scale, top_p=_nucleus(top_p))
         if rest is not None:
             codes[:, first:] = rest
             return codes
