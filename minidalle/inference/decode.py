@@ -217,9 +217,7 @@ class _LayerWeights:
             q, k, v = qkv.view(b, 3, h, 1, d).unbind(1)
             k, v = update_kv_cache(cache, k, v, offset, self.max_len)
             a = attend(q, k, v, offset).view(b, h * d).to(x.dtype)
-        x = self._add(x, self.out, a, self.post_attn, self.scale_attn)
-        return self._add(x, self.ff_out, geglu(self.ff_in(_layer_norm(x, self.norm_ff))),
-                         self.post_ff, self.scale_ff)
+        return self._feed_forward(self._add(x, self.out, a, self.post_attn, self.scale_attn))
 
     def prompt(self, x: torch.Tensor, attend, offset: int, cache: dict, cache_dtype: torch.dtype) -> torch.Tensor:
         """``x`` ``[B, n, dim]`` at positions ``offset..`` (a prompt) -> the block's output,
@@ -229,7 +227,10 @@ class _LayerWeights:
         q, k, v = (t.transpose(1, 2).to(cache_dtype) for t in qkv.unbind(2))
         k, v = update_kv_cache(cache, k, v, offset, self.max_len)
         a = attend(q, k, v, offset).to(x.dtype).transpose(1, 2).reshape(b, n, -1)
-        x = self._add(x, self.out, a, self.post_attn, self.scale_attn)
+        return self._feed_forward(self._add(x, self.out, a, self.post_attn, self.scale_attn))
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x + the block's feed-forward half (GEGLU) of x."""
         return self._add(x, self.ff_out, geglu(self.ff_in(_layer_norm(x, self.norm_ff))),
                          self.post_ff, self.scale_ff)
 
@@ -369,16 +370,21 @@ class LeanDecoder:
             for block in model.transformer.layers
         )
 
+    def _stack_takes(self, rows: int) -> bool:
+        """Whether the kernel's stack runs steps of ``rows`` rows (every layer's attention by
+        key slices, at most ``gemv.MAX_ROWS`` rows)."""
+        return (self.weights.stack is not None and rows <= gemv.MAX_ROWS
+                and all(s is not None for s in self.step_slices))
+
     @torch.no_grad()
     def hidden(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """As ``model.hidden(tokens, cache=cache)`` for ``tokens`` ``[B, 1]``: ``[B, 1, dim]``."""
         offset = cache.offset
         x = self.model.embed(tokens, offset)[:, 0]
         keys = cache.layers[0].get("k")
-        if (self.weights.stack is not None and keys is not None
+        if (self._stack_takes(x.shape[0]) and keys is not None
                 and keys.dtype in (torch.float32, torch.bfloat16)
-                and keys.shape[0] == x.shape[0] <= gemv.MAX_ROWS and offset < keys.shape[2]
-                and all(s is not None for s in self.step_slices)):
+                and keys.shape[0] == x.shape[0] and offset < keys.shape[2]):
             ks, vs = _stack_cache(cache, x.dtype)
             x = self.weights.stack.step(x.contiguous(), ks, vs, offset)
             cache.offset += 1
@@ -406,9 +412,7 @@ class LeanDecoder:
         convert the whole cache to: 7 ms at L16); elsewhere in fp32, as the module keeps them."""
         offset = cache.offset
         x = self.model.embed(tokens, offset)
-        stacked = (self.weights.stack is not None and tokens.shape[0] <= gemv.MAX_ROWS
-                   and all(s is not None for s in self.step_slices))
-        cache_dtype = torch.bfloat16 if stacked else torch.float32
+        cache_dtype = torch.bfloat16 if self._stack_takes(tokens.shape[0]) else torch.float32
         for layer, attend, layer_cache in zip(self.weights.layers, self.attends, cache.layers):
             x = layer.prompt(x, attend, offset, layer_cache, cache_dtype)
         cache.offset += tokens.shape[1]
@@ -439,10 +443,9 @@ class LeanDecoder:
         loop draws it."""
         w, b = self.weights, h.shape[0]
         keys = cache.layers[0].get("k")
-        if (not w.stack_head or gemv.sampler() is None or keys is None or b > gemv.MAX_ROWS
+        if (not w.stack_head or not self._stack_takes(b) or gemv.sampler() is None or keys is None
                 or keys.shape[0] != b or keys.dtype not in (torch.float32, torch.bfloat16)
-                or h.dtype != w.layers[0].qkv.dtype or not all(s is not None for s in self.step_slices)
-                or cache.offset + count - 1 > keys.shape[2]):
+                or h.dtype != w.layers[0].qkv.dtype or cache.offset + count - 1 > keys.shape[2]):
             return None
         guided = cond_scale != 1.0
         if guided and b % 2:

@@ -542,10 +542,7 @@ AVX2 static inline float dot_avx2(const float* a, const C* b, int64_t d) {
   int64_t j = 0;
   __m256 s = _mm256_setzero_ps();
   for (; j + 8 <= d; j += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), load8(b + j), s);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  float out = _mm_cvtss_f32(h);
+  float out = sum8(s);
   for (; j < d; ++j) out += a[j] * (float)b[j];
   return out;
 }
@@ -955,8 +952,7 @@ class Stack {
                 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
                 "Stack.step: bad input");
     run_any(x, ks, vs, offset, head);
-    auto h = at::empty_like(x);
-    std::memcpy(h.data_ptr(), ws_->xs[0].data_ptr(), x.nbytes());
+    auto h = last_hidden(x);
     at::Tensor lg;
     if (head) {
       lg = at::empty(ws_->lg.sizes(), x.options().dtype(at::kFloat));
@@ -1064,10 +1060,7 @@ class Stack {
       if (more) logits_to_float(lg.data());
       stepped = true;
     }
-    if (stepped) {
-      h = at::empty_like(x);
-      std::memcpy(h.data_ptr(), ws_->xs[0].data_ptr(), x.nbytes());
-    }
+    if (stepped) h = last_hidden(x);
     return {ids, h};
   }
 
@@ -1079,15 +1072,6 @@ class Stack {
   };
   std::optional<Head> head_;
 
-  // Thread t of n takes heads [h0, h1) (of every row) and a share of GEGLU's columns (see
-  // shares()), and computes the q/k/v rows and feed-forward input rows those need (one
-  // contiguous stretch of each packed matrix); the output projection and the second
-  // feed-forward product split their inputs the same way: each thread's partial sums over
-  // its own heads' (columns') inputs, which every thread then adds up with the bias and
-  // residual itself. Where a share's rows fall on the products' units (3 dim_head and twice
-  // a share's GEGLU columns multiples of a unit's rows: 64 at L16) a block needs two
-  // barriers, one after each partial sum; otherwise one more after each of the q/k/v and
-  // feed-forward input products.
   // The step for x's dtype and the cache's, its outputs left in the workspace (xs[0]; lg with
   // `head`).
   void run_any(const at::Tensor& x, const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
@@ -1097,6 +1081,13 @@ class Stack {
       return cache16 ? run<float, c10::BFloat16>(x, ks, vs, offset, head) : run<float, float>(x, ks, vs, offset, head);
     return cache16 ? run<c10::BFloat16, c10::BFloat16>(x, ks, vs, offset, head)
                    : run<c10::BFloat16, float>(x, ks, vs, offset, head);
+  }
+
+  // The last step's hidden states (the workspace's) in a tensor of their own, shaped as x.
+  at::Tensor last_hidden(const at::Tensor& x) const {
+    auto h = at::empty_like(x);
+    std::memcpy(h.data_ptr(), ws_->xs[0].data_ptr(), x.nbytes());
+    return h;
   }
 
   // The last step's image logits (the workspace's, in the activations' dtype) widened into out.
@@ -1110,6 +1101,15 @@ class Stack {
     }
   }
 
+  // Thread t of n takes heads [h0, h1) (of every row) and a share of GEGLU's columns (see
+  // shares()), and computes the q/k/v rows and feed-forward input rows those need (one
+  // contiguous stretch of each packed matrix); the output projection and the second
+  // feed-forward product split their inputs the same way: each thread's partial sums over
+  // its own heads' (columns') inputs, which every thread then adds up with the bias and
+  // residual itself. Where a share's rows fall on the products' units (3 dim_head and twice
+  // a share's GEGLU columns multiples of a unit's rows: 64 at L16) a block needs two
+  // barriers, one after each partial sum; otherwise one more after each of the q/k/v and
+  // feed-forward input products.
   template <typename T, typename C>
   void run(const at::Tensor& x, const std::vector<at::Tensor>& ks,
            const std::vector<at::Tensor>& vs, int64_t offset, bool head) {
@@ -1195,15 +1195,13 @@ class Stack {
               key_ranges(kc + (b * H + h) * L * d, vc + (b * H + h) * L * d, d, w.slices[offset], keys.ranges);
           keys.add_total();
           norm(t, xs[t], w.ln1_w, w.ln1_b, w.eps1);
-          int64_t count = 0, i = 0;
-          for (auto [u0, u1] : qkv_units[t]) count += u1 - u0;
-          int64_t start = count - std::max<int64_t>(count / 3, 1);
-          int64_t slice = (keys.total / std::max<int64_t>(count - start, 1) + 63) / 64 * 64;
-          for (auto [u0, u1] : qkv_units[t])
-            for (int64_t u = u0; u < u1; ++u, ++i) {
-              if (i >= start) keys.next(slice);
-              products[t][4 * l].run(u, u + 1);
-            }
+          auto [u0, u1] = qkv_units[t];
+          int64_t start = u1 - std::max<int64_t>((u1 - u0) / 3, 1);
+          int64_t slice = (keys.total / std::max<int64_t>(u1 - start, 1) + 63) / 64 * 64;
+          for (int64_t u = u0; u < u1; ++u) {
+            if (u >= start) keys.next(slice);
+            products[t][4 * l].run(u, u + 1);
+          }
         });
         if (!qkv_aligned) {
 #pragma omp barrier
@@ -1224,8 +1222,8 @@ class Stack {
         each([&](int t) {  // the sums, LayerNorm, its rows of the feed-forward input
           add_up(ws.part_out_sums, w.out_b32, xs[t], ys[t]);
           norm(t, ys[t], w.ln2_w, w.ln2_b, w.eps2);
-          for (auto [u0, u1] : ff_units[t])
-            if (u0 < u1) products[t][4 * l + 2].run(u0, u1);
+          auto [u0, u1] = ff_units[t];
+          if (u0 < u1) products[t][4 * l + 2].run(u0, u1);
         });
         if (!ff_aligned) {
 #pragma omp barrier
@@ -1270,7 +1268,7 @@ class Stack {
     std::vector<Product> head_products;
     // per share: the units of q/k/v and of ff_in it runs (its heads' rows of q, k and v; its
     // columns' rows of both GEGLU halves; or an even share where those do not fall on units)
-    std::vector<std::vector<std::pair<int64_t, int64_t>>> qkv_units, ff_units;
+    std::vector<std::pair<int64_t, int64_t>> qkv_units, ff_units;
     bool qkv_aligned = false, ff_aligned = false;
   };
   std::optional<Workspace> ws_;
@@ -1333,19 +1331,13 @@ class Stack {
     w.qkv_aligned = 3 * d_ % rows == 0;
     w.ff_aligned = true;
     for (auto [j0, j1] : w.columns) w.ff_aligned = w.ff_aligned && 2 * j0 % rows == 0 && 2 * j1 % rows == 0;
-    w.qkv_units.resize(threads);
-    w.ff_units.resize(threads);
     for (int t = 0; t < threads; ++t) {
       auto [h0, h1] = w.heads[t];
       auto [j0, j1] = w.columns[t];
-      if (w.qkv_aligned)
-        w.qkv_units[t].push_back({3 * h0 * d_ / rows, 3 * h1 * d_ / rows});
-      else
-        w.qkv_units[t].push_back(share(w.products[t][0].units, t, threads));
-      if (w.ff_aligned)
-        w.ff_units[t].push_back({2 * j0 / rows, 2 * j1 / rows});
-      else
-        w.ff_units[t].push_back(share(w.products[t][2].units, t, threads));
+      w.qkv_units.push_back(w.qkv_aligned ? std::make_pair(3 * h0 * d_ / rows, 3 * h1 * d_ / rows)
+                                          : share(w.products[t][0].units, t, threads));
+      w.ff_units.push_back(w.ff_aligned ? std::make_pair(2 * j0 / rows, 2 * j1 / rows)
+                                        : share(w.products[t][2].units, t, threads));
     }
     ws_ = std::move(w);
     return *ws_;
