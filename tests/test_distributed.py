@@ -94,6 +94,47 @@ def test_missing_rendezvous_address_is_a_clear_error(monkeypatch):
         DataParallel("gloo")
 
 
+LEAVING = """
+import os, torch
+from minidalle.train.distributed import DataParallel, end_process_group
+dp = DataParallel("gloo", timeout_s=60)
+torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])  # after joining, as the trainer does
+dp.reduce_mean(1.0)
+end_process_group()
+names = []
+for task in os.listdir("/proc/self/task"):
+    with open(f"/proc/self/task/{task}/comm") as f:
+        names.append(f.read().strip())
+print("threads:", ",".join(sorted(names)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
+                    reason="needs /proc/self/task (Linux) to list a process's threads")
+def test_leaving_the_process_group_stops_its_threads():
+    """A process that leaves the group has no gloo threads left for the interpreter's exit.
+
+    A group that stays referenced after destroy_process_group() keeps them: one that drops
+    its last finished work while the interpreter shuts down aborts the process (SIGABRT) after
+    a finished job. Building the optimizer once did that, through an import."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", LEAVING], cwd=ROOT, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {rank}: {err[-2000:]}"
+        threads = out.split("threads:")[-1].strip().split(",")
+        assert not [t for t in threads if "gloo" in t], f"rank {rank} still runs {threads}"
+
+
 def test_gradient_averaging_keeps_unused_parameters_without_gradient():
     import torch.distributed as dist
 

@@ -95,6 +95,7 @@ def run(args) -> int:
 
 def _run_locked(args, cfg) -> int:
     import os
+    import sys
 
     from minidalle.errors import ConfigError
     from minidalle.recipes.stages import run_stages
@@ -109,4 +110,7 @@ def _run_locked(args, cfg) -> int:
 
             return launch(args.nproc, _child_argv(args))
     run_stages(cfg, from_stage=args.from_stage, resume=args.resume)
+    distributed = sys.modules.get("minidalle.train.distributed")  # imported by a backend
+    if distributed is not None:
+        distributed.end_process_group()  # one of several processes: leave together
     return 0

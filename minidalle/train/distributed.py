@@ -87,6 +87,14 @@ class DataParallel:
             raise DistributedError(
                 "WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: "
                 "start the processes with torchrun or `minidalle run --nproc N`")
+        # Imported before the group exists, as building the optimizer imports it anyway: its
+        # import chain reaches modules (torch.distributed.nn, fsdp) whose functions take
+        # `group.WORLD` as a default argument, evaluated at import. Imported after, they hold
+        # the group for good, so destroy_process_group() cannot free it, gloo's worker threads
+        # outlive the interpreter, and one that drops its last finished work during the exit
+        # aborts a finished job (SIGABRT, "terminate called without an active exception").
+        import torch._dynamo  # noqa: F401
+
         kwargs = {}
         if self.dist_backend == "nccl" and self.device is not None:
             kwargs["device_id"] = self.device  # binds the communicator to this GPU eagerly
@@ -98,7 +106,9 @@ class DataParallel:
             raise DistributedError(
                 f"cannot join the {self.dist_backend} process group as rank {self.rank} of "
                 f"{self.world_size}: {first}") from exc
-        atexit.register(_destroy)
+        global _joined
+        _joined = self
+        atexit.register(_destroy)  # for the paths that leave without end_process_group()
 
     @property
     def active(self) -> bool:
@@ -325,6 +335,22 @@ class DataParallelBackend:
 
     def samples_per_step(self, training) -> int:
         return super().samples_per_step(self.dp.local_training(training))
+
+
+_joined: DataParallel | None = None  # the process group this process joined, if any
+
+
+def end_process_group() -> None:
+    """The end of a job: wait for every process, then leave the process group, while the
+    interpreter is whole (torch's advice for the end of main). Left to the teardown at exit,
+    a gloo process now and then aborted after a finished job (SIGABRT, "terminate called
+    without an active exception"), and torchrun reported the job failed."""
+    global _joined
+    if _joined is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    _joined.barrier()
+    _joined = None
+    dist.destroy_process_group()
 
 
 def _destroy() -> None:
