@@ -341,10 +341,9 @@ _joined: DataParallel | None = None  # the process group this process joined, if
 
 
 def end_process_group() -> None:
-    """The end of a job: wait for every process, then leave the process group, while the
-    interpreter is whole (torch's advice for the end of main). Left to the teardown at exit,
-    a gloo process now and then aborted after a finished job (SIGABRT, "terminate called
-    without an active exception"), and torchrun reported the job failed."""
+    """The end of a job: wait for every process, then leave the process group while the
+    interpreter is whole, so that its threads stop before the exit (torch's advice for the
+    end of main; the atexit hook is the fallback for the paths that never get here)."""
     global _joined
     if _joined is None or not (dist.is_available() and dist.is_initialized()):
         return
