@@ -95,7 +95,6 @@ def run(args) -> int:
 
 def _run_locked(args, cfg) -> int:
     import os
-    import sys
 
     from minidalle.errors import ConfigError
     from minidalle.recipes.stages import run_stages
@@ -110,7 +109,8 @@ def _run_locked(args, cfg) -> int:
 
             return launch(args.nproc, _child_argv(args))
     run_stages(cfg, from_stage=args.from_stage, resume=args.resume)
-    distributed = sys.modules.get("minidalle.train.distributed")  # imported by a backend
-    if distributed is not None:
-        distributed.end_process_group()  # one of several processes: leave together
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of torchrun's processes
+        from minidalle.train.distributed import end_process_group
+
+        end_process_group()  # leave the job together
     return 0

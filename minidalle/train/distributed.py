@@ -345,7 +345,7 @@ def end_process_group() -> None:
     interpreter is whole, so that its threads stop before the exit (torch's advice for the
     end of main; the atexit hook is the fallback for the paths that never get here)."""
     global _joined
-    if _joined is None or not (dist.is_available() and dist.is_initialized()):
+    if _joined is None or not dist.is_initialized():  # never joined, or already left
         return
     _joined.barrier()
     _joined = None
