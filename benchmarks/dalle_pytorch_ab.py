@@ -92,7 +92,10 @@ def main() -> int:
     from minidalle.plugin.discovery import get_registry
     from minidalle.train.trainer import seed_everything
 
-    cfg = load_run_config("configs/l16.toml", [], "cpu", after=["training.gradient_accumulation=1"])
+    # fp32 on both sides: the config's backend precision is "auto", which is bf16 on a CPU
+    # with native bf16, and DALLE-pytorch's step here is fp32.
+    cfg = load_run_config("configs/l16.toml", [], "cpu",
+                          after=["training.gradient_accumulation=1", "backend.precision=fp32"])
     registry = get_registry()
     backend = registry.build("backend", cfg.backend.name, cfg.backend.params)
     seed_everything(0)
@@ -106,7 +109,7 @@ def main() -> int:
     theirs, their_step = dalle_pytorch_step(text, image, cfg.model.attn_types)
     sizes = [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)]
     print(f"parameters: minidalle {sizes[0]:,}, DALLE-pytorch {their_version} {sizes[1]:,}; "
-          f"{torch.get_num_threads()} threads, batch 3, fp32")
+          f"{torch.get_num_threads()} threads, batch 3, minidalle {backend.precision}, DALLE-pytorch fp32")
     steps = {"minidalle": lambda: runner.train_step({"text": text, "image": image}).loss,
              "DALLE-pytorch": their_step}
     times: dict[str, list[float]] = {name: [] for name in steps}
