@@ -109,8 +109,7 @@ def _run_locked(args, cfg) -> int:
 
             return launch(args.nproc, _child_argv(args))
     run_stages(cfg, from_stage=args.from_stage, resume=args.resume)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of torchrun's processes
-        from minidalle.train.distributed import end_process_group
+    from minidalle.train.distributed import end_process_group
 
-        end_process_group()  # leave the job together
+    end_process_group()  # leave the job's process group together (nothing if none was joined)
     return 0
